@@ -1,0 +1,73 @@
+"""Where retrieved instances live on disk: ``<root>/<StudyUID>/<SeriesUID>/<SOPUID>.dcm``.
+
+Every path component is a validated UID, so no incoming value can steer a write outside ``root``.
+A file only ever appears at its final path by atomic rename after fsync, so "present" means "complete".
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pacsflow.core.uids import require_uid
+
+SUFFIX = ".dcm"
+TEMP_PREFIX = ".incoming-"
+
+
+@dataclass(frozen=True)
+class StorageLayout:
+    root: Path
+
+    def series_dir(self, study_uid: str, series_uid: str) -> Path:
+        return self.root / require_uid(study_uid, "StudyInstanceUID") / require_uid(series_uid, "SeriesInstanceUID")
+
+    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        return self.series_dir(study_uid, series_uid) / (require_uid(sop_uid, "SOPInstanceUID") + SUFFIX)
+
+    def stored_sop_uids(self, study_uid: str, series_uid: str) -> set[str]:
+        """SOP Instance UIDs already stored (complete) for a series."""
+        directory = self.series_dir(study_uid, series_uid)
+        if not directory.is_dir():
+            return set()
+        return {
+            entry.name[: -len(SUFFIX)]
+            for entry in os.scandir(directory)
+            if entry.name.endswith(SUFFIX) and not entry.name.startswith(TEMP_PREFIX)
+        }
+
+    def write_atomically(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> Path:
+        """Write ``data`` to a temp file, fsync it, rename it into place, fsync the directory."""
+        final = self.instance_path(study_uid, series_uid, sop_uid)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        temp = final.with_name(f"{TEMP_PREFIX}{os.getpid()}-{final.name}")
+        try:
+            with open(temp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, final)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        fsync_directory(final.parent)
+        return final
+
+    def sweep_temp_files(self) -> int:
+        """Remove temp files left by an interrupted receive (they may hold patient data). Returns the count."""
+        removed = 0
+        if not self.root.is_dir():
+            return 0
+        for path in self.root.glob(f"*/*/{TEMP_PREFIX}*"):
+            path.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+
+def fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
