@@ -1,0 +1,313 @@
+"""The extraction stages as plain functions over the audit store: the Airflow operators call these, and so
+can a script or a benchmark. Each stage is idempotent: it skips what the store says is already done.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from pacsflow.core.audit import AuditStore, RunSummary, SeriesStatus, utcnow
+from pacsflow.core.dicom.errors import PacsItemError, PacsTransientError
+from pacsflow.core.dicom.results import FindResult, QueryLevel, RetrieveReport
+from pacsflow.core.privacy import Pseudonymizer
+from pacsflow.core.resolve import Resolution, ResolutionSettings, resolve_accession
+from pacsflow.core.retry import RetryPolicy
+from pacsflow.core.ris import RisExam
+from pacsflow.core.series_rules import SeriesRules
+from pacsflow.core.storage import StorageLayout
+from pacsflow.core.uids import is_valid_uid
+
+log = logging.getLogger("pacsflow")
+
+SERIES_RETURN_KEYS = ("SeriesInstanceUID", "Modality", "SeriesDescription", "BodyPartExamined",
+                      "NumberOfSeriesRelatedInstances")
+MAX_BATCHES = 500  # Airflow's max_map_length is 1024; stay well below it
+# Consecutive items failing with transient errors that mean "the PACS is down": stop and let Airflow retry.
+PACS_DOWN_AFTER = 5
+# Late C-STOREs may arrive after the final C-MOVE response (FIELD_NOTES §6).
+LATE_ARRIVAL_GRACE_SECONDS = 2.0
+FETCH_PASSES = 2  # a second pass re-fetches only what the first one lost
+
+
+class PacsClientLike(Protocol):
+    def find(self, level: QueryLevel, query: dict[str, str]) -> FindResult: ...
+
+    def retrieve(self, level: QueryLevel, keys: dict[str, str], *, destination_ae: str,
+                 layout: StorageLayout) -> RetrieveReport: ...
+
+
+ClientFactory = Callable[[], AbstractContextManager[PacsClientLike]]
+
+
+@dataclass(frozen=True)
+class RunContext:
+    store: AuditStore
+    run_key: str
+    pseudonymizer: Pseudonymizer
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+# -- stage 1: cohort ----------------------------------------------------------------------------------
+def extract_cohort(ctx: RunContext, exams: Iterable[RisExam], batch_size: int) -> dict[str, int]:
+    """Store the de-duplicated cohort and assign each AN to a batch. Returns counts only."""
+    unique: dict[str, dict[str, Any]] = {}
+    rows = 0
+    for exam in exams:
+        rows += 1
+        known = unique.get(exam.accession_number)
+        if known:
+            known["occurrences"] += 1
+            continue
+        unique[exam.accession_number] = {
+            "accession_number": exam.accession_number,
+            "an_ref": ctx.pseudonymizer.ref(exam.accession_number),
+            "patient_id": exam.patient_id,
+            "ris_study_uid": exam.study_instance_uid,
+            "exam_datetime": exam.exam_datetime.replace(tzinfo=None) if exam.exam_datetime else None,
+            "modality": exam.modality,
+            "occurrences": 1,
+        }
+    ctx.store.replace_cohort(ctx.run_key, unique.values())
+    counts = {"ris_rows": rows, "accessions": len(unique), "duplicates": rows - len(unique),
+              "batches": math.ceil(len(unique) / effective_batch_size(len(unique), batch_size)) if unique else 0}
+    log.info("cohort: %(ris_rows)d RIS rows, %(accessions)d distinct ANs, %(duplicates)d duplicates", counts)
+    return counts
+
+
+def effective_batch_size(cohort_size: int, batch_size: int) -> int:
+    """The requested batch size, grown when needed so a run never maps more than MAX_BATCHES tasks."""
+    return max(batch_size, math.ceil(cohort_size / MAX_BATCHES), 1)
+
+
+# -- stage 2: resolution ------------------------------------------------------------------------------
+def resolve_cohort(ctx: RunContext, connect: ClientFactory, settings: ResolutionSettings,
+                   batch_size: int) -> list[int]:
+    """Resolve every AN not yet resolved; returns the batch numbers that hold studies to retrieve."""
+    cohort = ctx.store.cohort_order(ctx.run_key)
+    size = effective_batch_size(len(cohort), batch_size)
+    batch_of_an = {an: index // size for index, an in enumerate(cohort)}
+    pending = ctx.store.unresolved_accessions(ctx.run_key)
+    counts: dict[str, int] = {}
+    started = utcnow()
+    health = _PacsHealth()
+    with connect() as client:
+        for row in pending:
+            exam = _exam_from_row(row)
+            try:
+                result = ctx.retry.call(lambda: resolve_accession(client, exam, settings))
+                health.ok()
+            except PacsTransientError as error:
+                health.failed(error)
+                result_values = dict(resolution=Resolution.PACS_ERROR.value, resolved_by=None,
+                                     detail=str(error), rules_tried=[], study_uids=())
+            else:
+                result_values = dict(resolution=result.resolution.value,
+                                     resolved_by=result.rule.value if result.rule else None,
+                                     detail=result.detail, rules_tried=list(result.attempts),
+                                     study_uids=result.study_uids if result.resolution is Resolution.RESOLVED else ())
+            batch = batch_of_an[exam.accession_number]
+            ctx.store.record_resolution(ctx.run_key, exam.accession_number, batch_of=lambda _uid: batch,
+                                        **result_values)
+            counts[result_values["resolution"]] = counts.get(result_values["resolution"], 0) + 1
+            log.info("resolved %s: %s", row["an_ref"], result_values["resolution"])
+    ctx.store.record_stage(ctx.run_key, "resolve", started, counts)
+    log.info("resolution: %s", counts)
+    return ctx.store.study_batches(ctx.run_key)
+
+
+def _exam_from_row(row: dict[str, Any]) -> RisExam:
+    return RisExam(accession_number=row["accession_number"], patient_id=row["patient_id"],
+                   study_instance_uid=row["ris_study_uid"], exam_datetime=row["exam_datetime"],
+                   modality=row["modality"])
+
+
+class _PacsHealth:
+    """Counts consecutive transient failures; past a threshold the PACS is down and the task should retry."""
+
+    def __init__(self) -> None:
+        self.consecutive = 0
+
+    def ok(self) -> None:
+        self.consecutive = 0
+
+    def failed(self, error: PacsTransientError) -> None:
+        self.consecutive += 1
+        if self.consecutive >= PACS_DOWN_AFTER:
+            raise PacsTransientError(f"{self.consecutive} consecutive items failed; the PACS looks unavailable") from error
+
+
+# -- stage 3 and 4: series listing, filtering, verified retrieval ----------------------------------
+@dataclass
+class BatchCounts:
+    studies: int = 0
+    series_kept: int = 0
+    series_dropped: int = 0
+    complete: int = 0
+    partial: int = 0
+    failed: int = 0
+    instances_fetched: int = 0
+    bytes_fetched: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def retrieve_batch(ctx: RunContext, batch: int, connect: ClientFactory, *, rules: SeriesRules,
+                   layout: StorageLayout, destination_ae: str,
+                   receiver: Callable[[], AbstractContextManager[Any]] = nullcontext) -> dict[str, int]:
+    """List, filter and retrieve every study of one batch, verifying each series instance by instance."""
+    counts = BatchCounts()
+    started = utcnow()
+    layout.root.mkdir(parents=True, exist_ok=True)
+    health = _PacsHealth()
+    with receiver(), connect() as client:
+        for study in ctx.store.studies_in_batch(ctx.run_key, batch):
+            counts.studies += 1
+            if not study["listed"]:
+                _list_series(ctx, client, study, rules, health)
+            for series_row in ctx.store.series_of_study(ctx.run_key, study["study_uid"]):
+                if series_row["status"] == SeriesStatus.DROPPED:
+                    counts.series_dropped += 1
+                    continue
+                counts.series_kept += 1
+                if series_row["status"] != SeriesStatus.COMPLETE:
+                    _retrieve_series(ctx, client, series_row, layout, destination_ae, health, counts)
+                else:
+                    counts.complete += 1
+    ctx.store.record_stage(ctx.run_key, f"retrieve[{batch}]", started, counts.as_dict())
+    log.info("batch %d: %s", batch, counts.as_dict())
+    return counts.as_dict()
+
+
+def _list_series(ctx: RunContext, client: PacsClientLike, study: dict[str, Any], rules: SeriesRules,
+                 health: _PacsHealth) -> None:
+    query = {key: "" for key in SERIES_RETURN_KEYS} | {"StudyInstanceUID": study["study_uid"]}
+    try:
+        result = ctx.retry.call(lambda: client.find("SERIES", query))
+        health.ok()
+    except (PacsTransientError, PacsItemError) as error:
+        if isinstance(error, PacsTransientError):
+            health.failed(error)
+        ctx.store.record_series_listing(ctx.run_key, study["accession_number"], study["study_uid"], [], str(error))
+        return
+    listed = []
+    for match in result.matches:
+        if not is_valid_uid(match.get("SeriesInstanceUID")):
+            continue
+        reason = rules.drop_reason(match)
+        listed.append({
+            "series_uid": match["SeriesInstanceUID"], "modality": match.get("Modality"),
+            "description": match.get("SeriesDescription"), "body_part": match.get("BodyPartExamined"),
+            "pacs_instance_count": match.get("NumberOfSeriesRelatedInstances"),
+            "drop_reason": reason.value if reason else None,
+            "status": SeriesStatus.DROPPED if reason else SeriesStatus.PENDING,
+        })
+    ctx.store.record_series_listing(ctx.run_key, study["accession_number"], study["study_uid"], listed)
+
+
+def _retrieve_series(ctx: RunContext, client: PacsClientLike, row: dict[str, Any], layout: StorageLayout,
+                     destination_ae: str, health: _PacsHealth, counts: BatchCounts) -> None:
+    study_uid, series_uid = row["study_uid"], row["series_uid"]
+    timings: dict[str, float] = {}
+    before = layout.stored_sop_uids(study_uid, series_uid)
+    try:
+        clock = time.perf_counter()
+        expected = ctx.retry.call(lambda: _expected_instances(client, study_uid, series_uid))
+        timings["list_instances"] = time.perf_counter() - clock
+        target = len(expected) if expected else row["pacs_instance_count"]
+        clock = time.perf_counter()
+        present = _fetch_missing(ctx, client, layout, destination_ae, study_uid, series_uid, expected, target)
+        timings["retrieve"] = time.perf_counter() - clock
+        health.ok()
+    except (PacsTransientError, PacsItemError) as error:
+        if isinstance(error, PacsTransientError):
+            health.failed(error)
+        counts.failed += 1
+        ctx.store.update_series(ctx.run_key, study_uid, series_uid, status=SeriesStatus.FAILED, error=str(error),
+                                seconds=timings)
+        return
+    received = present & expected if expected else present
+    fetched = received - before
+    status = _series_status(target, len(received))
+    counts.instances_fetched += len(fetched)
+    counts.bytes_fetched += _size(layout, study_uid, series_uid, fetched)
+    setattr(counts, status.value, getattr(counts, status.value) + 1)
+    ctx.store.update_series(ctx.run_key, study_uid, series_uid, status=status, error=None, expected=target,
+                            received=len(received), fetched=len(fetched),
+                            bytes=_size(layout, study_uid, series_uid, received), seconds=timings)
+
+
+def _size(layout: StorageLayout, study_uid: str, series_uid: str, sop_uids: Iterable[str]) -> int:
+    return sum(layout.instance_path(study_uid, series_uid, uid).stat().st_size for uid in sop_uids)
+
+
+def _expected_instances(client: PacsClientLike, study_uid: str, series_uid: str) -> set[str]:
+    """SOP Instance UIDs the PACS holds for a series; empty when it does not answer image-level queries."""
+    query = {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid, "SOPInstanceUID": ""}
+    try:
+        result = client.find("IMAGE", query)
+    except PacsItemError:
+        return set()
+    return {m["SOPInstanceUID"] for m in result.matches if is_valid_uid(m.get("SOPInstanceUID"))}
+
+
+def _fetch_missing(ctx: RunContext, client: PacsClientLike, layout: StorageLayout, destination_ae: str,
+                   study_uid: str, series_uid: str, expected: set[str], target: int | None) -> set[str]:
+    """Retrieve what is not on disk yet, in up to two passes: the whole series when nothing is there,
+    else only the missing instances (by SOP Instance UID when the PACS lists them)."""
+    series_keys = {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid}
+    present = layout.stored_sop_uids(study_uid, series_uid)
+    for _ in range(FETCH_PASSES):
+        missing = expected - present
+        if (expected and not missing) or (not expected and target is not None and len(present) >= target):
+            break
+        if not present or not expected:
+            ctx.retry.call(lambda: client.retrieve("SERIES", series_keys, destination_ae=destination_ae,
+                                                   layout=layout))
+        else:
+            for sop_uid in sorted(missing):
+                keys = series_keys | {"SOPInstanceUID": sop_uid}
+                ctx.retry.call(lambda: client.retrieve("IMAGE", keys, destination_ae=destination_ae, layout=layout))
+        present = _await_arrivals(layout, study_uid, series_uid, expected)
+    return present
+
+
+def _await_arrivals(layout: StorageLayout, study_uid: str, series_uid: str, expected: set[str]) -> set[str]:
+    deadline = time.monotonic() + LATE_ARRIVAL_GRACE_SECONDS
+    while True:
+        present = layout.stored_sop_uids(study_uid, series_uid)
+        if not expected or expected <= present or time.monotonic() >= deadline:
+            return present
+        time.sleep(0.1)
+
+
+def _series_status(expected: int | None, received: int) -> SeriesStatus:
+    if expected is None:
+        return SeriesStatus.COMPLETE if received else SeriesStatus.FAILED
+    if received >= expected:
+        return SeriesStatus.COMPLETE
+    return SeriesStatus.PARTIAL if received else SeriesStatus.FAILED
+
+
+# -- stage 5 and 6: files for export, summary ------------------------------------------------------
+def retrieved_files(ctx: RunContext, layout: StorageLayout) -> Iterator[Path]:
+    """Paths of every instance of the run's kept series that is on disk."""
+    for row in ctx.store.kept_series(ctx.run_key):
+        for sop_uid in sorted(layout.stored_sop_uids(row["study_uid"], row["series_uid"])):
+            yield layout.instance_path(row["study_uid"], row["series_uid"], sop_uid)
+
+
+def settle_run(ctx: RunContext) -> RunSummary:
+    """Derive every AN's outcome, close the run and return its reconciled summary."""
+    ctx.store.settle_outcomes(ctx.run_key)
+    ctx.store.finish_run(ctx.run_key)
+    summary = ctx.store.summary(ctx.run_key)
+    log.info("summary: %s", summary.as_dict())
+    return summary

@@ -1,0 +1,33 @@
+"""Stage 2: every AN to its StudyInstanceUID(s) through the recorded fallback chain."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.sdk import Context
+
+from pacsflow.core.pipeline import resolve_cohort
+from pacsflow.core.resolve import ResolutionSettings
+from pacsflow.hooks.dicom import DicomHook
+from pacsflow.operators.base import PacsflowOperator
+
+
+class ResolveAccessionsOperator(PacsflowOperator):
+    """Resolves the run's unresolved ANs on one association; returns the batch numbers to retrieve
+    (a small list, the input of the mapped retrieval)."""
+
+    template_fields = (*PacsflowOperator.template_fields, "resolution", "batch_size")
+
+    def __init__(self, *, dicom_conn_id: str = "pacsflow_pacs", resolution: dict[str, Any] | None = None,
+                 batch_size: int = 50, **kwargs: Any) -> None:
+        kwargs.setdefault("pool", "pacs")
+        super().__init__(**kwargs)
+        self.dicom_conn_id = dicom_conn_id
+        self.resolution = resolution or {}
+        self.batch_size = batch_size
+
+    def execute(self, context: Context) -> list[int]:
+        settings = ResolutionSettings.from_mapping(self.resolution)
+        hook = DicomHook(self.dicom_conn_id)
+        with self.run_context(context) as ctx:
+            return resolve_cohort(ctx, hook.get_conn, settings, int(self.batch_size))

@@ -1,0 +1,55 @@
+"""Provider metadata: installing pacsflow as a distribution registers the ``dicom`` connection type in the UI."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pacsflow
+
+
+def get_provider_info() -> dict[str, Any]:
+    return {
+        "package-name": "pacsflow",
+        "name": "pacsflow",
+        "description": "Research cohort extraction from hospital PACS (DICOM C-FIND / C-MOVE / C-GET).",
+        "versions": [pacsflow.__version__],
+        "connection-types": [
+            {
+                "connection-type": "dicom",
+                "hook-class-name": "pacsflow.hooks.dicom.DicomHook",
+                "hook-name": "DICOM (PACS)",
+                "ui-field-behaviour": {
+                    "hidden-fields": ["schema", "password"],
+                    "relabeling": {"host": "PACS host", "port": "PACS port", "login": "Called AE title (PACS)"},
+                    "placeholders": {"host": "pacs.hospital.local", "port": "104", "login": "PACS_AE"},
+                },
+                "conn-fields": {
+                    "calling_ae": {"label": "Calling AE title (pacsflow)",
+                                   "schema": {"type": ["string", "null"], "default": "PACSFLOW", "maxLength": 16}},
+                    "retrieve_method": {"label": "Retrieve with",
+                                        "schema": {"type": ["string", "null"], "enum": ["c-move", "c-get"],
+                                                   "default": "c-move"}},
+                    "receiver_ae": {"label": "Receiver AE title (move destination known to the PACS)",
+                                    "schema": {"type": ["string", "null"], "default": "PACSFLOW", "maxLength": 16}},
+                    "receiver_host": {"label": "Receiver bind address",
+                                      "schema": {"type": ["string", "null"], "default": "127.0.0.1"}},
+                    "receiver_port": {"label": "Receiver port",
+                                      "schema": {"type": ["integer", "null"], "default": 11113}},
+                    "receiver_embedded": {"label": "Run the receiver inside the retrieval task",
+                                          "schema": {"type": ["boolean", "null"], "default": True}},
+                    "allowed_calling_aes": {"label": "AE titles allowed to send to the receiver (comma separated)",
+                                            "schema": {"type": ["string", "null"]}},
+                    "result_cap": {"label": "PACS C-FIND result cap",
+                                   "schema": {"type": ["integer", "null"]}},
+                    "dimse_timeout": {"label": "DIMSE timeout (s)",
+                                      "schema": {"type": ["number", "null"], "default": 300}},
+                    "acse_timeout": {"label": "ACSE timeout (s)", "schema": {"type": ["number", "null"], "default": 30}},
+                    "network_timeout": {"label": "Network timeout (s)",
+                                        "schema": {"type": ["number", "null"], "default": 300}},
+                    "tls_ca_file": {"label": "TLS CA file (enables TLS)", "schema": {"type": ["string", "null"]}},
+                    "tls_cert_file": {"label": "TLS client certificate", "schema": {"type": ["string", "null"]}},
+                    "tls_key_file": {"label": "TLS client key", "schema": {"type": ["string", "null"]}},
+                },
+            }
+        ],
+    }

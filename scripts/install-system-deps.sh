@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Debian packages the tests and benchmarks need: a real PACS (Orthanc), DCMTK, PostgreSQL and Redis.
+# Idempotent: does nothing when every tool is already there.
+set -euo pipefail
+
+missing=()
+command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
+command -v findscu >/dev/null 2>&1 || missing+=(dcmtk)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+echo "installing Debian packages: ${missing[*]}"
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# The packages start their own services; pacsflow runs private instances on free ports instead.
+for service in orthanc postgresql redis-server; do
+  $sudo service "$service" stop >/dev/null 2>&1 || true
+done
