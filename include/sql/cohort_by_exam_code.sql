@@ -1,5 +1,5 @@
 -- Cohort: every exam with one of the given RIS exam codes (e.g. CTSHA, shoulder arthro-CT) in the interval.
--- Bound parameters: :interval_start, :interval_end (always), :exam_codes (a list, from cohort_params).
+-- Bound parameters (named, never formatted in): interval_start, interval_end (always) and exam_codes (a list).
 SELECT accession_number,
        patient_id,
        study_instance_uid,

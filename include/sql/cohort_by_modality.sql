@@ -1,5 +1,5 @@
 -- Cohort: every exam of the given modalities whose exam time falls in the run's data interval.
--- Bound parameters: :interval_start, :interval_end (always), :modalities (a list, from cohort_params).
+-- Bound parameters (named, never formatted in): interval_start, interval_end (always) and modalities (a list).
 SELECT accession_number,
        patient_id,
        study_instance_uid,
