@@ -293,10 +293,13 @@ class AuditStore:
                 .values(updated_at=utcnow(), **values)
             )
 
-    def kept_series(self, run_key: str) -> list[dict[str, Any]]:
-        query = select(series).where(series.c.run_key == run_key, series.c.drop_reason.is_(None))
+    def series_rows(self, run_key: str, *, kept: bool | None = None) -> list[dict[str, Any]]:
+        """The run's series: all of them, only those the rules kept, or only the dropped ones."""
+        query = select(series).where(series.c.run_key == run_key)
+        if kept is not None:
+            query = query.where(series.c.drop_reason.is_(None) if kept else series.c.drop_reason.is_not(None))
         with self.engine.connect() as conn:
-            return [dict(row) for row in conn.execute(query).mappings()]
+            return [dict(row) for row in conn.execute(query.order_by(series.c.series_uid)).mappings()]
 
     # -- outcomes -------------------------------------------------------------------------------------
     def settle_outcomes(self, run_key: str) -> None:

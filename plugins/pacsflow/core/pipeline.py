@@ -299,7 +299,7 @@ def _series_status(expected: int | None, received: int) -> SeriesStatus:
 # -- stage 5 and 6: files for export, summary ------------------------------------------------------
 def retrieved_files(ctx: RunContext, layout: StorageLayout) -> Iterator[Path]:
     """Paths of every instance of the run's kept series that is on disk."""
-    for row in ctx.store.kept_series(ctx.run_key):
+    for row in ctx.store.series_rows(ctx.run_key, kept=True):
         for sop_uid in sorted(layout.stored_sop_uids(row["study_uid"], row["series_uid"])):
             yield layout.instance_path(row["study_uid"], row["series_uid"], sop_uid)
 

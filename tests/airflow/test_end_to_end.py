@@ -1,0 +1,128 @@
+"""The whole DAG through Airflow (``dag.test()``) against Orthanc loaded with a demo hospital, checked
+against the generator's ground truth (never against numbers copied from a run)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+
+from pacsflow.core.audit import AuditStore
+from pacsflow.core.dicom.config import ReceiverConfig
+from pacsflow.core.storage import StorageLayout
+from pacsflow.demo.environment import REPO_ROOT, connection_environment
+from pacsflow.demo.hospital import (
+    Hospital,
+    build_hospital,
+    dropped_series,
+    expected_instances,
+    expected_outcomes,
+    load_ground_truth,
+)
+from pacsflow.demo.sandbox import orthanc
+from tests.conftest import free_port
+
+DAG_ID = "pacsflow_extract"
+
+
+@pytest.fixture(scope="module")
+def hospital(tmp_path_factory) -> Hospital:
+    return build_hospital(tmp_path_factory.mktemp("hospital"), accessions=40, seed=11)
+
+
+@pytest.fixture(scope="module")
+def truth(hospital) -> dict:
+    return load_ground_truth(hospital.ground_truth_path)
+
+
+@pytest.fixture(scope="module")
+def deployment(hospital, tmp_path_factory) -> Iterator[dict]:
+    """Orthanc serving the hospital, and the connections that point the DAG at it."""
+    receiver = ReceiverConfig(ae_title="PACSFLOW", port=free_port(), allowed_calling_aes=("ORTHANC",))
+    with orthanc(tmp_path_factory.mktemp("orthanc"),
+                 move_destinations={receiver.ae_title: (receiver.host, receiver.port)}) as pacs:
+        pacs.load(sorted(hospital.dicom_dir.rglob("*.dcm")))
+        data_root = tmp_path_factory.mktemp("data")
+        audit_url = f"sqlite:///{data_root / 'audit.sqlite'}"
+        env = connection_environment(ris_url=hospital.ris_url, audit_url=audit_url,
+                                     pacs=replace(pacs.config, calling_ae="PACSFLOW"), receiver=receiver)
+        yield {"env": env, "data_root": data_root, "audit_url": audit_url}
+
+
+@pytest.fixture(scope="module")
+def dag(airflow_db):
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(REPO_ROOT / "dags"), include_examples=False).get_dag(DAG_ID)
+
+
+def run_dag(dag, deployment, hospital, logical_date: datetime, monkeypatch) -> str:
+    for name, value in deployment["env"].items():
+        monkeypatch.setenv(name, value)
+    conf = json.loads((REPO_ROOT / "include" / "config" / "demo_run.json").read_text())
+    start, end = hospital.interval
+    conf.update(data_root=str(deployment["data_root"]), interval_start=start.isoformat(),
+                interval_end=end.isoformat())
+    dag_run = dag.test(logical_date=logical_date, run_conf=conf)
+    assert dag_run.state == "success"
+    return f"{DAG_ID}/{dag_run.run_id}"
+
+
+@pytest.fixture(scope="module")
+def first_run(dag, deployment, hospital) -> str:
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        return run_dag(dag, deployment, hospital, datetime(2025, 1, 1, tzinfo=timezone.utc), monkeypatch)
+
+
+def files_on_disk(data_root: Path) -> set[tuple[str, str, str]]:
+    return {(p.parent.parent.name, p.parent.name, p.stem) for p in (data_root / "dicom").glob("*/*/*.dcm")}
+
+
+def test_the_right_instances_are_on_disk(first_run, deployment, truth):
+    on_disk = files_on_disk(deployment["data_root"])
+    assert on_disk == expected_instances(truth)
+    dropped = set(dropped_series(truth))
+    assert not {series for _, series, _ in on_disk} & dropped
+
+
+def test_every_accession_ends_in_its_true_outcome(first_run, deployment, truth):
+    with AuditStore.connect(deployment["audit_url"]) as store:
+        recorded = store.accession_outcomes(first_run)
+        summary = store.summary(first_run)
+    assert {an: row["outcome"] for an, row in recorded.items()} == expected_outcomes(truth)
+    in_cohort = [a for a in truth["accessions"] if a["in_cohort"]]
+    assert {a["accession_number"]: a["resolved_by"] for a in in_cohort} == {
+        an: row["resolved_by"] for an, row in recorded.items()}
+    assert summary.reconciled and summary.cohort == len(in_cohort)
+    assert summary.instances == len(expected_instances(truth))
+
+
+def test_dropped_series_are_recorded_with_their_reason(first_run, deployment, truth):
+    with AuditStore.connect(deployment["audit_url"]) as store:
+        dropped = store.series_rows(first_run, kept=False)
+    assert {row["series_uid"]: row["drop_reason"] for row in dropped} == dropped_series(truth)
+
+
+def test_the_parquet_table_holds_one_row_per_retrieved_instance(first_run, deployment, truth):
+    table = ds.dataset(deployment["data_root"] / "metadata" / "instances", format="parquet",
+                       partitioning="hive").to_table()
+    rows = set(zip(table["study_instance_uid"].to_pylist(), table["series_instance_uid"].to_pylist(),
+                   table["sop_instance_uid"].to_pylist()))
+    assert rows == expected_instances(truth)
+
+
+def test_a_second_run_fetches_nothing_and_accounts_the_same(first_run, dag, deployment, hospital, truth,
+                                                            monkeypatch):
+    layout = StorageLayout(deployment["data_root"] / "dicom")
+    mtimes = {p: p.stat().st_mtime_ns for p in layout.root.glob("*/*/*.dcm")}
+    second = run_dag(dag, deployment, hospital, datetime(2025, 1, 2, tzinfo=timezone.utc), monkeypatch)
+    assert {p: p.stat().st_mtime_ns for p in layout.root.glob("*/*/*.dcm")} == mtimes
+    with AuditStore.connect(deployment["audit_url"]) as store:
+        assert {an: row["outcome"] for an, row in store.accession_outcomes(second).items()} == expected_outcomes(truth)
+        fetched = sum(row["fetched"] or 0 for row in store.series_rows(second, kept=True))
+    assert fetched == 0
