@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -42,6 +43,8 @@ runs = Table(
     Column("run_key", String(250), primary_key=True),
     Column("dag_id", String(250)),
     Column("run_id", String(250)),
+    Column("run_type", String(32)),
+    Column("triggered_by", String(250)),
     Column("params", JSON),
     Column("interval_start", DateTime(timezone=True)),
     Column("interval_end", DateTime(timezone=True)),
@@ -129,6 +132,11 @@ class SeriesStatus(StrEnum):
     FAILED = "failed"
 
 
+NOT_RESOLVED = "not resolved (run interrupted before resolution)"
+RETRIEVAL_UNFINISHED = "retrieval not finished"
+UNFINISHED_REASONS = (NOT_RESOLVED, RETRIEVAL_UNFINISHED)
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -144,6 +152,11 @@ class RunSummary:
     bytes: int
 
     @property
+    def unfinished(self) -> int:
+        """ANs whose processing was cut short (not a verdict on the AN: a resumable state)."""
+        return sum(self.reasons.get(reason, 0) for reason in UNFINISHED_REASONS)
+
+    @property
     def reconciled(self) -> bool:
         return self.cohort == sum(self.outcomes.get(o.value, 0) for o in Outcome)
 
@@ -151,6 +164,7 @@ class RunSummary:
         return {
             "run_key": self.run_key, "cohort": self.cohort, "outcomes": self.outcomes, "reasons": self.reasons,
             "series": self.series, "instances": self.instances, "bytes": self.bytes, "reconciled": self.reconciled,
+            "unfinished": self.unfinished,
         }
 
 
@@ -181,8 +195,11 @@ class AuditStore:
 
     # -- runs -----------------------------------------------------------------------------------------
     def start_run(self, run_key: str, *, dag_id: str, run_id: str, params: Mapping[str, Any],
-                  interval: tuple[datetime, datetime]) -> None:
-        values = dict(dag_id=dag_id, run_id=run_id, params=json.loads(json.dumps(params, default=str)),
+                  interval: tuple[datetime, datetime], run_type: str | None = None,
+                  triggered_by: str | None = None) -> None:
+        """Record who ran what: the DAG run, how it was triggered and by whom, its params and interval."""
+        values = dict(dag_id=dag_id, run_id=run_id, run_type=run_type, triggered_by=triggered_by,
+                      params=json.loads(json.dumps(params, default=str)),
                       interval_start=interval[0], interval_end=interval[1], started_at=utcnow(), finished_at=None)
         with self.transaction() as conn:
             if conn.execute(select(runs.c.run_key).where(runs.c.run_key == run_key)).first():
@@ -341,7 +358,7 @@ class AuditStore:
 def _outcome(conn: Connection, run_key: str, accession: Mapping[str, Any]) -> tuple[str, str | None]:
     resolution = accession["resolution"]
     if resolution is None:
-        return Outcome.FAILED, "not resolved (run interrupted before resolution)"
+        return Outcome.FAILED, NOT_RESOLVED
     if resolution == "not_found":
         return Outcome.NOT_FOUND, None
     if resolution != "resolved":
@@ -357,7 +374,36 @@ def _outcome(conn: Connection, run_key: str, accession: Mapping[str, Any]) -> tu
         return Outcome.FILTERED, "every series dropped by the series rules"
     if all(s == SeriesStatus.COMPLETE for s in kept):
         return Outcome.RETRIEVED, None
+    if SeriesStatus.PENDING in kept:
+        return Outcome.FAILED, RETRIEVAL_UNFINISHED
     worst = SeriesStatus.FAILED if SeriesStatus.FAILED in kept else SeriesStatus.PARTIAL
-    if SeriesStatus.PENDING in kept and worst != SeriesStatus.FAILED:
-        return Outcome.FAILED, "retrieval not finished"
     return Outcome.FAILED, f"series {worst}"
+
+
+AUDIT_TABLES = {"runs": runs, "accessions": accessions, "studies": studies, "series": series,
+                "stage_events": stage_events}
+
+
+def export_run_audit(store: AuditStore, run_key: str, directory: Path) -> dict[str, Path]:
+    """Write the run's audit rows as one Parquet file per table in ``directory`` (replaced on re-run).
+
+    The RIS PatientID is left out: the audit export travels further than the audit database.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    directory.mkdir(parents=True, exist_ok=True)
+    written = {}
+    with store.engine.connect() as conn:
+        for name, table in AUDIT_TABLES.items():
+            columns = [c for c in table.c if c.name != "patient_id"]
+            rows = conn.execute(select(*columns).where(table.c.run_key == run_key)).mappings().all()
+            records = [{k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in row.items()}
+                       for row in rows]
+            arrow = pa.Table.from_pylist(records) if records else pa.table({c.name: pa.array([], pa.string())
+                                                                             for c in columns})
+            path = directory / f"{name}.parquet"
+            pq.write_table(arrow, path.with_suffix(".parquet.tmp"))
+            path.with_suffix(".parquet.tmp").replace(path)
+            written[name] = path
+    return written

@@ -6,7 +6,9 @@ A file only ever appears at its final path by atomic rename after fsync, so "pre
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,3 +73,9 @@ def fsync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def run_token(run_id: str) -> str:
+    """A file-name-safe, deterministic token for an Airflow run id (which holds ':' and '+')."""
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", run_id).strip("._")[:80]
+    return f"{readable}-{hashlib.sha256(run_id.encode('utf-8')).hexdigest()[:8]}"

@@ -41,8 +41,11 @@ class RisCohortOperator(PacsflowOperator):
         try:
             with self.run_context(context) as ctx:
                 started = utcnow()
+                dag_run = context["dag_run"]
                 ctx.store.start_run(ctx.run_key, dag_id=context["dag"].dag_id, run_id=context["run_id"],
-                                    params=dict(context["params"]), interval=(start, end))
+                                    params=dict(context["params"]), interval=(start, end),
+                                    run_type=str(getattr(dag_run, "run_type", "") or "") or None,
+                                    triggered_by=getattr(dag_run, "triggering_user_name", None))
                 exams = query_cohort(engine, sql, interval_start=_naive_utc(start), interval_end=_naive_utc(end),
                                      params=self.cohort_params)
                 counts = extract_cohort(ctx, exams, int(self.batch_size))

@@ -1,0 +1,62 @@
+"""Connections become core configuration; the ``dicom`` connection type is registered by the provider."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlalchemy import text
+
+from pacsflow.core.dicom.config import PacsConfig, ReceiverConfig
+from pacsflow.hooks.database import DatabaseHook
+from pacsflow.hooks.dicom import DicomHook
+
+
+def set_connection(monkeypatch, conn_id: str, connection: dict) -> None:
+    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(connection))
+
+
+def test_dicom_connection_to_pacs_and_receiver_config(monkeypatch):
+    set_connection(monkeypatch, "pacs_test", {
+        "conn_type": "dicom", "host": "pacs.local", "port": 104, "login": "PACS_AE",
+        "extra": {"calling_ae": "PF", "receiver_port": 4006, "allowed_calling_aes": "PACS_AE, OTHER",
+                  "extra__dicom__dimse_timeout": "600", "retrieve_method": "c-get", "result_cap": 200},
+    })
+    hook = DicomHook("pacs_test")
+    assert hook.pacs_config() == PacsConfig(host="pacs.local", port=104, called_ae="PACS_AE", calling_ae="PF",
+                                            dimse_timeout=600.0, retrieve_method="c-get", result_cap=200)
+    assert hook.receiver_config() == ReceiverConfig(port=4006, allowed_calling_aes=("PACS_AE", "OTHER"))
+
+
+def test_dicom_connection_without_ae_title_is_explained(monkeypatch):
+    set_connection(monkeypatch, "pacs_bad", {"conn_type": "dicom", "host": "pacs.local", "port": 104})
+    with pytest.raises(ValueError, match="login \\(the PACS AE title\\)"):
+        DicomHook("pacs_bad").pacs_config()
+
+
+def test_database_connection_from_url_or_fields(monkeypatch, tmp_path):
+    set_connection(monkeypatch, "ris_url", {"conn_type": "generic",
+                                            "extra": {"sqlalchemy_url": f"sqlite:///{tmp_path / 'ris.db'}"}})
+    engine = DatabaseHook("ris_url").get_conn()
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT 1")).scalar() == 1
+    engine.dispose()
+    set_connection(monkeypatch, "ris_fields", {"conn_type": "postgres", "host": "db", "port": 5432,
+                                               "login": "reader", "password": "s3cret", "schema": "ris"})
+    url = DatabaseHook("ris_fields").sqlalchemy_url()
+    assert (url.drivername, url.host, url.port, url.username, url.database) == (
+        "postgresql+psycopg2", "db", 5432, "reader", "ris")
+    set_connection(monkeypatch, "ris_unknown", {"conn_type": "ftp", "host": "x"})
+    with pytest.raises(ValueError, match="sqlalchemy_url"):
+        DatabaseHook("ris_unknown").sqlalchemy_url()
+
+
+def test_the_provider_registers_the_dicom_connection_type():
+    from airflow.providers_manager import ProvidersManager
+
+    manager = ProvidersManager()
+    assert "pacsflow" in manager.providers
+    hook = manager.hooks["dicom"]
+    assert hook is not None and hook.hook_class_name == "pacsflow.hooks.dicom.DicomHook"
+    assert "extra__dicom__receiver_port" in manager.connection_form_widgets
+    assert "host" not in manager.field_behaviours["dicom"]["hidden_fields"]
