@@ -311,3 +311,24 @@ def settle_run(ctx: RunContext) -> RunSummary:
     summary = ctx.store.summary(ctx.run_key)
     log.info("summary: %s", summary.as_dict())
     return summary
+
+
+@dataclass(frozen=True)
+class ExtractionSettings:
+    """Everything a whole extraction needs besides the RIS rows and the PACS: what the DAG's params carry."""
+
+    resolution: ResolutionSettings
+    rules: SeriesRules
+    layout: StorageLayout
+    destination_ae: str
+    batch_size: int = 50
+
+
+def run_extraction(ctx: RunContext, exams: Iterable[RisExam], connect: ClientFactory, settings: ExtractionSettings,
+                   receiver: Callable[[], AbstractContextManager[Any]] = nullcontext) -> RunSummary:
+    """Every stage in one process, in the DAG's order (for scripts and for measuring Airflow's overhead)."""
+    extract_cohort(ctx, exams, settings.batch_size)
+    for batch in resolve_cohort(ctx, connect, settings.resolution, settings.batch_size):
+        retrieve_batch(ctx, batch, connect, rules=settings.rules, layout=settings.layout,
+                       destination_ae=settings.destination_ae, receiver=receiver)
+    return settle_run(ctx)

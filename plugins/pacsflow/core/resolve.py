@@ -187,14 +187,20 @@ def _by_patient_date(finder: Finder, exam: RisExam, settings: ResolutionSettings
             return False
         if (match.get("AccessionNumber") or "").strip() not in ("", exam.accession_number):
             return False
-        return wanted_modality is None or wanted_modality in _modalities(match.get("ModalitiesInStudy"))
+        return wanted_modality is None or wanted_modality in _study_modalities(finder, match)
 
     return _study_uids(matches, candidate)
 
 
-def _modalities(value: Any) -> set[str]:
+def _study_modalities(finder: Finder, study: Mapping[str, Any]) -> set[str]:
+    """ModalitiesInStudy, or, from a PACS that does not return it, the modalities of the study's series."""
+    value = study.get("ModalitiesInStudy")
     if value is None:
-        return set()
+        uid = study.get("StudyInstanceUID")
+        if not is_valid_uid(uid):
+            return set()
+        series = finder.find("SERIES", {"StudyInstanceUID": uid, "SeriesInstanceUID": "", "Modality": ""})
+        return {str(m.get("Modality") or "").upper() for m in series.matches}
     values = value if isinstance(value, list) else str(value).split("\\")
     return {str(v).upper() for v in values}
 
