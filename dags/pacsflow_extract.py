@@ -64,11 +64,11 @@ def pacsflow_extract() -> None:
         batch_size="{{ params.batch_size }}",
     )
     resolve = ResolveAccessionsOperator(
-        task_id="resolve_accessions", resolution="{{ params.resolution }}",
+        task_id="resolve_accessions", pool="pacs", resolution="{{ params.resolution }}",
         batch_size="{{ params.batch_size }}",
     )
     retrieve = RetrieveStudiesOperator.partial(
-        task_id="retrieve_batch", series_rules="{{ params.series_rules }}",
+        task_id="retrieve_batch", pool="pacs", series_rules="{{ params.series_rules }}",
     ).expand(batch=resolve.output)
     export = ExportMetadataOperator(task_id="export_metadata", trigger_rule="none_failed", outlets=[METADATA_ASSET])
     summary = AuditSummaryOperator(task_id="audit_summary", trigger_rule="all_done", retries=0)

@@ -13,7 +13,7 @@ PACS_FACING = {"resolve_accessions", "retrieve_batch"}
 
 @pytest.fixture(scope="module")
 def dagbag() -> DagBag:
-    return DagBag(dag_folder=str(REPO_ROOT / "dags"), include_examples=False)
+    return DagBag(dag_folder=str(REPO_ROOT / "dags"))
 
 
 def test_dags_import_without_errors(dagbag):
@@ -31,19 +31,19 @@ def test_dags_have_tags_and_retries(dagbag):
 
 
 def test_pacs_facing_tasks_take_a_pacs_pool_slot(dagbag):
-    dag = dagbag.get_dag("pacsflow_extract")
+    dag = dagbag.dags["pacsflow_extract"]
     pools = {task.task_id: task.pool for task in dag.tasks}
     assert {task_id: pools[task_id] for task_id in PACS_FACING} == dict.fromkeys(PACS_FACING, "pacs")
     assert pools["ris_cohort"] == "default_pool"
 
 
 def test_the_pipeline_order(dagbag):
-    dag = dagbag.get_dag("pacsflow_extract")
+    dag = dagbag.dags["pacsflow_extract"]
     order = ["ris_cohort", "resolve_accessions", "retrieve_batch", "export_metadata", "audit_summary"]
     for upstream, downstream in zip(order, order[1:]):
         assert downstream in dag.get_task(upstream).downstream_task_ids
 
 
 def test_the_metadata_export_emits_an_asset(dagbag):
-    outlets = dagbag.get_dag("pacsflow_extract").get_task("export_metadata").outlets
+    outlets = dagbag.dags["pacsflow_extract"].get_task("export_metadata").outlets
     assert [asset.name for asset in outlets] == ["pacsflow_metadata"]

@@ -58,7 +58,7 @@ def deployment(hospital, tmp_path_factory) -> Iterator[dict]:
 def dag(airflow_db):
     from airflow.dag_processing.dagbag import DagBag
 
-    return DagBag(dag_folder=str(REPO_ROOT / "dags"), include_examples=False).get_dag(DAG_ID)
+    return DagBag(dag_folder=str(REPO_ROOT / "dags")).dags[DAG_ID]
 
 
 def run_dag(dag, deployment, hospital, logical_date: datetime, monkeypatch) -> str:

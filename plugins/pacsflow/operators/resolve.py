@@ -20,7 +20,6 @@ class ResolveAccessionsOperator(PacsflowOperator):
 
     def __init__(self, *, dicom_conn_id: str = "pacsflow_pacs", resolution: dict[str, Any] | None = None,
                  batch_size: int = 50, **kwargs: Any) -> None:
-        kwargs.setdefault("pool", "pacs")
         super().__init__(**kwargs)
         self.dicom_conn_id = dicom_conn_id
         self.resolution = resolution or {}

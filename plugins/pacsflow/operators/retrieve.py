@@ -17,13 +17,12 @@ from pacsflow.operators.base import PacsflowOperator
 
 class RetrieveStudiesOperator(PacsflowOperator):
     """Retrieves one batch (map it over the resolver's output). Holds a ``pacs`` pool slot, so the
-    deployment never opens more associations than the pool allows."""
+    deployment never opens more associations than the pool allows (set ``pool="pacs"``)."""
 
     template_fields = (*PacsflowOperator.template_fields, "series_rules")
 
     def __init__(self, *, batch: int, dicom_conn_id: str = "pacsflow_pacs",
                  series_rules: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        kwargs.setdefault("pool", "pacs")
         super().__init__(**kwargs)
         self.batch = batch
         self.dicom_conn_id = dicom_conn_id

@@ -1,0 +1,76 @@
+"""DICOM status codes and association outcomes, classified into what the caller should do."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pacsflow.core.dicom.errors import PacsConfigurationError, PacsError, PacsItemError, PacsTransientError
+
+SUCCESS = 0x0000
+CANCEL = 0xFE00
+MOVE_DESTINATION_UNKNOWN = 0xA801
+IDENTIFIER_MISMATCH = 0xA900
+OUT_OF_RESOURCES = 0xA700
+PENDING = (0xFF00, 0xFF01)
+
+
+class StatusClass(StrEnum):
+    SUCCESS = "success"
+    PENDING = "pending"
+    WARNING = "warning"
+    CANCELLED = "cancelled"
+    OUT_OF_RESOURCES = "out of resources"
+    MOVE_DESTINATION_UNKNOWN = "move destination unknown"
+    IDENTIFIER_MISMATCH = "identifier mismatch"
+    UNABLE_TO_PROCESS = "unable to process"
+    REFUSED = "refused"
+
+
+def classify(status: int) -> StatusClass:
+    if status == SUCCESS:
+        return StatusClass.SUCCESS
+    if status in PENDING:
+        return StatusClass.PENDING
+    if status == CANCEL:
+        return StatusClass.CANCELLED
+    if status == 0x0001 or 0xB000 <= status <= 0xBFFF:
+        return StatusClass.WARNING
+    if status == MOVE_DESTINATION_UNKNOWN:
+        return StatusClass.MOVE_DESTINATION_UNKNOWN
+    if 0xA700 <= status <= 0xA7FF:
+        return StatusClass.OUT_OF_RESOURCES
+    if 0xA900 <= status <= 0xA9FF:
+        return StatusClass.IDENTIFIER_MISMATCH
+    if 0xC000 <= status <= 0xCFFF:
+        return StatusClass.UNABLE_TO_PROCESS
+    return StatusClass.REFUSED
+
+
+def error_for(status: int, operation: str) -> PacsError:
+    """The exception for a failure status of ``operation`` (C-FIND, C-MOVE, C-GET), with what to do."""
+    kind = classify(status)
+    if kind is StatusClass.MOVE_DESTINATION_UNKNOWN:
+        return PacsConfigurationError(
+            f"{operation}: move destination unknown to the PACS; register pacsflow's receiver AE title, host and "
+            "port as a DICOM node on the PACS (or fix receiver_ae in the dicom connection)",
+            status=status,
+        )
+    if kind in (StatusClass.OUT_OF_RESOURCES, StatusClass.CANCELLED):
+        return PacsTransientError(f"{operation}: {kind}", status=status)
+    if kind in (StatusClass.IDENTIFIER_MISMATCH, StatusClass.UNABLE_TO_PROCESS):
+        return PacsItemError(f"{operation}: {kind}", status=status)
+    if 0x0100 <= status <= 0x01FF or status in (0x0122, 0x0211):  # SOP class not supported, unrecognised op
+        return PacsConfigurationError(f"{operation}: refused by the PACS (not supported)", status=status)
+    return PacsItemError(f"{operation}: {kind}", status=status)
+
+
+def rejection_error(result: int | None, source: int | None, reason: int | None) -> PacsError:
+    """An A-ASSOCIATE-RJ: transient (busy, limits) is retried later; permanent means fix the configuration."""
+    detail = f"association rejected (result {result}, source {source}, reason {reason})"
+    if result == 0x02 or (source == 0x03 and reason in (0x01, 0x02)):
+        return PacsTransientError(f"{detail}: the PACS is busy or at its association limit")
+    if source == 0x01 and reason == 0x03:
+        return PacsConfigurationError(f"{detail}: the PACS does not accept our calling AE title")
+    if source == 0x01 and reason == 0x07:
+        return PacsConfigurationError(f"{detail}: the PACS does not recognise the called AE title")
+    return PacsConfigurationError(detail)
