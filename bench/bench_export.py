@@ -1,12 +1,12 @@
 """Benchmark of the Parquet metadata export (entry ``export_parquet`` in ``bench/results.json``).
 
 Compares ``export_instances`` with the naive loop the issue names (full ``pydicom.dcmread`` of each file,
-a list of dicts, one ``pa.Table.from_pylist`` + ``pq.write_table``) on the same synthetic CT files, and with
-``--memory-scan`` shows the export's peak RSS at growing cohort sizes (10k and 100k instances by default).
+a list of dicts, one ``pa.Table.from_pylist`` + ``pq.write_table``) on the same synthetic CT files, then
+shows the export's peak RSS at growing cohort sizes (``--memory-scan``, 10k and 100k instances by default).
 
-    PYTHONPATH=plugins python -m bench.bench_export                 # 2,000 files, rate comparison
-    PYTHONPATH=plugins python -m bench.bench_export --files 10000
-    PYTHONPATH=plugins python -m bench.bench_export --memory-scan   # peak RSS at 10k and 100k
+    PYTHONPATH=plugins python -m bench.bench_export                    # 2,000 files + 10k/100k memory scan
+    PYTHONPATH=plugins python -m bench.bench_export --files 10000 --no-memory-scan
+    PYTHONPATH=plugins python -m bench.bench_export --memory-scan 10000 100000 200000
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import datetime as dt
 import hashlib
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -295,14 +296,26 @@ def timed(function: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - started, result
 
 
-def compare_rates(paths: list[Path], work: Path, workers: int | None) -> dict[str, float]:
+def compare_rates(paths: list[Path], work: Path, workers: int | None, repeat: int) -> dict[str, float]:
+    """Median rate of each contender over ``repeat`` interleaved rounds (other load on the host is shared)."""
     _drop_page_cache_hint(paths)
-    naive_seconds, _ = timed(lambda: naive_export(paths, work / "naive.parquet"))
-    plain_seconds, _ = timed(lambda: naive_export(paths, work / "naive-no-checksum.parquet", checksum=False))
-    export_seconds, report = timed(lambda: export_instances(paths, work / "metadata", "bench__rate", workers=workers))
-    assert report.instances == len(paths) and not report.rejected, report.rejected[:3]
-    return {"naive": len(paths) / naive_seconds, "naive_no_checksum": len(paths) / plain_seconds,
-            "pacsflow": len(paths) / export_seconds}
+    contenders: dict[str, Callable[[], Any]] = {
+        "naive": lambda: naive_export(paths, work / "naive.parquet"),
+        "naive_no_checksum": lambda: naive_export(paths, work / "naive-no-checksum.parquet", checksum=False),
+        "pacsflow": lambda: _export_all(paths, work / "metadata", workers),
+    }
+    rates: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(repeat):
+        for name, contender in contenders.items():
+            seconds, _ = timed(contender)
+            rates[name].append(len(paths) / seconds)
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def _export_all(paths: list[Path], out: Path, workers: int | None) -> None:
+    report = export_instances(paths, out, "bench__rate", workers=workers)
+    if report.instances != len(paths) or report.rejected:
+        raise RuntimeError(f"export rejected {len(report.rejected)} files: {report.rejected[:3]}")
 
 
 def _drop_page_cache_hint(paths: list[Path]) -> None:
@@ -375,57 +388,58 @@ def export_peak_rss(cohort: Path, count: int, work: Path, workers: int | None) -
 
 # -- command line -----------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
+    """Rate comparison, then the memory scan, recorded together as the entry ``export_parquet``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=2_000, help="files for the rate comparison")
     parser.add_argument("--pixels", type=int, default=64, help="rows = columns of the synthetic images")
     parser.add_argument("--workers", type=int, default=None, help="export worker processes (default: cores)")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of the rate comparison (median)")
+    parser.add_argument("--memory-scan", nargs="+", type=int, default=[10_000, 100_000], metavar="N",
+                        help="cohort sizes of the peak-RSS scan (default: 10000 100000)")
+    parser.add_argument("--no-memory-scan", action="store_true", help="only the rate comparison")
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "pacsflow-bench-ct",
                         help="cache of generated files (reused between runs)")
-    parser.add_argument("--memory-scan", nargs="*", type=int, metavar="N",
-                        help="peak RSS of the export at these cohort sizes (default 10000 100000)")
     parser.add_argument("--no-record", action="store_true", help="do not write bench/results.json")
     args = parser.parse_args(argv)
     cohort = args.data / f"ct-{args.pixels}px"
     with tempfile.TemporaryDirectory(prefix="pacsflow-bench-export-") as temp:
-        work = Path(temp)
-        if args.memory_scan is not None:
-            return _memory_scan(cohort, args.memory_scan or [10_000, 100_000], args.pixels, work, args)
-        return _rate(cohort, args.files, args.pixels, work, args)
+        entry = _rate(cohort, args, Path(temp))
+        if not args.no_memory_scan:
+            entry |= _memory_scan(cohort, args, Path(temp))
+    if not args.no_record:
+        record("export_parquet", "files/s", **entry)
+    return 0
 
 
-def _rate(cohort: Path, count: int, pixels: int, work: Path, args: argparse.Namespace) -> int:
-    paths = ensure_cohort(cohort, count, pixels)
+def _rate(cohort: Path, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    paths = ensure_cohort(cohort, args.files, args.pixels)
+    load_before = os.getloadavg()[0]  # other work on the host slows the parallel export most
     elements = element_count(pydicom.dcmread(paths[0]))
-    rates = compare_rates(paths, work, args.workers)
+    rates = compare_rates(paths, work, args.workers, args.repeat)
     ratio = rates["pacsflow"] / rates["naive"]
-    print(f"export_parquet: {count} CT files, {elements} elements each, {paths[0].stat().st_size} bytes, "
-          f"{os.cpu_count()} cores")
+    print(f"export_parquet: {args.files} CT files, {elements} elements each, {paths[0].stat().st_size} bytes, "
+          f"{os.cpu_count()} cores, median of {args.repeat}, load average {load_before:.2f}")
     print(f"  {'naive dcmread loop + one table write':<42} {rates['naive']:>8.0f} files/s")
     print(f"  {'  (same, without the checksum column)':<42} {rates['naive_no_checksum']:>8.0f} files/s")
     print(f"  {'pacsflow export_instances':<42} {rates['pacsflow']:>8.0f} files/s   {ratio:.2f}x (target 3x)")
-    if not args.no_record:
-        record("export_parquet", "files/s", round(rates["pacsflow"], 1), round(rates["naive"], 1), files=count,
-               elements_per_file=elements, file_bytes=paths[0].stat().st_size, cores=os.cpu_count(),
-               reference_without_checksum=round(rates["naive_no_checksum"], 1), target_ratio=3)
-    return 0
+    return {"pacsflow": round(rates["pacsflow"], 1), "reference": round(rates["naive"], 1),
+            "reference_without_checksum": round(rates["naive_no_checksum"], 1), "target_ratio": 3,
+            "files": args.files, "elements_per_file": elements, "file_bytes": paths[0].stat().st_size,
+            "cores": os.cpu_count(), "repeat": args.repeat, "load_average_before": round(load_before, 2)}
 
 
-def _memory_scan(cohort: Path, counts: list[int], pixels: int, work: Path, args: argparse.Namespace) -> int:
-    ensure_cohort(cohort, max(counts), pixels)
-    print(f"export peak memory ({os.cpu_count()} cores, {pixels}x{pixels} CT files)")
+def _memory_scan(cohort: Path, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    counts = sorted(args.memory_scan)
+    ensure_cohort(cohort, counts[-1], args.pixels)
+    print(f"export peak memory ({os.cpu_count()} cores, {args.pixels}x{args.pixels} CT files)")
     print(f"  {'instances':>10} {'files/s':>9} {'parent RSS MB':>14} {'parent+workers RSS MB':>22}")
-    peaks = {}
+    parent_mb, total_mb = {}, {}
     for count in counts:
         seconds, parent, total = export_peak_rss(cohort, count, work, args.workers)
-        peaks[count] = (parent, total)
-        print(f"  {count:>10} {count / seconds:>9.0f} {parent / 2**20:>14.1f} {total / 2**20:>22.1f}")
-    if not args.no_record:
-        record("export_parquet_memory", "MB peak RSS (parent+workers)", round(peaks[max(counts)][1] / 2**20, 1),
-               round(peaks[min(counts)][1] / 2**20, 1), instances=counts,
-               parent_rss_mb=[round(peaks[count][0] / 2**20, 1) for count in counts],
-               total_rss_mb=[round(peaks[count][1] / 2**20, 1) for count in counts],
-               note="pacsflow = largest cohort, reference = smallest; ratio near 1 means flat memory")
-    return 0
+        parent_mb[str(count)], total_mb[str(count)] = round(parent / 2**20, 1), round(total / 2**20, 1)
+        print(f"  {count:>10} {count / seconds:>9.0f} {parent_mb[str(count)]:>14.1f} {total_mb[str(count)]:>22.1f}")
+    return {"peak_rss_mb_parent": parent_mb, "peak_rss_mb_with_workers": total_mb,
+            "peak_rss_growth": round(total_mb[str(counts[-1])] / total_mb[str(counts[0])], 3)}
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import tempfile
@@ -28,14 +29,20 @@ def record(name: str, unit: str, pacsflow: float, reference: float, *, results_p
         **extra,
     }
     results_path.parent.mkdir(parents=True, exist_ok=True)
-    # The lock serialises read-modify-write between benchmarks running at the same time.
-    with open(results_path.with_name(f".{results_path.name}.lock"), "w") as lock:
+    # The lock serialises read-modify-write between benchmarks running at the same time. It lives in the
+    # temp directory (keyed by the results path) so that no lock file lands in the repository.
+    with open(_lock_path(results_path), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         entries = [existing for existing in _load(results_path) if existing.get("name") != name]
         entries.append(entry)
         entries.sort(key=lambda existing: str(existing.get("name")))
         _write_atomically(results_path, json.dumps(entries, indent=2) + "\n")
     return entry
+
+
+def _lock_path(results_path: Path) -> Path:
+    key = hashlib.sha256(str(results_path.resolve()).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"pacsflow-bench-results-{key}.lock"
 
 
 def _load(path: Path) -> list[dict[str, Any]]:

@@ -24,7 +24,7 @@ from pacsflow.demo.hospital import (
     expected_outcomes,
     load_ground_truth,
 )
-from pacsflow.demo.sandbox import orthanc
+from pacsflow.demo.sandbox import orthanc, qrscp
 from tests.conftest import free_port
 
 DAG_ID = "pacsflow_extract"
@@ -40,11 +40,13 @@ def truth(hospital) -> dict:
     return load_ground_truth(hospital.ground_truth_path)
 
 
-@pytest.fixture(scope="module")
-def deployment(hospital, tmp_path_factory) -> Iterator[dict]:
-    """Orthanc serving the hospital, and the connections that point the DAG at it."""
-    receiver = ReceiverConfig(ae_title="PACSFLOW", port=free_port(), allowed_calling_aes=("ORTHANC",))
-    with orthanc(tmp_path_factory.mktemp("orthanc"),
+@pytest.fixture(scope="module", params=[orthanc, qrscp], ids=["orthanc", "qrscp"])
+def deployment(request, hospital, tmp_path_factory) -> Iterator[dict]:
+    """A real PACS (Orthanc, and qrscp as in `make demo`) serving the hospital, and the connections that
+    point the DAG at it."""
+    sandbox = request.param
+    receiver = ReceiverConfig(ae_title="PACSFLOW", port=free_port())
+    with sandbox(tmp_path_factory.mktemp(sandbox.__name__),
                  move_destinations={receiver.ae_title: (receiver.host, receiver.port)}) as pacs:
         pacs.load(sorted(hospital.dicom_dir.rglob("*.dcm")))
         data_root = tmp_path_factory.mktemp("data")

@@ -13,19 +13,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from pydicom import dcmread
+
 from pacsflow.core.audit import AuditStore, RunSummary, SeriesStatus, utcnow
 from pacsflow.core.dicom.errors import PacsItemError, PacsTransientError
+from pacsflow.core.export import export_instances
 from pacsflow.core.dicom.results import FindResult, QueryLevel, RetrieveReport
 from pacsflow.core.privacy import Pseudonymizer
 from pacsflow.core.resolve import Resolution, ResolutionSettings, resolve_accession
 from pacsflow.core.retry import RetryPolicy
 from pacsflow.core.ris import RisExam
-from pacsflow.core.series_rules import SeriesRules
+from pacsflow.core.series_rules import DropReason, SeriesRules
 from pacsflow.core.storage import StorageLayout
 from pacsflow.core.uids import is_valid_uid
 
 log = logging.getLogger("pacsflow")
 
+HEADER_RULE_KEYS = ("Modality", "SeriesDescription", "BodyPartExamined")
 SERIES_RETURN_KEYS = ("SeriesInstanceUID", "Modality", "SeriesDescription", "BodyPartExamined",
                       "NumberOfSeriesRelatedInstances")
 MAX_BATCHES = 500  # Airflow's max_map_length is 1024; stay well below it
@@ -178,7 +182,7 @@ def retrieve_batch(ctx: RunContext, batch: int, connect: ClientFactory, *, rules
                     continue
                 counts.series_kept += 1
                 if series_row["status"] != SeriesStatus.COMPLETE:
-                    _retrieve_series(ctx, client, series_row, layout, destination_ae, health, counts)
+                    _retrieve_series(ctx, client, series_row, rules, layout, destination_ae, health, counts)
                 else:
                     counts.complete += 1
     ctx.store.record_stage(ctx.run_key, f"retrieve[{batch}]", started, counts.as_dict())
@@ -198,9 +202,12 @@ def _list_series(ctx: RunContext, client: PacsClientLike, study: dict[str, Any],
         ctx.store.record_series_listing(ctx.run_key, study["accession_number"], study["study_uid"], [], str(error))
         return
     listed = []
+    seen: set[str] = set()
     for match in result.matches:
-        if not is_valid_uid(match.get("SeriesInstanceUID")):
+        # Some PACS (qrscp) answer once per instance: one row per series.
+        if not is_valid_uid(match.get("SeriesInstanceUID")) or match["SeriesInstanceUID"] in seen:
             continue
+        seen.add(match["SeriesInstanceUID"])
         reason = rules.drop_reason(match)
         listed.append({
             "series_uid": match["SeriesInstanceUID"], "modality": match.get("Modality"),
@@ -212,7 +219,8 @@ def _list_series(ctx: RunContext, client: PacsClientLike, study: dict[str, Any],
     ctx.store.record_series_listing(ctx.run_key, study["accession_number"], study["study_uid"], listed)
 
 
-def _retrieve_series(ctx: RunContext, client: PacsClientLike, row: dict[str, Any], layout: StorageLayout,
+def _retrieve_series(ctx: RunContext, client: PacsClientLike, row: dict[str, Any], rules: SeriesRules,
+                     layout: StorageLayout,
                      destination_ae: str, health: _PacsHealth, counts: BatchCounts) -> None:
     study_uid, series_uid = row["study_uid"], row["series_uid"]
     timings: dict[str, float] = {}
@@ -235,6 +243,17 @@ def _retrieve_series(ctx: RunContext, client: PacsClientLike, row: dict[str, Any
         return
     received = present & expected if expected else present
     fetched = received - before
+    if received and _listing_incomplete(row):
+        reason = _header_drop_reason(rules, layout, study_uid, series_uid, min(received))
+        if reason:  # the PACS's answer hid what the rules needed; the header shows the series is not wanted
+            for uid in fetched:
+                layout.instance_path(study_uid, series_uid, uid).unlink(missing_ok=True)
+            counts.series_kept -= 1
+            counts.series_dropped += 1
+            ctx.store.update_series(ctx.run_key, study_uid, series_uid, status=SeriesStatus.DROPPED,
+                                    drop_reason=reason.value, error="decided from the instance header",
+                                    seconds=timings)
+            return
     status = _series_status(target, len(received))
     counts.instances_fetched += len(fetched)
     counts.bytes_fetched += _size(layout, study_uid, series_uid, fetched)
@@ -242,6 +261,18 @@ def _retrieve_series(ctx: RunContext, client: PacsClientLike, row: dict[str, Any
     ctx.store.update_series(ctx.run_key, study_uid, series_uid, status=status, error=None, expected=target,
                             received=len(received), fetched=len(fetched),
                             bytes=_size(layout, study_uid, series_uid, received), seconds=timings)
+
+
+def _listing_incomplete(row: dict[str, Any]) -> bool:
+    """True when the series-level C-FIND left out an attribute the rules decide on (optional keys)."""
+    return any(row[key] is None for key in ("modality", "description", "body_part"))
+
+
+def _header_drop_reason(rules: SeriesRules, layout: StorageLayout, study_uid: str, series_uid: str,
+                        sop_uid: str) -> DropReason | None:
+    header = dcmread(layout.instance_path(study_uid, series_uid, sop_uid), stop_before_pixels=True,
+                     specific_tags=list(HEADER_RULE_KEYS))
+    return rules.drop_reason({key: header.get(key) for key in HEADER_RULE_KEYS})
 
 
 def _size(layout: StorageLayout, study_uid: str, series_uid: str, sop_uids: Iterable[str]) -> int:
@@ -321,6 +352,7 @@ class ExtractionSettings:
     rules: SeriesRules
     layout: StorageLayout
     destination_ae: str
+    metadata_dir: Path
     batch_size: int = 50
 
 
@@ -331,4 +363,5 @@ def run_extraction(ctx: RunContext, exams: Iterable[RisExam], connect: ClientFac
     for batch in resolve_cohort(ctx, connect, settings.resolution, settings.batch_size):
         retrieve_batch(ctx, batch, connect, rules=settings.rules, layout=settings.layout,
                        destination_ae=settings.destination_ae, receiver=receiver)
+    export_instances(retrieved_files(ctx, settings.layout), settings.metadata_dir, ctx.run_key)
     return settle_run(ctx)

@@ -76,6 +76,9 @@ def fsync_directory(directory: Path) -> None:
 
 
 def run_token(run_id: str) -> str:
-    """A file-name-safe, deterministic token for an Airflow run id (which holds ':' and '+')."""
-    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", run_id).strip("._")[:80]
-    return f"{readable}-{hashlib.sha256(run_id.encode('utf-8')).hexdigest()[:8]}"
+    """A file-name-safe, deterministic token for an Airflow run id (which holds ':' and '+'):
+    its sanitised text plus a hash of all of it."""
+    if not run_id:
+        raise ValueError("run_id must not be empty")
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", run_id).strip("._")[:60] or "run"  # readers skip . and _ files
+    return f"{readable}-{hashlib.sha256(run_id.encode('utf-8')).hexdigest()[:10]}"

@@ -3,13 +3,14 @@
 A run's files are ``<table>/study_date=<YYYY-MM-DD>/<run-token>-<n>.parquet``. They are written under
 hidden temp names (``.<run-token>-<n>.parquet.tmp``, which no reader lists) and only after everything is
 written does :meth:`RunOutput.commit` delete the run's previous files and rename the new ones into place,
-so re-running a run replaces its rows and a failed run leaves the previous result untouched.
+so re-running a run replaces its rows and a failed run leaves the previous result untouched. (A crash in
+the short window between deleting and renaming leaves the run without rows until it is re-run; one export
+per run id at a time, as Airflow runs one try of a task at a time.)
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import os
 import re
 from collections import OrderedDict
@@ -20,20 +21,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pacsflow.core.export.schema import NULL_PARTITION, PARTITION_COLUMN, TABLES, file_schema
-from pacsflow.core.storage import fsync_directory
+from pacsflow.core.storage import fsync_directory, run_token
 
 COMPRESSION = "zstd"
 MAX_OPEN_WRITERS = 8  # partitions with an open file at once; more partitions just means more files
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _STAGED_SUFFIX = ".tmp"
-
-
-def run_token(run_id: str) -> str:
-    """A file-name-safe, deterministic token for ``run_id``: its sanitised text plus a hash of all of it."""
-    if not run_id:
-        raise ValueError("run_id must not be empty")
-    readable = _UNSAFE.sub("_", run_id).strip("._")[:60] or "run"  # no leading . or _: readers skip those
-    return f"{readable}-{hashlib.sha256(run_id.encode()).hexdigest()[:10]}"
 
 
 def partition_name(study_date: dt.date | None) -> str:

@@ -1,0 +1,1 @@
+"""pacsflow benchmarks: ``make bench`` runs them all and writes ``bench/results.json``."""

@@ -1,0 +1,24 @@
+"""Run every benchmark in one go (``make bench``); each records its entry in bench/results.json."""
+
+from __future__ import annotations
+
+import json
+
+from bench import bench_dag_overhead, bench_export
+from bench.results import RESULTS_PATH
+
+BENCHMARKS = (bench_export, bench_dag_overhead)
+
+
+def main() -> None:
+    for module in BENCHMARKS:
+        print(f"== {module.__name__}", flush=True)
+        module.main([])
+    print(f"\n{'name':<18}{'unit':<32}{'pacsflow':>12}{'reference':>12}{'ratio':>8}")
+    for entry in json.loads(RESULTS_PATH.read_text()):
+        print(f"{entry['name']:<18}{entry['unit']:<32}{entry['pacsflow']:>12}{entry['reference']:>12}"
+              f"{entry['ratio']:>8}")
+
+
+if __name__ == "__main__":
+    main()
