@@ -1,0 +1,157 @@
+"""The stages called from the library against Orthanc loaded with a demo hospital: resolution classes,
+a run killed in the middle of retrieval and resumed, and the PACS result cap."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine
+
+from pacsflow.core.audit import AuditStore
+from pacsflow.core.dicom.client import PacsClient
+from pacsflow.core.dicom.config import ReceiverConfig
+from pacsflow.core.dicom.receiver import StoreReceiver
+from pacsflow.core.pipeline import RunContext, extract_cohort, resolve_cohort, retrieve_batch, settle_run
+from pacsflow.core.privacy import Pseudonymizer
+from pacsflow.core.resolve import Resolution, ResolutionSettings, resolve_accession
+from pacsflow.core.ris import RisExam, load_template, query_cohort
+from pacsflow.core.series_rules import SeriesRules
+from pacsflow.core.storage import StorageLayout
+from pacsflow.demo.environment import REPO_ROOT
+from pacsflow.demo.hospital import Quirk, build_hospital, expected_instances, expected_outcomes, load_ground_truth
+from pacsflow.demo.sandbox import orthanc
+from tests.conftest import free_port
+
+CONF = json.loads((REPO_ROOT / "include" / "config" / "demo_run.json").read_text())
+RUN_KEY = "library/interrupted"
+
+
+@pytest.fixture(scope="module")
+def hospital(tmp_path_factory):
+    return build_hospital(tmp_path_factory.mktemp("hospital"), accessions=30, seed=5, image_size=64)
+
+
+@pytest.fixture(scope="module")
+def truth(hospital) -> dict:
+    return load_ground_truth(hospital.ground_truth_path)
+
+
+@pytest.fixture(scope="module")
+def receiver() -> ReceiverConfig:
+    return ReceiverConfig(ae_title="PACSFLOW", port=free_port())
+
+
+@pytest.fixture(scope="module")
+def pacs(hospital, receiver, tmp_path_factory) -> Iterator:
+    with orthanc(tmp_path_factory.mktemp("orthanc"),
+                 move_destinations={receiver.ae_title: (receiver.host, receiver.port)}) as sandbox:
+        sandbox.load(sorted(hospital.dicom_dir.rglob("*.dcm")))
+        yield sandbox
+
+
+def cohort(hospital) -> list[RisExam]:
+    engine = create_engine(hospital.ris_url)
+    start, end = (moment.replace(tzinfo=None) for moment in hospital.interval)
+    exams = list(query_cohort(engine, load_template(CONF["sql_template"], REPO_ROOT / "include" / "sql"),
+                              interval_start=start, interval_end=end, params=CONF["cohort_params"]))
+    engine.dispose()
+    return exams
+
+
+def test_each_quirk_resolves_by_its_rule(pacs, hospital, truth):
+    settings = ResolutionSettings.from_mapping(CONF["resolution"])
+    by_an = {a["accession_number"]: a for a in truth["accessions"] if a["in_cohort"]}
+    with PacsClient(pacs.config) as client:
+        results = {exam.accession_number: resolve_accession(client, exam, settings) for exam in cohort(hospital)}
+    assert set(results) == set(by_an)
+    for an, result in results.items():
+        expected = by_an[an]
+        assert (result.rule.value if result.rule else None) == expected["resolved_by"], expected["quirk"]
+        if expected["expected_outcome"] == "not_found":
+            assert result.resolution is Resolution.NOT_FOUND
+        else:
+            assert result.resolution is Resolution.RESOLVED
+            assert set(result.study_uids) == {s["study_instance_uid"] for s in expected["studies"]}
+
+
+def test_a_capped_answer_is_reported_as_capped_not_as_a_match(pacs, truth):
+    multi = next(a for a in truth["accessions"] if a["quirk"] == Quirk.MULTI_STUDY)
+    with PacsClient(replace(pacs.config, result_cap=1)) as client:
+        result = resolve_accession(client, RisExam(multi["accession_number"]), ResolutionSettings())
+    assert result.resolution is Resolution.CAPPED
+
+
+CHILD = """
+import json, sys
+from functools import partial
+from pathlib import Path
+from pacsflow.core.audit import AuditStore
+from pacsflow.core.dicom.client import PacsClient
+from pacsflow.core.dicom.config import PacsConfig, ReceiverConfig
+from pacsflow.core.dicom.receiver import StoreReceiver
+from pacsflow.core.pipeline import RunContext, retrieve_batch
+from pacsflow.core.privacy import Pseudonymizer
+from pacsflow.core.series_rules import SeriesRules
+from pacsflow.core.storage import StorageLayout
+args = json.loads(sys.argv[1])
+layout = StorageLayout(Path(args["root"]))
+receiver = ReceiverConfig(**args["receiver"])
+with AuditStore.connect(args["audit_url"]) as store:
+    ctx = RunContext(store, args["run_key"], Pseudonymizer(b"0123456789abcdef"))
+    for batch in args["batches"]:
+        retrieve_batch(ctx, batch, partial(PacsClient, PacsConfig(**args["pacs"])),
+                       rules=SeriesRules.from_mapping(args["rules"]), layout=layout,
+                       destination_ae=receiver.ae_title, receiver=partial(StoreReceiver, receiver, layout))
+"""
+
+
+def test_a_run_killed_mid_retrieval_resumes_without_refetching(pacs, hospital, truth, receiver, tmp_path):
+    layout = StorageLayout(tmp_path / "dicom")
+    audit_url = f"sqlite:///{tmp_path / 'audit.sqlite'}"
+    rules = SeriesRules.from_mapping(CONF["series_rules"])
+    connect = partial(PacsClient, pacs.config)
+    with AuditStore.connect(audit_url) as store:
+        ctx = RunContext(store, RUN_KEY, Pseudonymizer(b"0123456789abcdef"))
+        extract_cohort(ctx, cohort(hospital), batch_size=100)
+        batches = resolve_cohort(ctx, connect, ResolutionSettings.from_mapping(CONF["resolution"]), 100)
+    wanted = expected_instances(truth)
+
+    args = {"root": str(layout.root), "audit_url": audit_url, "run_key": RUN_KEY, "batches": batches,
+            "rules": CONF["series_rules"], "receiver": {"ae_title": receiver.ae_title, "port": receiver.port},
+            "pacs": {"host": pacs.config.host, "port": pacs.config.port, "called_ae": pacs.config.called_ae}}
+    child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)],
+                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    deadline = time.monotonic() + 120
+    while len(list(layout.root.glob("*/*/*.dcm"))) < len(wanted) // 3 and time.monotonic() < deadline:
+        assert child.poll() is None, "the retrieval finished before it could be interrupted"
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    survivors = {p: p.stat().st_mtime_ns for p in layout.root.glob("*/*/*.dcm")}
+    assert 0 < len(survivors) < len(wanted)
+
+    with AuditStore.connect(audit_url) as store:
+        ctx = RunContext(store, RUN_KEY, Pseudonymizer(b"0123456789abcdef"))
+        fetched = sum(
+            retrieve_batch(ctx, batch, connect, rules=rules, layout=layout, destination_ae=receiver.ae_title,
+                           receiver=partial(StoreReceiver, receiver, layout))["instances_fetched"]
+            for batch in batches)
+        summary = settle_run(ctx)
+        outcomes = {an: row["outcome"] for an, row in store.accession_outcomes(RUN_KEY).items()}
+
+    on_disk = {(p.parent.parent.name, p.parent.name, p.stem) for p in layout.root.glob("*/*/*.dcm")}
+    assert on_disk == wanted
+    assert fetched == len(wanted) - len(survivors)
+    assert {p: p.stat().st_mtime_ns for p in survivors} == survivors
+    assert not list(layout.root.glob("*/*/.incoming-*"))
+    assert outcomes == expected_outcomes(truth) and summary.reconciled
