@@ -20,6 +20,7 @@ from sqlalchemy import create_engine
 from pacsflow.core.audit import AuditStore
 from pacsflow.core.dicom.client import PacsClient
 from pacsflow.core.dicom.config import ReceiverConfig
+from pacsflow.core.dicom.errors import PacsConfigurationError
 from pacsflow.core.dicom.receiver import StoreReceiver
 from pacsflow.core.pipeline import RunContext, extract_cohort, resolve_cohort, retrieve_batch, settle_run
 from pacsflow.core.privacy import Pseudonymizer
@@ -155,3 +156,15 @@ def test_a_run_killed_mid_retrieval_resumes_without_refetching(pacs, hospital, t
     assert {p: p.stat().st_mtime_ns for p in survivors} == survivors
     assert not list(layout.root.glob("*/*/.incoming-*"))
     assert outcomes == expected_outcomes(truth) and summary.reconciled
+
+
+def test_a_pacs_that_cannot_reach_the_receiver_fails_the_task_with_the_fix(pacs, hospital, tmp_path):
+    layout = StorageLayout(tmp_path / "dicom")
+    connect = partial(PacsClient, pacs.config)
+    with AuditStore.connect(f"sqlite:///{tmp_path / 'audit.sqlite'}") as store:
+        ctx = RunContext(store, "library/unknown-destination", Pseudonymizer(b"0123456789abcdef"))
+        extract_cohort(ctx, cohort(hospital), batch_size=100)
+        batches = resolve_cohort(ctx, connect, ResolutionSettings.from_mapping(CONF["resolution"]), 100)
+        with pytest.raises(PacsConfigurationError, match="move destination"):
+            retrieve_batch(ctx, batches[0], connect, rules=SeriesRules.from_mapping(CONF["series_rules"]),
+                           layout=layout, destination_ae="NOBODY")

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from pydicom import dcmread
 
 from pacsflow.core.audit import AuditStore, RunSummary, SeriesStatus, utcnow
-from pacsflow.core.dicom.errors import PacsItemError, PacsTransientError
+from pacsflow.core.dicom.errors import PacsConfigurationError, PacsItemError, PacsTransientError
 from pacsflow.core.export import export_instances
 from pacsflow.core.dicom.results import FindResult, QueryLevel, RetrieveReport
 from pacsflow.core.privacy import Pseudonymizer
@@ -133,18 +133,31 @@ def _exam_from_row(row: dict[str, Any]) -> RisExam:
 
 
 class _PacsHealth:
-    """Counts consecutive transient failures; past a threshold the PACS is down and the task should retry."""
+    """Tells an item's failure from a PACS-wide one. Consecutive transient failures mean the PACS is down
+    (the task fails and Airflow retries later); consecutive retrieves refused with nothing arriving mean the
+    PACS cannot reach the receiver (Orthanc answers a bare 0xC000 for an unknown move destination)."""
 
     def __init__(self) -> None:
-        self.consecutive = 0
+        self.transient = 0
+        self.refused = 0
 
-    def ok(self) -> None:
-        self.consecutive = 0
+    def ok(self, *, retrieved: bool = False) -> None:
+        self.transient = 0
+        if retrieved:
+            self.refused = 0
 
     def failed(self, error: PacsTransientError) -> None:
-        self.consecutive += 1
-        if self.consecutive >= PACS_DOWN_AFTER:
-            raise PacsTransientError(f"{self.consecutive} consecutive items failed; the PACS looks unavailable") from error
+        self.transient += 1
+        if self.transient >= PACS_DOWN_AFTER:
+            raise PacsTransientError(f"{self.transient} consecutive items failed; the PACS looks unavailable") from error
+
+    def retrieve_refused(self, error: PacsItemError) -> None:
+        self.refused += 1
+        if self.refused >= PACS_DOWN_AFTER:
+            raise PacsConfigurationError(
+                f"{self.refused} consecutive retrieves were refused and nothing arrived; check that the PACS knows "
+                "pacsflow's receiver as a move destination (AE title, host, port) and can reach it",
+                status=error.status) from error
 
 
 # -- stage 3 and 4: series listing, filtering, verified retrieval ----------------------------------
@@ -233,10 +246,12 @@ def _retrieve_series(ctx: RunContext, client: PacsClientLike, row: dict[str, Any
         clock = time.perf_counter()
         present = _fetch_missing(ctx, client, layout, destination_ae, study_uid, series_uid, expected, target)
         timings["retrieve"] = time.perf_counter() - clock
-        health.ok()
+        health.ok(retrieved=True)
     except (PacsTransientError, PacsItemError) as error:
         if isinstance(error, PacsTransientError):
             health.failed(error)
+        elif not layout.stored_sop_uids(study_uid, series_uid) - before:
+            health.retrieve_refused(error)
         counts.failed += 1
         ctx.store.update_series(ctx.run_key, study_uid, series_uid, status=SeriesStatus.FAILED, error=str(error),
                                 seconds=timings)
