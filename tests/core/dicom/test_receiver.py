@@ -1,0 +1,194 @@
+"""pacsflow's C-STORE receiver against real senders: pynetdicom, DCMTK storescu/movescu through Orthanc."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from pydicom import config as pydicom_config
+from pydicom import dcmread
+from pynetdicom import AE, StoragePresentationContexts
+
+from pacsflow.core.dicom.client import PacsClient
+from pacsflow.core.dicom.config import PacsConfig, ReceiverConfig
+from pacsflow.core.dicom.errors import PacsTransientError
+from pacsflow.core.dicom.receiver import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, StoreReceiver
+from pacsflow.core.storage import StorageLayout
+from tests.conftest import free_port
+from tests.core.dicom.conftest import RECEIVER_AE
+
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def sender(calling_ae: str = "SENDER") -> AE:
+    ae = AE(ae_title=calling_ae)
+    for context in StoragePresentationContexts:
+        ae.add_requested_context(context.abstract_syntax)
+    return ae
+
+
+def send(port: int, dataset, calling_ae: str = "SENDER") -> int | None:
+    assoc = sender(calling_ae).associate("127.0.0.1", port, ae_title=RECEIVER_AE)
+    if not assoc.is_established:
+        return None
+    try:
+        status = assoc.send_c_store(dataset)
+        return int(status.Status) if status is not None and "Status" in status else None
+    finally:
+        assoc.release()
+
+
+@pytest.fixture
+def receiver_config() -> ReceiverConfig:
+    return ReceiverConfig(ae_title=RECEIVER_AE, port=free_port())
+
+
+def test_a_hostile_sop_instance_uid_is_refused_and_nothing_is_written(files, receiver_config, tmp_path):
+    dataset = dcmread(files[0])
+    dataset.SOPInstanceUID = "../../../../elsewhere/x"
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    layout = StorageLayout(tmp_path / "root")
+    with _invalid_values_allowed(), StoreReceiver(receiver_config, layout) as receiver:
+        status = send(receiver_config.port, dataset)
+    assert status == CANNOT_UNDERSTAND
+    assert receiver.stats.rejected_reasons == {"invalid UID": 1}
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+@contextmanager
+def _invalid_values_allowed():
+    """Let pydicom encode the hostile value: a real attacker's sender does not validate."""
+    saved = pydicom_config.settings.writing_validation_mode
+    pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
+    try:
+        yield
+    finally:
+        pydicom_config.settings.writing_validation_mode = saved
+
+
+def test_an_unknown_calling_ae_is_rejected(files, tmp_path):
+    config = ReceiverConfig(ae_title=RECEIVER_AE, port=free_port(), allowed_calling_aes=("ORTHANC",))
+    with StoreReceiver(config, StorageLayout(tmp_path)) as receiver:
+        assert send(config.port, dcmread(files[0]), calling_ae="INTRUDER") is None
+        assert send(config.port, dcmread(files[0]), calling_ae="ORTHANC") == 0x0000
+    assert receiver.stats.stored == 1
+
+
+def test_a_peer_address_outside_the_allow_list_is_dropped(files, tmp_path):
+    config = ReceiverConfig(ae_title=RECEIVER_AE, port=free_port(), allowed_addresses=("127.0.0.2",))
+    with StoreReceiver(config, StorageLayout(tmp_path)) as receiver:
+        assert send(config.port, dcmread(files[0])) is None
+    assert receiver.stats.stored == 0 and not list(tmp_path.rglob("*.dcm"))
+
+
+SLOW_SENDER = """
+import sys
+from pydicom import dcmread
+from tests.core.dicom.test_receiver import RECEIVER_AE, sender
+assoc = sender().associate("127.0.0.1", int(sys.argv[1]), ae_title=RECEIVER_AE, max_pdu=4096)
+assoc.send_c_store(dcmread(sys.argv[2]))
+"""
+
+
+def test_a_sender_dying_in_the_middle_of_an_instance_leaves_no_file(files, receiver_config, tmp_path):
+    dataset = dcmread(files[0])
+    dataset.NumberOfFrames, dataset.Rows, dataset.Columns = 8, 4096, 4096
+    dataset.PixelData = bytes(8 * 4096 * 4096 * 2)  # 256 MiB: still on the wire when the sender dies
+    big = tmp_path / "big.dcm"
+    dataset.save_as(big)
+    layout = StorageLayout(tmp_path / "root")
+    with StoreReceiver(receiver_config, layout) as receiver:
+        # A pynetdicom sender with small PDUs: slow enough to die while the instance is still on the wire.
+        storescu = subprocess.Popen([sys.executable, "-c", SLOW_SENDER, str(receiver_config.port), str(big)],
+                                    env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        time.sleep(1.0)
+        assert storescu.poll() is None, "the instance was sent before the sender died; make it larger"
+        storescu.kill()
+        storescu.wait()
+        time.sleep(1)
+    assert receiver.stats.stored == 0
+    assert [p for p in layout.root.rglob("*") if p.is_file()] == []
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path) -> Path:
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
+                                           capture_output=True).returncode:
+        pytest.skip("needs root to mount a 64 KiB tmpfs (CI runs as root)")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_full_disk_answers_out_of_resources_and_leaves_no_partial_file(files, receiver_config, tiny_filesystem):
+    dataset = dcmread(files[0])
+    dataset.PixelData = bytes(256 * 1024)
+    dataset.Rows, dataset.Columns = 256, 512
+    with StoreReceiver(receiver_config, StorageLayout(tiny_filesystem)) as receiver:
+        assert send(receiver_config.port, dataset) == OUT_OF_RESOURCES
+    assert receiver.stats.rejected_reasons == {"disk full": 1}
+    assert [p for p in tiny_filesystem.rglob("*") if p.is_file()] == []
+
+
+def test_dcmtk_storescu_into_the_receiver(files, receiver_config, tmp_path):
+    layout = StorageLayout(tmp_path)
+    batch = files[:10]
+    with StoreReceiver(receiver_config, layout) as receiver:
+        subprocess.run(["storescu", "-aet", "DCMTK", "-aec", RECEIVER_AE, "127.0.0.1", str(receiver_config.port),
+                        *map(str, batch)], check=True, env=DCMTK_ENV, capture_output=True)
+    assert receiver.stats.stored == len(batch)
+    for path in batch:
+        original = dcmread(path)
+        stored = dcmread(layout.instance_path(original.StudyInstanceUID, original.SeriesInstanceUID,
+                                              original.SOPInstanceUID))
+        assert stored.PixelData == original.PixelData and stored.PatientName == original.PatientName
+
+
+def test_dcmtk_movescu_through_orthanc_into_the_receiver(pacs, receiver_ports, a_series, tmp_path):
+    study, series, count = a_series
+    layout = StorageLayout(tmp_path)
+    config = ReceiverConfig(ae_title=RECEIVER_AE, port=receiver_ports[RECEIVER_AE])
+    with StoreReceiver(config, layout) as receiver:
+        subprocess.run(["movescu", "-S", "-aet", "DCMTK", "-aec", pacs.config.called_ae, "-aem", RECEIVER_AE,
+                        "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={study}",
+                        "-k", f"SeriesInstanceUID={series}", "127.0.0.1", str(pacs.config.port)],
+                       check=True, env=DCMTK_ENV, capture_output=True)
+    assert receiver.stats.stored == count == len(layout.stored_sop_uids(study, series))
+
+
+def test_the_receiver_answers_busy_beyond_its_association_cap(tmp_path):
+    config = ReceiverConfig(ae_title=RECEIVER_AE, port=free_port(), max_associations=1)
+    pacs_like = PacsConfig(host="127.0.0.1", port=config.port, called_ae=RECEIVER_AE, acse_timeout=5)
+    with StoreReceiver(config, StorageLayout(tmp_path)), PacsClient(pacs_like) as first:
+        first.echo()
+        with PacsClient(pacs_like) as second, pytest.raises(PacsTransientError, match="busy"):
+            second.echo()
+
+
+def test_the_standalone_service_receives_and_stops_on_sigterm(files, tmp_path):
+    port = free_port()
+    service = subprocess.Popen([sys.executable, "-m", "pacsflow.core.dicom", "--root", str(tmp_path),
+                                "--ae-title", RECEIVER_AE, "--port", str(port)],
+                               stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        deadline = time.monotonic() + 30
+        while (status := send(port, dcmread(files[0]))) is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert status == 0x0000
+    finally:
+        service.send_signal(signal.SIGTERM)
+        _, log = service.communicate(timeout=20)
+    assert service.returncode == 0
+    assert b"1 stored" in log
+    header = dcmread(files[0], stop_before_pixels=True)
+    assert StorageLayout(tmp_path).stored_sop_uids(header.StudyInstanceUID, header.SeriesInstanceUID) == {
+        header.SOPInstanceUID}
+    assert shutil.which("storescu")  # DCMTK is part of the test set-up, not optional
