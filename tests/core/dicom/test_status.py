@@ -1,0 +1,150 @@
+"""Every status class the client can meet. Real PACS cannot be made to answer these on demand, so a
+scripted pynetdicom SCP (a real peer on a real socket, with handlers returning chosen statuses) does."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (
+    StudyRootQueryRetrieveInformationModelFind,
+    CTImageStorage,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+
+from pacsflow.core.dicom.client import PacsClient
+from pacsflow.core.dicom.config import PacsConfig, ReceiverConfig
+from pacsflow.core.dicom.receiver import StoreReceiver
+from pacsflow.core.storage import StorageLayout
+from pacsflow.core.dicom.errors import Action, PacsConfigurationError, PacsItemError, PacsTransientError
+from pacsflow.core.dicom.status import StatusClass, classify, error_for, rejection_error
+from tests.conftest import free_port
+
+SCRIPTED_AE = "SCRIPTED"
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [(0x0000, StatusClass.SUCCESS), (0xFF00, StatusClass.PENDING), (0xFF01, StatusClass.PENDING),
+     (0xB000, StatusClass.WARNING), (0xB007, StatusClass.WARNING), (0xFE00, StatusClass.CANCELLED),
+     (0xA700, StatusClass.OUT_OF_RESOURCES), (0xA702, StatusClass.OUT_OF_RESOURCES),
+     (0xA801, StatusClass.MOVE_DESTINATION_UNKNOWN), (0xA900, StatusClass.IDENTIFIER_MISMATCH),
+     (0xC000, StatusClass.UNABLE_TO_PROCESS), (0xCFFF, StatusClass.UNABLE_TO_PROCESS),
+     (0x0122, StatusClass.REFUSED)],
+)
+def test_status_classes(status, expected):
+    assert classify(status) is expected
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "action"),
+    [(0xA700, PacsTransientError, Action.RETRY_LATER), (0xFE00, PacsTransientError, Action.RETRY_LATER),
+     (0xA801, PacsConfigurationError, Action.FIX_CONFIGURATION), (0x0122, PacsConfigurationError,
+                                                                   Action.FIX_CONFIGURATION),
+     (0xA900, PacsItemError, Action.GIVE_UP_ITEM), (0xC123, PacsItemError, Action.GIVE_UP_ITEM)],
+)
+def test_each_failure_says_what_to_do(status, error, action):
+    failure = error_for(status, "C-FIND")
+    assert isinstance(failure, error) and failure.action is action
+    assert f"0x{status:04X}" in str(failure) and str(action) in str(failure)
+
+
+def test_rejections_tell_busy_from_misconfigured():
+    assert isinstance(rejection_error(0x02, 0x03, 0x02), PacsTransientError)
+    assert isinstance(rejection_error(0x01, 0x01, 0x03), PacsConfigurationError)
+    assert "called AE" in str(rejection_error(0x01, 0x01, 0x07))
+
+
+@contextmanager
+def scripted_pacs(find: Callable | None = None, move: Callable | None = None) -> Iterator[PacsConfig]:
+    ae = AE(ae_title=SCRIPTED_AE)
+    ae.add_supported_context(Verification)
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
+    ae.add_requested_context(CTImageStorage)  # for the C-MOVE sub-association
+    handlers = [(evt.EVT_C_FIND, find or (lambda event: iter([(0x0000, None)]))),
+                (evt.EVT_C_MOVE, move or (lambda event: iter([(None, None)])))]
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
+    try:
+        yield PacsConfig(host="127.0.0.1", port=port, called_ae=SCRIPTED_AE, dimse_timeout=1, acse_timeout=5)
+    finally:
+        server.shutdown()
+
+
+def answering(*statuses: int) -> Callable:
+    def handler(event):
+        for status in statuses:
+            match = Dataset()
+            match.StudyInstanceUID = "1.2.3"
+            yield status, match if status in (0xFF00, 0xFF01) else None
+    return handler
+
+
+@pytest.mark.parametrize(
+    ("final", "error"),
+    [(0xA700, PacsTransientError), (0xA900, PacsItemError), (0xC001, PacsItemError), (0xFE00, PacsTransientError)],
+)
+def test_find_failure_statuses_raise_their_class(final, error):
+    with scripted_pacs(find=answering(0xFF00, final)) as config, PacsClient(config) as client, \
+            pytest.raises(error) as raised:
+        client.find("STUDY", {"StudyInstanceUID": ""})
+    assert raised.value.status == final
+
+
+def test_find_warning_keeps_the_matches():
+    with scripted_pacs(find=answering(0xFF00, 0xFF01, 0xB000)) as config, PacsClient(config) as client:
+        result = client.find("STUDY", {"StudyInstanceUID": ""})
+    assert len(result.matches) == 2 and result.status == 0xB000
+
+
+def test_pending_responses_that_stop_coming_time_out_and_the_client_recovers():
+    calls = []
+
+    def stalls_once(event):
+        calls.append(1)
+        yield 0xFF00, answering(0xFF00).__call__(event).__next__()[1]
+        if len(calls) == 1:
+            time.sleep(3)  # longer than the 1 s DIMSE timeout
+        yield 0x0000, None
+
+    with scripted_pacs(find=stalls_once) as config, PacsClient(config) as client:
+        with pytest.raises(PacsTransientError, match="no response"):
+            client.find("STUDY", {"StudyInstanceUID": ""})
+        assert len(client.find("STUDY", {"StudyInstanceUID": ""}).matches) == 1  # a new association
+
+
+def test_move_warning_with_failed_sub_operations_is_reported_with_the_failed_uids(tmp_path):
+    receiver = ReceiverConfig(port=free_port())
+
+    def partial_move(event):
+        yield receiver.host, receiver.port
+        yield 2
+        status = Dataset()
+        status.Status = 0xB000
+        status.NumberOfCompletedSuboperations, status.NumberOfFailedSuboperations = 1, 1
+        status.NumberOfWarningSuboperations = 0
+        failed = Dataset()
+        failed.FailedSOPInstanceUIDList = "1.2.3.4"
+        yield status, failed
+
+    with StoreReceiver(receiver, StorageLayout(tmp_path)), scripted_pacs(move=partial_move) as config, \
+            PacsClient(config) as client:
+        report = client.move("SERIES", {"StudyInstanceUID": "1.2", "SeriesInstanceUID": "1.2.3"}, receiver.ae_title)
+    # pynetdicom's SCP recounts the sub-operations it never ran as failed.
+    assert (report.status, report.completed, report.failed, report.failed_sop_uids) == (0xB000, 0, 2, ("1.2.3.4",))
+    assert report.suspicious
+
+
+def test_move_destination_unknown_status_is_a_configuration_error():
+    def unknown(event):
+        yield None, None
+
+    with scripted_pacs(move=unknown) as config, PacsClient(config) as client, \
+            pytest.raises(PacsConfigurationError, match="move destination unknown"):
+        client.move("STUDY", {"StudyInstanceUID": "1.2"}, "NOBODY")
