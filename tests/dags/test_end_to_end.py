@@ -4,17 +4,24 @@ against the generator's ground truth (never against numbers copied from a run)."
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
+import sys
+from contextlib import contextmanager
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
+from sqlalchemy import create_engine, text
 
 from pacsflow.core.audit import AuditStore
 from pacsflow.core.dicom.config import ReceiverConfig
-from pacsflow.core.storage import StorageLayout
+from pacsflow.core.storage import StorageLayout, run_token
 from pacsflow.demo.environment import REPO_ROOT, connection_environment
 from pacsflow.demo.hospital import (
     Hospital,
@@ -75,10 +82,66 @@ def run_dag(dag, deployment, hospital, logical_date: datetime, monkeypatch) -> s
     return f"{DAG_ID}/{dag_run.run_id}"
 
 
+@contextmanager
+def captured_output(path: Path) -> Iterator[None]:
+    """Everything the process writes goes to ``path`` as well: the file descriptors, the Python streams
+    (pytest and structlog write to ``sys.stdout`` objects, not to fd 1) and every log record."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved_fds, saved_streams = [os.dup(1), os.dup(2)], (sys.stdout, sys.stderr)
+    with path.open("w", encoding="utf-8", errors="replace") as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        sys.stdout = sys.stderr = sink
+        handler = logging.StreamHandler(sink)
+        logging.getLogger().addHandler(handler)
+        try:
+            yield
+        finally:
+            logging.getLogger().removeHandler(handler)
+            sink.flush()
+            sys.stdout, sys.stderr = saved_streams
+            os.dup2(saved_fds[0], 1)
+            os.dup2(saved_fds[1], 2)
+            for fd in saved_fds:
+                os.close(fd)
+
+
 @pytest.fixture(scope="module")
-def first_run(dag, deployment, hospital) -> str:
-    with pytest.MonkeyPatch.context() as monkeypatch:
+def run_output(deployment) -> Path:
+    return deployment["data_root"].parent / f"{deployment['data_root'].name}-output.log"
+
+
+@pytest.fixture(scope="module")
+def first_run(dag, deployment, hospital, run_output) -> str:
+    with pytest.MonkeyPatch.context() as monkeypatch, captured_output(run_output):
         return run_dag(dag, deployment, hospital, datetime(2025, 1, 1, tzinfo=timezone.utc), monkeypatch)
+
+
+def test_no_patient_identifier_reaches_the_logs(first_run, run_output, hospital, airflow_db):
+    logs = run_output.read_text(errors="replace")
+    logs += "".join(p.read_text(errors="replace") for p in (airflow_db / "logs").rglob("*") if p.is_file())
+    assert "resolve_accessions" in logs and "an:" in logs  # the task logs were captured, with pseudonyms
+    engine = create_engine(hospital.ris_url)
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT accession_number, patient_id, patient_name FROM exams")).all()
+    engine.dispose()
+    identifiers = {value for row in rows for value in row if value}
+    identifiers |= {part for row in rows for part in row.patient_name.split("^") if len(part) > 3}
+    leaked = {value for value in identifiers
+              if re.search(rf"(?<![0-9A-Za-z]){re.escape(value)}(?![0-9A-Za-z])", logs)}
+    assert leaked == set()
+
+
+def test_the_audit_is_exported_per_run_as_parquet(first_run, deployment):
+    run_id = first_run.split("/", 1)[1]
+    directory = deployment["data_root"] / "audit" / run_token(run_id)
+    accessions = pq.read_table(directory / "accessions.parquet")
+    with AuditStore.connect(deployment["audit_url"]) as store:
+        summary = store.summary(first_run)
+    assert accessions.num_rows == summary.cohort
+    assert "patient_id" not in accessions.column_names
+    assert pq.read_table(directory / "runs.parquet")["run_id"].to_pylist() == [run_id]
 
 
 def files_on_disk(data_root: Path) -> set[tuple[str, str, str]]:
