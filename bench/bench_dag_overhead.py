@@ -38,6 +38,7 @@ DAG_ID = "pacsflow_extract"
 
 
 def run_library(hospital, pacs_config, receiver: ReceiverConfig, conf: dict, data_root: Path) -> float:
+    data_root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     layout = StorageLayout(data_root / "dicom")
     settings = ExtractionSettings(
@@ -68,10 +69,14 @@ def run_airflow(hospital, pacs_config, receiver: ReceiverConfig, conf: dict, dat
     subprocess.run([airflow, "db", "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
     subprocess.run([airflow, "pools", "set", "pacs", "4", "PACS"], env=env, check=True, stdout=subprocess.DEVNULL)
     run_conf = {**conf, "data_root": str(data_root)}
+    log = airflow_home / "dags_test.log"
     started = time.perf_counter()
-    subprocess.run([airflow, "dags", "test", DAG_ID, "--conf", json.dumps(run_conf)], env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with log.open("w") as handle:
+        completed = subprocess.run([airflow, "dags", "test", DAG_ID, "--conf", json.dumps(run_conf)], env=env,
+                                   stdout=handle, stderr=subprocess.STDOUT)
     elapsed = time.perf_counter() - started
+    if completed.returncode:
+        raise SystemExit(f"the DAG run failed; see {log}")
     with AuditStore.connect(f"sqlite:///{data_root / 'audit.sqlite'}") as store:
         assert store.summary(store.latest_run_key(DAG_ID)).reconciled
     return elapsed

@@ -173,6 +173,8 @@ class AuditStore:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        if engine.url.get_backend_name() == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+            Path(engine.url.database).parent.mkdir(parents=True, exist_ok=True)  # a fresh data root
         metadata.create_all(engine)
 
     @classmethod

@@ -47,7 +47,7 @@ class SandboxPacs:
         try:
             for path in files:
                 status = assoc.send_c_store(dcmread(path))
-                stored += int(status is not None and status.Status == 0x0000)
+                stored += int(status is not None and status.get("Status") == 0x0000)
         finally:
             assoc.release()
         return stored
