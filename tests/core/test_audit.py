@@ -78,3 +78,19 @@ def test_series_listing_keeps_known_series_state(store):
     store.record_series_listing(RUN, "A1", "1.1", [listed("1.1.1"), listed("1.1.2")])
     statuses = {row["series_uid"]: row["status"] for row in store.series_of_study(RUN, "1.1")}
     assert statuses == {"1.1.1": SeriesStatus.COMPLETE, "1.1.2": SeriesStatus.PENDING}
+
+
+def test_the_summary_command_prints_the_reconciled_run(tmp_path, capsys):
+    from pacsflow.cli import main
+
+    url = f"sqlite:///{tmp_path / 'audit.sqlite'}"
+    with AuditStore.connect(url) as store:
+        store.start_run(RUN, dag_id="pacsflow_extract", run_id="manual__1", params={},
+                        interval=(datetime(2021, 1, 1, tzinfo=timezone.utc), datetime(2022, 1, 1, tzinfo=timezone.utc)))
+        store.replace_cohort(RUN, [cohort_row("A1")])
+        store.record_resolution(RUN, "A1", resolution="not_found", resolved_by=None, detail=None, rules_tried=[],
+                                study_uids=[], batch_of=lambda uid: 0)
+        store.settle_outcomes(RUN)
+    assert main(["summary", "--audit-url", url, "--json"]) == 0
+    printed = capsys.readouterr().out
+    assert '"not_found": 1' in printed and '"reconciled": true' in printed and "A1" not in printed
