@@ -455,3 +455,20 @@ def test_parse_datetime(text: str, expected: dt.datetime | None) -> None:
 
 def test_every_table_has_a_run_id_column() -> None:
     assert all(columns[0].name == "run_id" for columns in COLUMNS_BY_TABLE.values())
+
+
+def _export_in_a_daemon(files, out, queue):
+    queue.put(export_instances(files, out, "daemon-run").instances)
+
+
+def test_export_runs_inside_a_daemonic_process(tmp_path) -> None:
+    """An Airflow task under Celery's prefork pool is daemonic: it may not start a worker pool."""
+    import multiprocessing
+
+    files = cohort(tmp_path / "dicom", ["20240102"], per_series=3)
+    queue = multiprocessing.get_context("fork").Queue()
+    process = multiprocessing.get_context("fork").Process(target=_export_in_a_daemon,
+                                                            args=(files, tmp_path / "out", queue), daemon=True)
+    process.start()
+    process.join(60)
+    assert process.exitcode == 0 and queue.get(timeout=5) == len(files)

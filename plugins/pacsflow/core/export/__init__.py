@@ -57,14 +57,17 @@ def export_instances(files: Iterable[Path], out_dir: Path, run_id: str, *, worke
     """Export the headers of ``files`` under the dataset root ``out_dir`` as the rows of run ``run_id``.
 
     ``files`` is consumed lazily (it may be a generator of 100k paths). ``workers`` processes read the
-    headers (default: one per core; 1 reads in this process). With ``include_private`` the
+    headers (default: one per core, or 1 inside a daemonic process; 1 reads in this process). With ``include_private`` the
     ``private_tags`` column holds the text-valued private elements; otherwise it is null.
     """
     report = ExportReport(run_id)
     aggregate = RunAggregate()
+    if workers is None:
+        # A daemonic process (an Airflow task under Celery's prefork pool) may not start children.
+        workers = 1 if multiprocessing.current_process().daemon else os.cpu_count() or 1
     with RunOutput(Path(out_dir), run_id) as output:
         with PartitionedWriter(output, "instances", row_group_size) as instances:
-            for chunk in _read_chunks(files, run_id, workers or os.cpu_count() or 1, include_private):
+            for chunk in _read_chunks(files, run_id, workers, include_private):
                 report.rejected.extend((Path(path), reason) for path, reason in chunk.rejected)
                 aggregate.merge(chunk.series)
                 instances.add(chunk.batch)
