@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import json
 
-from bench import bench_dag_overhead, bench_export
+from bench import bench_dag_overhead, bench_export, bench_network
 from bench.results import RESULTS_PATH
 
-BENCHMARKS = (bench_export, bench_dag_overhead)
+BENCHMARKS = (bench_export, bench_dag_overhead, bench_network)
 
 
 def main() -> None:
     for module in BENCHMARKS:
         print(f"== {module.__name__}", flush=True)
         module.main([])
-    print(f"\n{'name':<18}{'unit':<32}{'pacsflow':>12}{'reference':>12}{'ratio':>8}")
+    print(f"\n{'name':<22}{'unit':<32}{'pacsflow':>12}{'reference':>12}{'ratio':>8}")
     for entry in json.loads(RESULTS_PATH.read_text()):
-        print(f"{entry['name']:<18}{entry['unit']:<32}{entry['pacsflow']:>12}{entry['reference']:>12}"
+        print(f"{entry['name']:<22}{entry['unit']:<32}{entry['pacsflow']:>12}{entry['reference']:>12}"
               f"{entry['ratio']:>8}")
 
 

@@ -27,7 +27,7 @@ from pacsflow.core.privacy import Pseudonymizer
 from pacsflow.core.resolve import Resolution, ResolutionSettings, resolve_accession
 from pacsflow.core.ris import RisExam, load_template, query_cohort
 from pacsflow.core.series_rules import SeriesRules
-from pacsflow.core.storage import StorageLayout
+from pacsflow.core.storage import TEMP_PREFIX, StorageLayout
 from pacsflow.demo.environment import REPO_ROOT
 from pacsflow.demo.hospital import Quirk, build_hospital, expected_instances, expected_outcomes, load_ground_truth
 from pacsflow.demo.sandbox import orthanc
@@ -116,6 +116,11 @@ with AuditStore.connect(args["audit_url"]) as store:
 """
 
 
+def _stored_files(layout: StorageLayout) -> list[Path]:
+    """Instances at their final path (a receive killed mid-write leaves a temp file the next receiver sweeps)."""
+    return [p for p in layout.root.glob("*/*/*.dcm") if not p.name.startswith(TEMP_PREFIX)]
+
+
 def test_a_run_killed_mid_retrieval_resumes_without_refetching(pacs, hospital, truth, receiver, tmp_path):
     layout = StorageLayout(tmp_path / "dicom")
     audit_url = f"sqlite:///{tmp_path / 'audit.sqlite'}"
@@ -133,12 +138,12 @@ def test_a_run_killed_mid_retrieval_resumes_without_refetching(pacs, hospital, t
     child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)],
                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     deadline = time.monotonic() + 120
-    while len(list(layout.root.glob("*/*/*.dcm"))) < len(wanted) // 3 and time.monotonic() < deadline:
+    while len(_stored_files(layout)) < len(wanted) // 3 and time.monotonic() < deadline:
         assert child.poll() is None, "the retrieval finished before it could be interrupted"
         time.sleep(0.05)
     child.send_signal(signal.SIGKILL)
     child.wait()
-    survivors = {p: p.stat().st_mtime_ns for p in layout.root.glob("*/*/*.dcm")}
+    survivors = {p: p.stat().st_mtime_ns for p in _stored_files(layout)}
     assert 0 < len(survivors) < len(wanted)
 
     with AuditStore.connect(audit_url) as store:
@@ -150,7 +155,7 @@ def test_a_run_killed_mid_retrieval_resumes_without_refetching(pacs, hospital, t
         summary = settle_run(ctx)
         outcomes = {an: row["outcome"] for an, row in store.accession_outcomes(RUN_KEY).items()}
 
-    on_disk = {(p.parent.parent.name, p.parent.name, p.stem) for p in layout.root.glob("*/*/*.dcm")}
+    on_disk = {(p.parent.parent.name, p.parent.name, p.stem) for p in _stored_files(layout)}
     assert on_disk == wanted
     assert fetched == len(wanted) - len(survivors)
     assert {p: p.stat().st_mtime_ns for p in survivors} == survivors

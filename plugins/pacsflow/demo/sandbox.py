@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -21,9 +20,10 @@ from pathlib import Path
 from pydicom import dcmread
 from pynetdicom import AE, StoragePresentationContexts
 
-from pacsflow.core.dicom.client import PacsClient, set_nodelay
+from pacsflow.core.dicom.client import PacsClient
 from pacsflow.core.dicom.config import PacsConfig
 from pacsflow.core.dicom.errors import PacsError
+from pacsflow.core.dicom.transport import set_nodelay
 
 ORTHANC_BINARY = "/usr/sbin/Orthanc"
 STARTUP_SECONDS = 60.0
@@ -61,8 +61,11 @@ def free_port() -> int:
 
 @contextmanager
 def orthanc(workdir: Path, *, move_destinations: Mapping[str, tuple[str, int]], ae_title: str = "ORTHANC",
-            result_cap: int | None = None) -> Iterator[SandboxPacs]:
-    """Orthanc with its own configuration, storage and ports; TCP_NODELAY on (DCMTK's switch)."""
+            result_cap: int | None = None, default_encoding: str = "Utf8") -> Iterator[SandboxPacs]:
+    """Orthanc with its own configuration, storage and ports; TCP_NODELAY on (DCMTK's switch).
+
+    With ``result_cap`` Orthanc stops C-FIND at that many matches and answers 0xFE00. Orthanc 1.10 answers
+    C-FIND in ``default_encoding`` whatever the request asks ("Latin1" gives ISO_IR 100 answers)."""
     workdir.mkdir(parents=True, exist_ok=True)
     dicom_port, http_port = free_port(), free_port()
     config = {
@@ -87,7 +90,7 @@ def orthanc(workdir: Path, *, move_destinations: Mapping[str, tuple[str, int]], 
         "StorageCompression": False,
         "LimitFindResults": result_cap or 0,
         "LimitFindInstances": result_cap or 0,
-        "DefaultEncoding": "Utf8",
+        "DefaultEncoding": default_encoding,
     }
     config_path = workdir / "orthanc.json"
     config_path.write_text(json.dumps(config, indent=2))
@@ -105,9 +108,11 @@ def orthanc(workdir: Path, *, move_destinations: Mapping[str, tuple[str, int]], 
 @contextmanager
 def qrscp(workdir: Path, *, move_destinations: Mapping[str, tuple[str, int]],
           ae_title: str = "QRSCP") -> Iterator[SandboxPacs]:
-    """pynetdicom's qrscp app, with a fresh SQLite database and instance store in ``workdir``."""
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir(parents=True)
+    """pynetdicom's qrscp app, with its SQLite database and instance store in ``workdir``.
+
+    qrscp answers C-FIND without SpecificCharacterSet (names outside Latin-1 come back as '?') and at STUDY
+    and SERIES level once per matching instance."""
+    workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     sections = "\n".join(f"[{name}]\n    address: {host}\n    port: {dest_port}\n"
                          for name, (host, dest_port) in move_destinations.items())

@@ -1,15 +1,18 @@
-"""A demo hospital in Orthanc, and free ports for receivers, shared by the network-layer tests."""
+"""Real peers shared by the network-layer tests: a demo hospital in Orthanc and in qrscp, receiver ports, a PKI."""
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 
 from pacsflow.demo.hospital import Hospital, build_hospital
-from pacsflow.demo.sandbox import SandboxPacs, orthanc
+from pacsflow.demo.sandbox import SandboxPacs, orthanc, qrscp
 from tests.conftest import free_port
 
 RECEIVER_AE = "PACSFLOW"
@@ -50,3 +53,46 @@ def a_series(files) -> tuple[str, str, int]:
             counts[key] = counts.get(key, 0) + 1
     (study, series), count = max(counts.items(), key=lambda item: item[1])
     return study, series, count
+
+
+@pytest.fixture(scope="package")
+def qr_pacs(files, receiver_ports, tmp_path_factory) -> Iterator[SandboxPacs]:
+    """pynetdicom's qrscp holding the same files; it knows the receiver as a move destination."""
+    destinations = {RECEIVER_AE: ("127.0.0.1", receiver_ports[RECEIVER_AE])}
+    with qrscp(tmp_path_factory.mktemp("qrscp"), move_destinations=destinations) as sandbox:
+        assert sandbox.load(files) == len(files)
+        yield sandbox
+
+
+@pytest.fixture(scope="package")
+def headers(files) -> list[Dataset]:
+    return [dcmread(path, stop_before_pixels=True) for path in files]
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+@pytest.fixture(scope="package")
+def pki(tmp_path_factory) -> Pki:
+    """A throw-away CA with a server certificate for 127.0.0.1 and a client certificate (openssl CLI)."""
+    directory = tmp_path_factory.mktemp("pki")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=test-ca")
+    (directory / "server.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    for name in ("server", "client"):
+        openssl("req", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        extension = ["-extfile", "server.ext"] if name == "server" else []
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.pem", "-days", "1", *extension)
+    return Pki(directory / "ca.pem", directory / "server.pem", directory / "server.key",
+               directory / "client.pem", directory / "client.key")

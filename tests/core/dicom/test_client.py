@@ -1,4 +1,4 @@
-"""The PACS client against a real Orthanc: queries, retrievals and each failure class it can produce."""
+"""The PACS client against a real Orthanc and pynetdicom's qrscp: queries, retrievals, each failure they produce."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ from dataclasses import replace
 
 import pytest
 from pydicom import dcmread
+from pynetdicom.dimse_primitives import C_FIND
 
 from pacsflow.core.dicom.client import PacsClient
 from pacsflow.core.dicom.config import ReceiverConfig
 from pacsflow.core.dicom.errors import Action, PacsConfigurationError, PacsItemError, PacsTransientError
 from pacsflow.core.dicom.receiver import StoreReceiver
 from pacsflow.core.storage import StorageLayout
-from pacsflow.demo.sandbox import qrscp
+from pacsflow.demo.sandbox import orthanc
 from tests.core.dicom.conftest import RECEIVER_AE, UNWELCOMING_AE
 from tests.conftest import free_port
 
@@ -24,6 +25,20 @@ def test_echo_and_one_association_for_many_queries(pacs):
         for _ in range(20):
             client.find("STUDY", {"StudyInstanceUID": ""})
         assert client._association() is first
+
+
+def test_a_response_taken_by_the_reactor_goes_back_to_the_waiting_request(pacs):
+    """pynetdicom#875: the association's reactor thread can take a C-FIND response meant for ``send_c_find``
+    (a race no peer can be made to produce on demand, so the reactor's step is played here by hand)."""
+    with PacsClient(pacs.config) as client:
+        client.echo()
+        assoc = client._association()
+        taken = C_FIND()
+        taken.MessageIDBeingRespondedTo, taken.Status = 7, 0xFF00
+        assoc._serve_request(taken, 1)  # what the reactor does with a message it takes off the queue
+        context_id, message = assoc.dimse.get_msg(block=True)
+        assert (context_id, message) == (1, taken)
+        assert len(client.find("STUDY", {"StudyInstanceUID": ""}).matches) > 0  # and the association still works
 
 
 def test_study_series_and_image_levels_agree_with_the_files(pacs, files, a_series):
@@ -114,14 +129,11 @@ def test_a_retrieve_that_could_match_the_whole_archive_is_refused(pacs, keys):
         client.move("STUDY", keys, RECEIVER_AE)
 
 
-def test_success_with_zero_sub_operations_is_flagged(receiver_ports, tmp_path):
-    # qrscp answers success with no sub-operations for a UID it does not hold (Orthanc answers 0xC000).
-    port = receiver_ports[RECEIVER_AE]
-    with qrscp(tmp_path / "qrscp", move_destinations={RECEIVER_AE: ("127.0.0.1", port)}) as sandbox, \
-            StoreReceiver(ReceiverConfig(port=port), StorageLayout(tmp_path / "received")), \
-            PacsClient(sandbox.config) as client:
-        report = client.move("STUDY", {"StudyInstanceUID": "1.2.3.4.5.6.7.8.9"}, RECEIVER_AE)
-    assert (report.status, report.completed) == (0x0000, 0) and report.suspicious
+def test_a_study_orthanc_does_not_hold_is_unable_to_process(pacs):
+    # Orthanc 1.10 answers 0xC000 here; qrscp answers success with zero sub-operations (test below).
+    with PacsClient(pacs.config) as client, pytest.raises(PacsItemError) as error:
+        client.move("STUDY", {"StudyInstanceUID": "1.2.3.4.5.6.7.8.9"}, RECEIVER_AE)
+    assert error.value.status == 0xC000
 
 
 def test_a_destination_that_refuses_the_pacs_gets_nothing(pacs, receiver_ports, a_series, tmp_path):
@@ -133,3 +145,107 @@ def test_a_destination_that_refuses_the_pacs_gets_nothing(pacs, receiver_ports, 
         client.move("SERIES", {"StudyInstanceUID": study, "SeriesInstanceUID": series}, UNWELCOMING_AE)
     assert error.value.status == 0xC000  # Orthanc 1.10's answer when its sub-association is rejected
     assert receiver.stats.stored == 0 and not list(tmp_path.rglob("*.dcm"))
+
+
+def test_orthanc_stopping_at_its_result_limit_is_capped_not_complete(files, tmp_path):
+    with orthanc(tmp_path / "orthanc", move_destinations={}, result_cap=3) as limited, \
+            PacsClient(replace(limited.config, result_cap=None)) as client:
+        limited.load(files)
+        result = client.find("STUDY", {"StudyInstanceUID": ""})
+    # Orthanc answers 0xFE00 (matching terminated) after its limit: the matches are kept, flagged capped.
+    assert (len(result.matches), result.status, result.capped) == (3, 0xFE00, True)
+
+
+def test_latin1_answers_are_decoded(files, headers, tmp_path):
+    """Orthanc configured for Latin-1 answers in ISO_IR 100 whatever we ask."""
+    expected = {h.PatientID: str(h.PatientName) for h in headers}
+    with orthanc(tmp_path / "orthanc", move_destinations={}, default_encoding="Latin1") as latin1, \
+            PacsClient(latin1.config) as client:
+        latin1.load(files)
+        found = client.find("STUDY", {"PatientID": "", "PatientName": "", "StudyInstanceUID": ""}).matches
+    representable = {pid: name for pid, name in expected.items() if _fits_latin1(name)}
+    assert any(not name.isascii() for name in representable.values())
+    assert {m["PatientID"]: m["PatientName"] for m in found if m["PatientID"] in representable} == representable
+
+
+def _fits_latin1(text: str) -> bool:
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def test_values_come_back_as_plain_python(pacs, a_series):
+    study, series, count = a_series
+    with PacsClient(pacs.config) as client:
+        [match] = client.find("SERIES", {"StudyInstanceUID": study, "SeriesInstanceUID": series,
+                                         "NumberOfSeriesRelatedInstances": "", "SeriesNumber": "",
+                                         "ModalitiesInStudy": "", "SeriesDescription": "", "BodyPartExamined": ""}
+                              ).matches
+    assert type(match["NumberOfSeriesRelatedInstances"]) is int and type(match["SeriesNumber"]) is int
+    assert type(match["SeriesInstanceUID"]) is str and match["NumberOfSeriesRelatedInstances"] == count
+
+
+def test_get_on_a_move_client_renegotiates_storage_roles(pacs, a_series, tmp_path):
+    study, series, count = a_series
+    layout = StorageLayout(tmp_path)
+    with PacsClient(pacs.config) as client:  # retrieve_method c-move: no storage roles at first
+        client.find("STUDY", {"StudyInstanceUID": study})
+        report = client.get("SERIES", {"StudyInstanceUID": study, "SeriesInstanceUID": series}, layout)
+        assert client.find("STUDY", {"StudyInstanceUID": study}).matches  # the new association serves queries
+    assert (report.completed, report.failed, client.get_stats.stored) == (count, 0, count)
+    assert len(layout.stored_sop_uids(study, series)) == count
+
+
+# -- pynetdicom qrscp: a second, independent implementation ------------------------------------------
+
+def test_qrscp_levels_agree_with_the_files(qr_pacs, headers, a_series):
+    study, series, _ = a_series
+    with PacsClient(qr_pacs.config) as client:
+        studies = client.find("STUDY", {"StudyInstanceUID": "", "AccessionNumber": ""}).matches
+        listed = client.find("SERIES", {"StudyInstanceUID": study, "SeriesInstanceUID": ""}).matches
+        images = client.find("IMAGE", {"StudyInstanceUID": study, "SeriesInstanceUID": series,
+                                       "SOPInstanceUID": ""}).matches
+    # qrscp answers once per instance at study and series level: compare sets.
+    assert {m["StudyInstanceUID"] for m in studies} == {h.StudyInstanceUID for h in headers}
+    assert {m["SeriesInstanceUID"] for m in listed} == {h.SeriesInstanceUID for h in headers
+                                                        if h.StudyInstanceUID == study}
+    assert {m["SOPInstanceUID"] for m in images} == {h.SOPInstanceUID for h in headers
+                                                     if h.SeriesInstanceUID == series}
+
+
+def test_qrscp_latin1_names_are_decoded(qr_pacs, headers):
+    # qrscp sends no SpecificCharacterSet: Latin-1 names survive (pydicom's default), UTF-8-only ones do not.
+    expected = {h.PatientID: str(h.PatientName) for h in headers if _fits_latin1(str(h.PatientName))}
+    with PacsClient(qr_pacs.config) as client:
+        found = client.find("STUDY", {"PatientID": "", "PatientName": ""}).matches
+    assert {m["PatientID"]: m["PatientName"] for m in found if m["PatientID"] in expected} == expected
+
+
+def test_qrscp_move_and_get_land_every_instance(qr_pacs, receiver_ports, a_series, tmp_path):
+    study, series, count = a_series
+    keys = {"StudyInstanceUID": study, "SeriesInstanceUID": series}
+    moved, got = StorageLayout(tmp_path / "moved"), StorageLayout(tmp_path / "got")
+    with StoreReceiver(ReceiverConfig(port=receiver_ports[RECEIVER_AE]), moved) as receiver, \
+            PacsClient(qr_pacs.config) as client:
+        move = client.move("SERIES", keys, RECEIVER_AE)
+        get = client.get("SERIES", keys, got)
+    assert (move.status, move.completed, move.failed, receiver.stats.stored) == (0, count, 0, count)
+    assert (get.status, get.completed, get.failed) == (0, count, 0)
+    assert len(moved.stored_sop_uids(study, series)) == len(got.stored_sop_uids(study, series)) == count
+
+
+def test_qrscp_unknown_move_destination_is_a_configuration_error(qr_pacs, a_series):
+    with PacsClient(qr_pacs.config) as client, pytest.raises(PacsConfigurationError) as error:
+        client.move("STUDY", {"StudyInstanceUID": a_series[0]}, "NOBODY")
+    assert error.value.status == 0xA801 and error.value.action is Action.FIX_CONFIGURATION
+    assert "register pacsflow's receiver AE title, host and port" in str(error.value)
+
+
+def test_success_with_zero_sub_operations_is_flagged(qr_pacs, receiver_ports, tmp_path):
+    # qrscp answers success with no sub-operations for a UID it does not hold (Orthanc answers 0xC000).
+    with StoreReceiver(ReceiverConfig(port=receiver_ports[RECEIVER_AE]), StorageLayout(tmp_path)), \
+            PacsClient(qr_pacs.config) as client:
+        report = client.move("STUDY", {"StudyInstanceUID": "1.2.3.4.5.6.7.8.9"}, RECEIVER_AE)
+    assert (report.status, report.completed, report.failed) == (0x0000, 0, 0) and report.suspicious

@@ -2,25 +2,33 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
+from io import BytesIO
 from pathlib import Path
 
 import pytest
 from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pynetdicom import AE, StoragePresentationContexts
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
 
 from pacsflow.core.dicom.client import PacsClient
-from pacsflow.core.dicom.config import PacsConfig, ReceiverConfig
+from pacsflow.core.dicom.config import PacsConfig, ReceiverConfig, TlsConfig
 from pacsflow.core.dicom.errors import PacsTransientError
 from pacsflow.core.dicom.receiver import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, StoreReceiver
-from pacsflow.core.storage import StorageLayout
+from pacsflow.core.dicom.transport import client_tls
+from pacsflow.core.storage import TEMP_PREFIX, StorageLayout
 from tests.conftest import free_port
 from tests.core.dicom.conftest import RECEIVER_AE
 
@@ -88,33 +96,75 @@ def test_a_peer_address_outside_the_allow_list_is_dropped(files, tmp_path):
     assert receiver.stats.stored == 0 and not list(tmp_path.rglob("*.dcm"))
 
 
-SLOW_SENDER = """
-import sys
-from pydicom import dcmread
-from tests.core.dicom.test_receiver import RECEIVER_AE, sender
-assoc = sender().associate("127.0.0.1", int(sys.argv[1]), ae_title=RECEIVER_AE, max_pdu=4096)
-assoc.send_c_store(dcmread(sys.argv[2]))
-"""
-
-
-def test_a_sender_dying_in_the_middle_of_an_instance_leaves_no_file(files, receiver_config, tmp_path):
+def test_a_sender_aborting_in_the_middle_of_an_instance_leaves_no_file(files, receiver_config, tmp_path):
+    """A scripted sender: the first P-DATA fragments of a C-STORE, then A-ABORT."""
     dataset = dcmread(files[0])
-    dataset.NumberOfFrames, dataset.Rows, dataset.Columns = 8, 4096, 4096
-    dataset.PixelData = bytes(8 * 4096 * 4096 * 2)  # 256 MiB: still on the wire when the sender dies
-    big = tmp_path / "big.dcm"
-    dataset.save_as(big)
+    dataset.Rows = dataset.Columns = 256
+    dataset.PixelData = bytes(256 * 256 * 2)  # 32 fragments of 4 KiB
     layout = StorageLayout(tmp_path / "root")
     with StoreReceiver(receiver_config, layout) as receiver:
-        # A pynetdicom sender with small PDUs: slow enough to die while the instance is still on the wire.
-        storescu = subprocess.Popen([sys.executable, "-c", SLOW_SENDER, str(receiver_config.port), str(big)],
-                                    env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-        time.sleep(1.0)
-        assert storescu.poll() is None, "the instance was sent before the sender died; make it larger"
-        storescu.kill()
-        storescu.wait()
-        time.sleep(1)
-    assert receiver.stats.stored == 0
+        assoc = sender().associate("127.0.0.1", receiver_config.port, ae_title=RECEIVER_AE)
+        fragments = _c_store_fragments(assoc, dataset, max_pdu=4096)
+        for fragment in itertools.islice(fragments, 8):  # the command and the start of the dataset
+            assoc.dul.send_pdu(fragment)
+        assoc.abort()
+    # Leaving the context waited for the receiver's association to end: nothing more can arrive.
+    assert sum(1 for _ in fragments) > 0, "the whole instance was sent; make it larger"
+    assert receiver.stats.stored == receiver.stats.rejected == 0
     assert [p for p in layout.root.rglob("*") if p.is_file()] == []
+
+
+def _c_store_fragments(assoc, dataset, max_pdu: int) -> Iterator:
+    """The P-DATA-TF PDUs pynetdicom would send for a C-STORE of ``dataset``."""
+    context = next(cx for cx in assoc.accepted_contexts if cx.abstract_syntax == dataset.SOPClassUID)
+    request = C_STORE()
+    request.MessageID, request.Priority = 1, 2
+    request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = dataset.SOPClassUID, dataset.SOPInstanceUID
+    syntax = context.transfer_syntax[0]
+    request.DataSet = BytesIO(encode(dataset, syntax.is_implicit_VR, syntax.is_little_endian))
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    return message.encode_msg(context.context_id, max_pdu)
+
+
+def test_leftover_temp_files_are_swept_at_start(receiver_config, tmp_path):
+    leftover = tmp_path / "1.2" / "1.2.3" / f"{TEMP_PREFIX}999-1.2.3.4.dcm"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"partial patient data")
+    with StoreReceiver(receiver_config, StorageLayout(tmp_path)):
+        assert not leftover.exists()
+
+
+def test_port_zero_binds_a_free_port(files, tmp_path):
+    with StoreReceiver(ReceiverConfig(ae_title=RECEIVER_AE, port=0), StorageLayout(tmp_path)) as receiver:
+        assert receiver.port > 0
+        assert send(receiver.port, dcmread(files[0])) == 0x0000
+
+
+def test_an_unknown_called_ae_is_rejected(files, receiver_config, tmp_path):
+    with StoreReceiver(receiver_config, StorageLayout(tmp_path)) as receiver:
+        assoc = sender().associate("127.0.0.1", receiver_config.port, ae_title="SOMEONE_ELSE")
+        assert assoc.is_rejected
+    assert receiver.stats.stored == 0
+
+
+def test_tls_with_client_certificates(files, pki, tmp_path):
+    server = TlsConfig(ca_file=str(pki.ca), cert_file=str(pki.server_cert), key_file=str(pki.server_key))
+    client = TlsConfig(ca_file=str(pki.ca), cert_file=str(pki.client_cert), key_file=str(pki.client_key))
+    config = ReceiverConfig(ae_title=RECEIVER_AE, port=0, tls=server)
+    with StoreReceiver(config, StorageLayout(tmp_path)) as receiver:
+        pacs_like = PacsConfig(host="127.0.0.1", port=receiver.port, called_ae=RECEIVER_AE, acse_timeout=5,
+                               network_timeout=5)
+        with PacsClient(replace(pacs_like, tls=client)) as verified:
+            verified.echo()  # the server certificate is checked against the CA and the host name
+        for refused in (pacs_like, replace(pacs_like, tls=TlsConfig(ca_file=str(pki.ca)))):  # plain, no cert
+            with PacsClient(refused) as stranger, pytest.raises(PacsTransientError):
+                stranger.echo()
+        assoc = sender().associate("127.0.0.1", receiver.port, ae_title=RECEIVER_AE,
+                                   tls_args=client_tls(client, "127.0.0.1"))
+        assert assoc.send_c_store(dcmread(files[0])).Status == 0x0000
+        assoc.release()
+    assert receiver.stats.stored == 1
 
 
 @pytest.fixture

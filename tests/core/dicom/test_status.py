@@ -22,7 +22,14 @@ from pacsflow.core.dicom.config import PacsConfig, ReceiverConfig
 from pacsflow.core.dicom.receiver import StoreReceiver
 from pacsflow.core.storage import StorageLayout
 from pacsflow.core.dicom.errors import Action, PacsConfigurationError, PacsItemError, PacsTransientError
-from pacsflow.core.dicom.status import StatusClass, classify, error_for, rejection_error
+from pacsflow.core.dicom.status import (
+    StatusClass,
+    association_lost,
+    classify,
+    error_for,
+    find_stopped_early,
+    rejection_error,
+)
 from tests.conftest import free_port
 
 SCRIPTED_AE = "SCRIPTED"
@@ -54,8 +61,18 @@ def test_each_failure_says_what_to_do(status, error, action):
     assert f"0x{status:04X}" in str(failure) and str(action) in str(failure)
 
 
+def test_association_loss_is_transient():
+    assert isinstance(association_lost("C-MOVE", peer_aborted=True), PacsTransientError)
+    assert "DIMSE timeout" in str(association_lost("C-FIND", peer_aborted=False))
+
+
+def test_a_cancelled_find_is_a_capped_answer_not_a_failure():
+    assert find_stopped_early(0xFE00) and not find_stopped_early(0x0000) and not find_stopped_early(0xA700)
+
+
 def test_rejections_tell_busy_from_misconfigured():
     assert isinstance(rejection_error(0x02, 0x03, 0x02), PacsTransientError)
+    assert isinstance(rejection_error(0x01, 0x03, 0x01), PacsTransientError)  # congestion, even if "permanent"
     assert isinstance(rejection_error(0x01, 0x01, 0x03), PacsConfigurationError)
     assert "called AE" in str(rejection_error(0x01, 0x01, 0x07))
 
@@ -88,7 +105,8 @@ def answering(*statuses: int) -> Callable:
 
 @pytest.mark.parametrize(
     ("final", "error"),
-    [(0xA700, PacsTransientError), (0xA900, PacsItemError), (0xC001, PacsItemError), (0xFE00, PacsTransientError)],
+    [(0xA700, PacsTransientError), (0xA702, PacsTransientError), (0xA900, PacsItemError), (0xC001, PacsItemError),
+     (0x0122, PacsConfigurationError)],
 )
 def test_find_failure_statuses_raise_their_class(final, error):
     with scripted_pacs(find=answering(0xFF00, final)) as config, PacsClient(config) as client, \
@@ -103,6 +121,43 @@ def test_find_warning_keeps_the_matches():
     assert len(result.matches) == 2 and result.status == 0xB000
 
 
+def test_find_terminated_by_the_pacs_keeps_the_matches_and_says_capped():
+    # We never send C-CANCEL: 0xFE00 means the PACS stopped matching (Orthanc at LimitFindResults).
+    with scripted_pacs(find=answering(0xFF00, 0xFF00, 0xFE00)) as config, PacsClient(config) as client:
+        result = client.find("STUDY", {"StudyInstanceUID": ""})
+    assert (len(result.matches), result.status, result.capped) == (2, 0xFE00, True)
+
+
+def test_a_reused_association_the_peer_dropped_is_reopened_once():
+    seen = []
+
+    def drops_the_second_request(event):
+        seen.append(event.assoc)
+        if len(seen) == 2:
+            event.assoc.abort()  # e.g. an idle timeout firing just as our request arrives
+            return
+        yield from answering(0xFF00, 0x0000)(event)
+
+    with scripted_pacs(find=drops_the_second_request) as config, PacsClient(config) as client:
+        client.find("STUDY", {"StudyInstanceUID": ""})
+        assert len(client.find("STUDY", {"StudyInstanceUID": ""}).matches) == 1
+    assert len(seen) == 3 and seen[2] is not seen[0]
+
+
+def test_a_fresh_association_aborted_by_the_peer_is_not_retried():
+    seen = []
+
+    def always_aborts(event):
+        seen.append(event.assoc)
+        event.assoc.abort()
+        yield from ()
+
+    with scripted_pacs(find=always_aborts) as config, PacsClient(config) as client, \
+            pytest.raises(PacsTransientError, match="aborted"):
+        client.find("STUDY", {"StudyInstanceUID": ""})
+    assert len(seen) == 1
+
+
 def test_pending_responses_that_stop_coming_time_out_and_the_client_recovers():
     calls = []
 
@@ -114,7 +169,7 @@ def test_pending_responses_that_stop_coming_time_out_and_the_client_recovers():
         yield 0x0000, None
 
     with scripted_pacs(find=stalls_once) as config, PacsClient(config) as client:
-        with pytest.raises(PacsTransientError, match="no response"):
+        with pytest.raises(PacsTransientError, match="DIMSE timeout"):
             client.find("STUDY", {"StudyInstanceUID": ""})
         assert len(client.find("STUDY", {"StudyInstanceUID": ""}).matches) == 1  # a new association
 

@@ -13,7 +13,7 @@ import signal
 import threading
 from pathlib import Path
 
-from pacsflow.core.dicom.config import ReceiverConfig
+from pacsflow.core.dicom.config import ReceiverConfig, TlsConfig
 from pacsflow.core.dicom.receiver import StoreReceiver
 from pacsflow.core.storage import StorageLayout
 
@@ -29,7 +29,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--allow-ae", action="append", default=[], help="calling AE title allowed (repeat)")
     parser.add_argument("--allow-address", action="append", default=[], help="peer address allowed (repeat)")
     parser.add_argument("--max-associations", type=int, default=10)
-    return parser.parse_args(argv)
+    parser.add_argument("--tls-cert", help="serve DICOM over TLS with this certificate (PEM)")
+    parser.add_argument("--tls-key", help="private key of --tls-cert (PEM)")
+    parser.add_argument("--tls-ca", help="CA bundle that client certificates must chain to (required with --tls-cert)")
+    args = parser.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_ca):
+        parser.error("--tls-cert and --tls-ca go together")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     config = ReceiverConfig(ae_title=args.ae_title, host=args.host, port=args.port,
                             allowed_calling_aes=tuple(args.allow_ae),
                             allowed_addresses=tuple(args.allow_address) or ReceiverConfig.allowed_addresses,
-                            max_associations=args.max_associations, embedded=False)
+                            max_associations=args.max_associations, embedded=False,
+                            tls=TlsConfig(ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key)
+                            if args.tls_cert else None)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

@@ -6,15 +6,15 @@ algorithm (10x fewer C-FINDs per second measured here). Identifiers are never lo
 
 from __future__ import annotations
 
-import logging
 import ssl
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
 from pydicom.valuerep import PersonName
-from pynetdicom import AE, StoragePresentationContexts, _config, build_role, evt
+from pynetdicom import AE, StoragePresentationContexts, build_role, evt
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -23,25 +23,27 @@ from pynetdicom.sop_class import (
 )
 
 from pacsflow.core.dicom import status as dimse
-from pacsflow.core.dicom.config import PacsConfig, TlsConfig
+from pacsflow.core.dicom.config import PacsConfig
 from pacsflow.core.dicom.errors import PacsConfigurationError, PacsTransientError
-from pacsflow.core.dicom.receiver import store_handler
-from pacsflow.core.dicom.transport import set_nodelay
+from pacsflow.core.dicom.receiver import OUT_OF_RESOURCES, store_handler
 from pacsflow.core.dicom.results import FindResult, QueryLevel, ReceiverStats, RetrieveReport
+from pacsflow.core.dicom.transport import client_tls, set_nodelay
 from pacsflow.core.storage import StorageLayout
 from pacsflow.core.uids import is_valid_uid
 
-# Query identifiers hold patient data: pynetdicom must not log them.
-_config.LOG_REQUEST_IDENTIFIERS = False
-_config.LOG_RESPONSE_IDENTIFIERS = False
-logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-
+_QUERY_RETRIEVE_MODELS = (Verification, StudyRootQueryRetrieveInformationModelFind,
+                          StudyRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelGet)
 _UNIQUE_KEYS: dict[str, tuple[str, ...]] = {
     "STUDY": ("StudyInstanceUID",),
     "SERIES": ("StudyInstanceUID", "SeriesInstanceUID"),
     "IMAGE": ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"),
 }
 _NOT_RETURNED = {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle", "InstanceAvailability"}
+_COUNTS = ("completed", "failed", "warning")
+
+# One response of a DIMSE exchange: (status code, status dataset, identifier or None).
+Response = tuple[int, Dataset, Dataset | None]
+Send = Callable[[Any], Iterable[tuple[Dataset | None, Dataset | None]]]
 
 
 class PacsClient:
@@ -50,8 +52,9 @@ class PacsClient:
     def __init__(self, config: PacsConfig) -> None:
         self.config = config
         self._assoc: Any = None
-        self._get_layout: StorageLayout | None = None
-        self.get_stats = ReceiverStats()
+        self._assoc_stores = False  # negotiated with storage SCP roles (needed by C-GET)
+        self._get_store: Callable[[Any], int] | None = None
+        self.get_stats = ReceiverStats()  # what C-GET stored, across this client's life
 
     def __enter__(self) -> "PacsClient":
         return self
@@ -66,39 +69,43 @@ class PacsClient:
 
     # -- operations -----------------------------------------------------------------------------------
     def echo(self) -> None:
-        status = self._association().send_c_echo()
-        self._final_status(status, "C-ECHO")
+        for code, _, _ in self._exchange("C-ECHO", lambda assoc: [(assoc.send_c_echo(), None)]):
+            _require_ok(code, "C-ECHO")
 
     def find(self, level: QueryLevel, query: Mapping[str, str]) -> FindResult:
+        """Study Root C-FIND; ``query`` maps keywords to values ("" asks the PACS to return the attribute)."""
         identifier = _identifier(level, query)
         matches: list[dict[str, Any]] = []
-        final = dimse.SUCCESS
-        for status, response in self._association().send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
-            code = self._status_code(status, "C-FIND")
+        send: Send = lambda assoc: assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind)
+        for code, _, response in self._exchange("C-FIND", send):
             if code in dimse.PENDING:
                 if response is not None:
                     matches.append(_plain(response))
                 continue
-            final = code
-            if dimse.classify(code) not in (dimse.StatusClass.SUCCESS, dimse.StatusClass.WARNING):
-                raise dimse.error_for(code, "C-FIND")
-        cap = self.config.result_cap
-        return FindResult(matches=matches, status=final, capped=cap is not None and len(matches) >= cap)
+            stopped_early = dimse.find_stopped_early(code)
+            if not stopped_early:
+                _require_ok(code, "C-FIND")
+            cap = self.config.result_cap
+            capped = stopped_early or (cap is not None and len(matches) >= cap)
+            return FindResult(matches=matches, status=code, capped=capped)
+        raise PacsTransientError("C-FIND: the PACS sent no final response")
 
     def move(self, level: QueryLevel, keys: Mapping[str, str], destination_ae: str) -> RetrieveReport:
+        """C-MOVE to ``destination_ae`` (a node the PACS knows), by exact unique keys only."""
         identifier = _retrieve_identifier(level, keys)
-        responses = self._association().send_c_move(identifier, destination_ae,
-                                                    StudyRootQueryRetrieveInformationModelMove)
-        return self._retrieve_report(responses, "C-MOVE")
+        send: Send = lambda assoc: assoc.send_c_move(identifier, destination_ae,
+                                                     StudyRootQueryRetrieveInformationModelMove)
+        return _retrieve_report(self._exchange("C-MOVE", send), "C-MOVE")
 
     def get(self, level: QueryLevel, keys: Mapping[str, str], layout: StorageLayout) -> RetrieveReport:
+        """C-GET: the PACS stores back on this association, through the receiver's own store handler."""
         identifier = _retrieve_identifier(level, keys)
-        self._get_layout = layout
+        send: Send = lambda assoc: assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet)
+        self._get_store = store_handler(layout, self.get_stats)
         try:
-            responses = self._association().send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet)
-            return self._retrieve_report(responses, "C-GET")
+            return _retrieve_report(self._exchange("C-GET", send, stores=True), "C-GET")
         finally:
-            self._get_layout = None
+            self._get_store = None
 
     def retrieve(self, level: QueryLevel, keys: Mapping[str, str], *, destination_ae: str,
                  layout: StorageLayout) -> RetrieveReport:
@@ -107,77 +114,66 @@ class PacsClient:
         return self.move(level, keys, destination_ae)
 
     # -- association ----------------------------------------------------------------------------------
-    def _association(self) -> Any:
-        if self._assoc is None or not self._assoc.is_established:
-            self._assoc = self._associate()
+    def _exchange(self, operation: str, send: Send, *, stores: bool = False) -> Iterator[Response]:
+        """Responses of one request. A reused association the peer dropped before answering (idle timeout,
+        restart) is replaced once, transparently; any other loss is a transient error."""
+        for attempt in (1, 2):
+            reused = self._assoc is not None and self._assoc.is_established
+            assoc = self._association(stores=stores)
+            answered = False
+            for status, identifier in send(assoc):
+                if status is None or "Status" not in status:
+                    peer_aborted = assoc.acse.is_aborted()
+                    self._drop_association()
+                    if peer_aborted and reused and not answered and attempt == 1:
+                        break  # the association was stale: open a new one and send again
+                    raise dimse.association_lost(operation, peer_aborted=peer_aborted)
+                answered = True
+                yield int(status.Status), status, identifier
+            else:
+                return
+
+    def _association(self, *, stores: bool = False) -> Any:
+        if self._assoc is not None and self._assoc.is_established and (self._assoc_stores or not stores):
+            return self._assoc
+        self.close()
+        self._assoc = self._associate(stores=stores or self.config.retrieve_method == "c-get")
         return self._assoc
 
-    def _associate(self) -> Any:
+    def _associate(self, *, stores: bool) -> Any:
         config = self.config
         ae = AE(ae_title=config.calling_ae)
         ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = (
             config.acse_timeout, config.dimse_timeout, config.network_timeout)
         ae.maximum_pdu_size = config.max_pdu
-        for abstract in (Verification, StudyRootQueryRetrieveInformationModelFind,
-                         StudyRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelGet):
+        for abstract in _QUERY_RETRIEVE_MODELS:
             ae.add_requested_context(abstract)
         roles = []
-        if config.retrieve_method == "c-get":  # C-GET stores come back on this association
-            for context in StoragePresentationContexts[: 128 - len(ae.requested_contexts)]:
+        if stores:  # C-GET stores come back on this association: propose storage with us as SCP
+            for context in StoragePresentationContexts[: 128 - len(_QUERY_RETRIEVE_MODELS)]:
                 ae.add_requested_context(context.abstract_syntax)
                 roles.append(build_role(context.abstract_syntax, scp_role=True))
         rejection: dict[str, int] = {}
         handlers = [(evt.EVT_C_STORE, self._on_get_store), (evt.EVT_ACSE_RECV, _capture_rejection(rejection))]
         try:
             assoc = ae.associate(config.host, config.port, ae_title=config.called_ae, ext_neg=roles,
-                                 evt_handlers=handlers, tls_args=_tls_args(config.tls, config.host))
+                                 evt_handlers=handlers, tls_args=client_tls(config.tls, config.host))
         except (OSError, ssl.SSLError) as error:
             raise PacsTransientError(f"cannot connect to the PACS: {error.__class__.__name__}") from None
         if assoc.is_established:
             set_nodelay(assoc)
+            self._assoc_stores = stores
             return assoc
         if assoc.is_rejected:
             raise dimse.rejection_error(rejection.get("result"), rejection.get("source"), rejection.get("reason"))
-        if assoc.is_aborted and not assoc.accepted_contexts and rejection.get("accepted"):
+        if assoc.is_aborted and rejection.get("accepted") and not assoc.accepted_contexts:
             raise PacsConfigurationError("the PACS accepted none of the query/retrieve SOP classes")
         raise PacsTransientError("association aborted or timed out before it was established")
 
     def _on_get_store(self, event: Any) -> int:
-        if self._get_layout is None:
-            return 0xA700  # not retrieving: refuse rather than write somewhere unexpected
-        return store_handler(self._get_layout, self.get_stats)(event)
-
-    # -- responses ------------------------------------------------------------------------------------
-    def _status_code(self, status: Dataset | None, operation: str) -> int:
-        if status is None or "Status" not in status:
-            self._drop_association()
-            raise PacsTransientError(f"{operation}: no response (association aborted or DIMSE timeout)")
-        return int(status.Status)
-
-    def _final_status(self, status: Dataset | None, operation: str) -> int:
-        code = self._status_code(status, operation)
-        if dimse.classify(code) not in (dimse.StatusClass.SUCCESS, dimse.StatusClass.WARNING):
-            raise dimse.error_for(code, operation)
-        return code
-
-    def _retrieve_report(self, responses: Iterator[tuple[Dataset | None, Dataset | None]],
-                         operation: str) -> RetrieveReport:
-        counts = {"completed": 0, "failed": 0, "warning": 0}
-        failed_uids: tuple[str, ...] = ()
-        for status, identifier in responses:
-            code = self._status_code(status, operation)
-            counts = {name: int(getattr(status, f"NumberOf{name.title()}Suboperations", None) or counts[name])
-                      for name in counts}
-            if code in dimse.PENDING:
-                continue
-            if identifier is not None and "FailedSOPInstanceUIDList" in identifier:
-                value = identifier.FailedSOPInstanceUIDList
-                failed_uids = tuple(uid for uid in (value if isinstance(value, MultiValue) else [value])
-                                    if is_valid_uid(uid))
-            if dimse.classify(code) not in (dimse.StatusClass.SUCCESS, dimse.StatusClass.WARNING):
-                raise dimse.error_for(code, operation)
-            return RetrieveReport(status=code, failed_sop_uids=failed_uids, **counts)
-        raise PacsTransientError(f"{operation}: the PACS sent no final response")
+        if self._get_store is None:  # not inside get(): refuse rather than write somewhere unexpected
+            return OUT_OF_RESOURCES
+        return self._get_store(event)
 
     def _drop_association(self) -> None:
         if self._assoc is not None:
@@ -185,10 +181,37 @@ class PacsClient:
         self._assoc = None
 
 
+def _require_ok(code: int, operation: str) -> None:
+    if not dimse.is_final_ok(code):
+        raise dimse.error_for(code, operation)
+
+
+def _retrieve_report(responses: Iterator[Response], operation: str) -> RetrieveReport:
+    """Final sub-operation counts of a C-MOVE/C-GET (from the final response, else the last pending one)."""
+    counts = dict.fromkeys(_COUNTS, 0)
+    for code, status, identifier in responses:
+        for name in _COUNTS:
+            value = status.get(f"NumberOf{name.title()}Suboperations")
+            if value is not None and value != "":
+                counts[name] = int(value)
+        if code in dimse.PENDING:
+            continue
+        _require_ok(code, operation)
+        return RetrieveReport(status=code, failed_sop_uids=_failed_uids(identifier), **counts)
+    raise PacsTransientError(f"{operation}: the PACS sent no final response")
+
+
+def _failed_uids(identifier: Dataset | None) -> tuple[str, ...]:
+    if identifier is None or "FailedSOPInstanceUIDList" not in identifier:
+        return ()
+    value = identifier.FailedSOPInstanceUIDList
+    return tuple(uid for uid in (value if isinstance(value, MultiValue) else [value]) if is_valid_uid(uid))
+
+
 def _identifier(level: str, query: Mapping[str, str]) -> Dataset:
     identifier = Dataset()
     identifier.QueryRetrieveLevel = level
-    # Ask for UTF-8 answers; a PACS that cannot answers in its own character set, which we decode.
+    # Our keys may hold non-ASCII names; a PACS answers in a character set of its choice, which we decode.
     identifier.SpecificCharacterSet = "ISO_IR 192"
     for keyword, value in query.items():
         setattr(identifier, keyword, value)
@@ -197,10 +220,13 @@ def _identifier(level: str, query: Mapping[str, str]) -> Dataset:
 
 def _retrieve_identifier(level: str, keys: Mapping[str, str]) -> Dataset:
     """Refuse a retrieve whose unique keys are empty or patterns: it could match the whole archive."""
+    if level not in _UNIQUE_KEYS:
+        raise ValueError(f"unknown query/retrieve level {level!r}")
     for keyword in _UNIQUE_KEYS[level]:
         values = str(keys.get(keyword) or "").split("\\")
         if not all(is_valid_uid(value) for value in values):
-            raise ValueError(f"refusing a {level}-level retrieve: {keyword} must be one or more exact UIDs")
+            raise ValueError(f"refusing a {level}-level retrieve: {keyword} must be one or more exact UIDs "
+                             "(an empty or wildcard key could match the whole archive)")
     identifier = Dataset()
     identifier.QueryRetrieveLevel = level
     for keyword in _UNIQUE_KEYS[level]:
@@ -217,11 +243,13 @@ def _plain(response: Dataset) -> dict[str, Any]:
 def _plain_value(value: Any) -> Any:
     if value is None or value == "":
         return None
+    if isinstance(value, Sequence):
+        return [_plain(item) for item in value]
     if isinstance(value, MultiValue):
         return [_plain_value(item) for item in value]
     if isinstance(value, PersonName):
         return str(value)
-    if isinstance(value, int):
+    if isinstance(value, int):  # IS, US, SL...: pydicom's int subclasses become plain int
         return int(value)
     if isinstance(value, float):
         return float(value)
@@ -235,15 +263,7 @@ def _capture_rejection(into: dict[str, int]) -> Callable[[Any], None]:
         primitive = event.primitive
         if getattr(primitive, "result", None) in (0x01, 0x02):
             into.update(result=primitive.result, source=primitive.result_source, reason=primitive.diagnostic)
+        elif getattr(primitive, "result", None) == 0x00:
+            into["accepted"] = 1
 
     return on_acse_recv
-
-
-def _tls_args(tls: TlsConfig | None, host: str) -> tuple[ssl.SSLContext, str] | None:
-    if tls is None:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
-    context.check_hostname = tls.check_hostname
-    if tls.cert_file:
-        context.load_cert_chain(tls.cert_file, tls.key_file)
-    return context, host

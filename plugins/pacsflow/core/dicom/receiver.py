@@ -2,6 +2,11 @@
 
 Stateless with respect to moves: an instance lands at ``<root>/<Study>/<Series>/<SOP>.dcm`` whoever asked for
 it, and callers verify what arrived against the disk. Incoming UIDs are validated before they become paths.
+The bytes are written as received (no decode and re-encode); only the header up to the series UID is parsed.
+
+pynetdicom's chunked receive mode (``_config.STORE_RECV_CHUNKED_DATASET``) is not used: it streams into the
+process-wide system temp directory, which a peer abort leaves holding a partial file (patient data) outside
+our root, and it needs a "move this file into place" storage call instead of ``write_atomically(bytes)``.
 """
 
 from __future__ import annotations
@@ -9,15 +14,19 @@ from __future__ import annotations
 import errno
 import logging
 import threading
+import time
 from collections.abc import Callable
+from io import BytesIO
 from typing import Any
 
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
 from pacsflow.core.dicom.config import ReceiverConfig
 from pacsflow.core.dicom.results import ReceiverStats
-from pacsflow.core.dicom.transport import set_nodelay
+from pacsflow.core.dicom.transport import server_tls, set_nodelay
 from pacsflow.core.storage import StorageLayout
 from pacsflow.core.uids import is_valid_uid
 
@@ -28,6 +37,8 @@ OUT_OF_RESOURCES = 0xA700
 DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_LAST_TAG_NEEDED = 0x0020000E  # SeriesInstanceUID: header parsing stops after it
+DRAIN_SECONDS = 10.0
 
 
 def store_handler(layout: StorageLayout, stats: ReceiverStats) -> Callable[[Any], int]:
@@ -48,15 +59,16 @@ def store_handler(layout: StorageLayout, stats: ReceiverStats) -> Callable[[Any]
 
 
 def _store(event: Any, layout: StorageLayout) -> tuple[int, str, int]:
+    """(status, reject reason, bytes written). Success only once the file is at its final path."""
     sop_uid = event.request.AffectedSOPInstanceUID
     try:
-        dataset = event.dataset
-        study_uid, series_uid = dataset.get("StudyInstanceUID"), dataset.get("SeriesInstanceUID")
+        header = _header(event)
     except Exception:  # an undecodable dataset from the peer
         return CANNOT_UNDERSTAND, "undecodable dataset", 0
+    study_uid, series_uid = header.get("StudyInstanceUID"), header.get("SeriesInstanceUID")
     if not all(is_valid_uid(uid) for uid in (sop_uid, study_uid, series_uid)):
         return CANNOT_UNDERSTAND, "invalid UID", 0
-    if dataset.get("SOPInstanceUID") != sop_uid:
+    if header.get("SOPInstanceUID") != sop_uid:
         return DATASET_MISMATCH, "SOP Instance UID differs from the request", 0
     data = event.encoded_dataset()  # the bytes as received, with file meta: no decode/re-encode
     try:
@@ -68,43 +80,82 @@ def _store(event: Any, layout: StorageLayout) -> tuple[int, str, int]:
     return STORED, "", len(data)
 
 
+def _header(event: Any) -> Dataset:
+    """The dataset's elements up to SeriesInstanceUID, parsed in place from the received buffer."""
+    syntax = event.context.transfer_syntax
+    if syntax.is_deflated:  # rare; pynetdicom knows how to inflate
+        return event.dataset
+    received: BytesIO = event.request.DataSet
+    received.seek(0)  # harmless: pynetdicom reads this buffer with getvalue()
+    return read_dataset(received, syntax.is_implicit_VR, syntax.is_little_endian,
+                        stop_when=lambda tag, vr, length: tag > _LAST_TAG_NEEDED)
+
+
 class StoreReceiver:
     """Runs the C-STORE SCP in background threads while the context is open."""
 
-    def __init__(self, config: ReceiverConfig, layout: StorageLayout) -> None:
+    def __init__(self, config: ReceiverConfig, layout: StorageLayout, *, drain_seconds: float = DRAIN_SECONDS) -> None:
         self.config = config
         self.layout = layout
         self.stats = ReceiverStats()
+        self.drain_seconds = drain_seconds  # on stop: how long transfers in progress may finish
+        self._handler = store_handler(layout, self.stats)
         self._server: Any = None
 
     @property
     def port(self) -> int:
+        """The bound port (the real one when the configuration asked for port 0)."""
         if self._server is None:
             raise RuntimeError("the receiver is not running")
         return int(self._server.server_address[1])
 
+    @property
+    def handler(self) -> Callable[[Any], int]:
+        """This receiver's EVT_C_STORE handler (the same store path as ``PacsClient.get``)."""
+        return self._handler
+
     def __enter__(self) -> "StoreReceiver":
         self.layout.root.mkdir(parents=True, exist_ok=True)
         self.layout.sweep_temp_files()
+        handlers = [(evt.EVT_C_STORE, self._handler), (evt.EVT_CONN_OPEN, _nodelay)]
+        self._server = self._application_entity().start_server(
+            (self.config.host, self.config.port), block=False, evt_handlers=handlers,
+            ssl_context=server_tls(self.config.tls))
+        allowed = set(self.config.allowed_addresses)
+        if allowed:  # socketserver closes connections for which verify_request is False, before any PDU
+            self._server.verify_request = lambda request, address: address[0] in allowed
+        return self
+
+    def _application_entity(self) -> AE:
         ae = AE(ae_title=self.config.ae_title)
         ae.maximum_associations = self.config.max_associations
         ae.maximum_pdu_size = 0  # unlimited: fewer, larger PDUs on the receive path
+        ae.require_called_aet = True
         ae.require_calling_aet = list(self.config.allowed_calling_aes)
         ae.add_supported_context(Verification)
         for context in StoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-        handlers = [(evt.EVT_C_STORE, store_handler(self.layout, self.stats)), (evt.EVT_CONN_OPEN, _nodelay)]
-        self._server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
-        allowed = set(self.config.allowed_addresses)
-        if allowed:  # socketserver drops connections for which verify_request is False
-            self._server.verify_request = lambda request, address: address[0] in allowed
-        return self
+        return ae
 
     def __exit__(self, *exc: object) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        server.shutdown()  # no new associations
+        _drain(server.active_associations, self.drain_seconds)
         self.layout.sweep_temp_files()
+
+
+def _drain(associations: list[Any], seconds: float) -> None:
+    """Let transfers in progress finish (stores may follow the final C-MOVE response), then abort the rest,
+    so that no handler is still writing when the temp files are swept."""
+    deadline = time.monotonic() + seconds
+    for assoc in associations:
+        assoc.join(timeout=max(0.0, deadline - time.monotonic()))
+    for assoc in associations:
+        if assoc.is_alive():
+            assoc.abort()
+            assoc.join(timeout=5)
 
 
 def _nodelay(event: Any) -> None:

@@ -1,4 +1,9 @@
-"""DICOM status codes and association outcomes, classified into what the caller should do."""
+"""DICOM status codes and association outcomes, classified into what the caller should do.
+
+Every failure becomes one of the typed errors of ``errors.py``: retry later (busy, out of resources, aborted,
+timed out), fix the configuration (unknown AE titles, move destination unknown, unsupported SOP class) or give
+up on the item (identifier mismatch, unable to process).
+"""
 
 from __future__ import annotations
 
@@ -46,6 +51,20 @@ def classify(status: int) -> StatusClass:
     return StatusClass.REFUSED
 
 
+def is_final_ok(status: int) -> bool:
+    """A final status after which the answer can be used (success or warning)."""
+    return classify(status) in (StatusClass.SUCCESS, StatusClass.WARNING)
+
+
+def find_stopped_early(status: int) -> bool:
+    """A final C-FIND status saying the PACS stopped matching before the end.
+
+    pacsflow never sends C-CANCEL, so a "matching terminated due to cancel" answer comes from the PACS itself:
+    Orthanc answers exactly this when it reaches LimitFindResults. The matches received are kept, marked capped.
+    """
+    return status == CANCEL
+
+
 def error_for(status: int, operation: str) -> PacsError:
     """The exception for a failure status of ``operation`` (C-FIND, C-MOVE, C-GET), with what to do."""
     kind = classify(status)
@@ -59,14 +78,22 @@ def error_for(status: int, operation: str) -> PacsError:
         return PacsTransientError(f"{operation}: {kind}", status=status)
     if kind in (StatusClass.IDENTIFIER_MISMATCH, StatusClass.UNABLE_TO_PROCESS):
         return PacsItemError(f"{operation}: {kind}", status=status)
-    if 0x0100 <= status <= 0x01FF or status in (0x0122, 0x0211):  # SOP class not supported, unrecognised op
+    if 0x0100 <= status <= 0x01FF or status == 0x0211:  # SOP class not supported, unrecognised operation
         return PacsConfigurationError(f"{operation}: refused by the PACS (not supported)", status=status)
     return PacsItemError(f"{operation}: {kind}", status=status)
+
+
+def association_lost(operation: str, *, peer_aborted: bool) -> PacsTransientError:
+    """No (final) response: the peer aborted or closed the connection, or the DIMSE timeout expired."""
+    if peer_aborted:
+        return PacsTransientError(f"{operation}: no response, the PACS aborted the association")
+    return PacsTransientError(f"{operation}: no response within the DIMSE timeout (association aborted)")
 
 
 def rejection_error(result: int | None, source: int | None, reason: int | None) -> PacsError:
     """An A-ASSOCIATE-RJ: transient (busy, limits) is retried later; permanent means fix the configuration."""
     detail = f"association rejected (result {result}, source {source}, reason {reason})"
+    # result 2 = rejected-transient; source 3 reasons 1/2 = temporary congestion / local limit exceeded.
     if result == 0x02 or (source == 0x03 and reason in (0x01, 0x02)):
         return PacsTransientError(f"{detail}: the PACS is busy or at its association limit")
     if source == 0x01 and reason == 0x03:
