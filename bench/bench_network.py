@@ -329,6 +329,7 @@ def compare_retrieval(config: PacsConfig, studies: list[Study], ports: dict[str,
     for round_number in range(rounds):
         for name, contender in contenders.items():
             out = work / f"{name}-{round_number}"
+            os.sync()  # no contender pays for the write-back of the one before
             run = contender(out)
             shutil.rmtree(out)
             runs[name].append(run)

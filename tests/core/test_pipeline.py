@@ -21,7 +21,7 @@ from pacsflow.core.audit import AuditStore
 from pacsflow.core.dicom.client import PacsClient
 from pacsflow.core.dicom.config import ReceiverConfig
 from pacsflow.core.dicom.errors import PacsConfigurationError
-from pacsflow.core.dicom.receiver import StoreReceiver
+from pacsflow.core.dicom.receiver import StoreReceiver, open_receiver
 from pacsflow.core.pipeline import RunContext, extract_cohort, resolve_cohort, retrieve_batch, settle_run
 from pacsflow.core.privacy import Pseudonymizer
 from pacsflow.core.resolve import Resolution, ResolutionSettings, resolve_accession
@@ -99,7 +99,7 @@ from pathlib import Path
 from pacsflow.core.audit import AuditStore
 from pacsflow.core.dicom.client import PacsClient
 from pacsflow.core.dicom.config import PacsConfig, ReceiverConfig
-from pacsflow.core.dicom.receiver import StoreReceiver
+from pacsflow.core.dicom.receiver import StoreReceiver, open_receiver
 from pacsflow.core.pipeline import RunContext, retrieve_batch
 from pacsflow.core.privacy import Pseudonymizer
 from pacsflow.core.series_rules import SeriesRules
@@ -173,3 +173,23 @@ def test_a_pacs_that_cannot_reach_the_receiver_fails_the_task_with_the_fix(pacs,
         with pytest.raises(PacsConfigurationError, match="move destination"):
             retrieve_batch(ctx, batches[0], connect, rules=SeriesRules.from_mapping(CONF["series_rules"]),
                            layout=layout, destination_ae="NOBODY")
+
+
+def test_the_dcmtk_receiver_backend_retrieves_the_cohort_verified(pacs, hospital, truth, receiver, tmp_path):
+    layout = StorageLayout(tmp_path / "dicom")
+    connect = partial(PacsClient, pacs.config)
+    incoming = partial(open_receiver, replace(receiver, backend="dcmtk"), layout)
+    with AuditStore.connect(f"sqlite:///{tmp_path / 'audit.sqlite'}") as store:
+        ctx = RunContext(store, "library/dcmtk-backend", Pseudonymizer(b"0123456789abcdef"))
+        extract_cohort(ctx, cohort(hospital), batch_size=100)
+        batches = resolve_cohort(ctx, connect, ResolutionSettings.from_mapping(CONF["resolution"]), 100)
+        counts = [retrieve_batch(ctx, batch, connect, rules=SeriesRules.from_mapping(CONF["series_rules"]),
+                                 layout=layout, destination_ae=receiver.ae_title, receiver=incoming)
+                  for batch in batches]
+        summary = settle_run(ctx)
+        outcomes = {an: row["outcome"] for an, row in store.accession_outcomes(ctx.run_key).items()}
+    on_disk = {(p.parent.parent.name, p.parent.name, p.stem) for p in _stored_files(layout)}
+    assert on_disk == expected_instances(truth)
+    assert sum(c["instances_fetched"] for c in counts) == len(on_disk)  # one pass each: nothing fetched twice
+    assert sum(c["partial"] + c["failed"] for c in counts) == 0
+    assert outcomes == expected_outcomes(truth) and summary.reconciled

@@ -28,6 +28,20 @@ def test_dicom_connection_to_pacs_and_receiver_config(monkeypatch):
     assert hook.receiver_config() == ReceiverConfig(port=4006, allowed_calling_aes=("PACS_AE", "OTHER"))
 
 
+@pytest.mark.parametrize("backend", ["dcmtk", "pynetdicom"])
+def test_the_receiver_backend_comes_from_the_connection(monkeypatch, backend):
+    set_connection(monkeypatch, "pacs_test", {"conn_type": "dicom", "host": "pacs.local", "port": 104,
+                                              "login": "PACS_AE", "extra": {"receiver_backend": backend}})
+    assert DicomHook("pacs_test").receiver_config().backend == backend
+
+
+def test_an_unknown_receiver_backend_is_refused_with_the_choices(monkeypatch):
+    set_connection(monkeypatch, "pacs_test", {"conn_type": "dicom", "host": "pacs.local", "port": 104,
+                                              "login": "PACS_AE", "extra": {"receiver_backend": "storescp"}})
+    with pytest.raises(ValueError, match="pynetdicom.*dcmtk"):
+        DicomHook("pacs_test").receiver_config()
+
+
 def test_dicom_connection_without_ae_title_is_explained(monkeypatch):
     set_connection(monkeypatch, "pacs_bad", {"conn_type": "dicom", "host": "pacs.local", "port": 104})
     with pytest.raises(ValueError, match="login \\(the PACS AE title\\)"):

@@ -176,6 +176,15 @@ class BatchCounts:
         return dict(self.__dict__)
 
 
+@dataclass(frozen=True)
+class Destination:
+    """Where retrieved instances go: the move destination's AE title and how to wait until what it received is
+    in the layout (the DCMTK backend ingests asynchronously; the pynetdicom receiver and C-GET need nothing)."""
+
+    ae_title: str
+    settle: Callable[[], None] = lambda: None
+
+
 def retrieve_batch(ctx: RunContext, batch: int, connect: ClientFactory, *, rules: SeriesRules,
                    layout: StorageLayout, destination_ae: str,
                    receiver: Callable[[], AbstractContextManager[Any]] = nullcontext) -> dict[str, int]:
@@ -184,7 +193,8 @@ def retrieve_batch(ctx: RunContext, batch: int, connect: ClientFactory, *, rules
     started = utcnow()
     layout.root.mkdir(parents=True, exist_ok=True)
     health = _PacsHealth()
-    with receiver(), connect() as client:
+    with receiver() as incoming, connect() as client:
+        destination = Destination(destination_ae) if incoming is None else Destination(destination_ae, incoming.settle)
         for study in ctx.store.studies_in_batch(ctx.run_key, batch):
             counts.studies += 1
             if not study["listed"]:
@@ -195,7 +205,7 @@ def retrieve_batch(ctx: RunContext, batch: int, connect: ClientFactory, *, rules
                     continue
                 counts.series_kept += 1
                 if series_row["status"] != SeriesStatus.COMPLETE:
-                    _retrieve_series(ctx, client, series_row, rules, layout, destination_ae, health, counts)
+                    _retrieve_series(ctx, client, series_row, rules, layout, destination, health, counts)
                 else:
                     counts.complete += 1
     ctx.store.record_stage(ctx.run_key, f"retrieve[{batch}]", started, counts.as_dict())
@@ -234,7 +244,7 @@ def _list_series(ctx: RunContext, client: PacsClientLike, study: dict[str, Any],
 
 def _retrieve_series(ctx: RunContext, client: PacsClientLike, row: dict[str, Any], rules: SeriesRules,
                      layout: StorageLayout,
-                     destination_ae: str, health: _PacsHealth, counts: BatchCounts) -> None:
+                     destination: Destination, health: _PacsHealth, counts: BatchCounts) -> None:
     study_uid, series_uid = row["study_uid"], row["series_uid"]
     timings: dict[str, float] = {}
     before = layout.stored_sop_uids(study_uid, series_uid)
@@ -244,7 +254,7 @@ def _retrieve_series(ctx: RunContext, client: PacsClientLike, row: dict[str, Any
         timings["list_instances"] = time.perf_counter() - clock
         target = len(expected) if expected else row["pacs_instance_count"]
         clock = time.perf_counter()
-        present = _fetch_missing(ctx, client, layout, destination_ae, study_uid, series_uid, expected, target)
+        present = _fetch_missing(ctx, client, layout, destination, study_uid, series_uid, expected, target)
         timings["retrieve"] = time.perf_counter() - clock
         health.ok(retrieved=True)
     except (PacsTransientError, PacsItemError) as error:
@@ -304,7 +314,7 @@ def _expected_instances(client: PacsClientLike, study_uid: str, series_uid: str)
     return {m["SOPInstanceUID"] for m in result.matches if is_valid_uid(m.get("SOPInstanceUID"))}
 
 
-def _fetch_missing(ctx: RunContext, client: PacsClientLike, layout: StorageLayout, destination_ae: str,
+def _fetch_missing(ctx: RunContext, client: PacsClientLike, layout: StorageLayout, destination: Destination,
                    study_uid: str, series_uid: str, expected: set[str], target: int | None) -> set[str]:
     """Retrieve what is not on disk yet, in up to two passes: the whole series when nothing is there,
     else only the missing instances (by SOP Instance UID when the PACS lists them)."""
@@ -315,12 +325,14 @@ def _fetch_missing(ctx: RunContext, client: PacsClientLike, layout: StorageLayou
         if (expected and not missing) or (not expected and target is not None and len(present) >= target):
             break
         if not present or not expected:
-            ctx.retry.call(lambda: client.retrieve("SERIES", series_keys, destination_ae=destination_ae,
+            ctx.retry.call(lambda: client.retrieve("SERIES", series_keys, destination_ae=destination.ae_title,
                                                    layout=layout))
         else:
             for sop_uid in sorted(missing):
                 keys = series_keys | {"SOPInstanceUID": sop_uid}
-                ctx.retry.call(lambda: client.retrieve("IMAGE", keys, destination_ae=destination_ae, layout=layout))
+                ctx.retry.call(lambda: client.retrieve("IMAGE", keys, destination_ae=destination.ae_title,
+                                                       layout=layout))
+        destination.settle()
         present = _await_arrivals(layout, study_uid, series_uid, expected)
     return present
 

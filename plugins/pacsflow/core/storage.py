@@ -53,7 +53,7 @@ class StorageLayout:
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
-        fsync_directory(final.parent)
+        fsync_path(final.parent)
         return final
 
     def sweep_temp_files(self) -> int:
@@ -67,8 +67,9 @@ class StorageLayout:
         return removed
 
 
-def fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a directory (so that a rename in it is durable)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

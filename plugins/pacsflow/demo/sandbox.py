@@ -23,7 +23,7 @@ from pynetdicom import AE, StoragePresentationContexts
 from pacsflow.core.dicom.client import PacsClient
 from pacsflow.core.dicom.config import PacsConfig
 from pacsflow.core.dicom.errors import PacsError
-from pacsflow.core.dicom.transport import set_nodelay
+from pacsflow.core.dicom.transport import tune_for_latency
 
 ORTHANC_BINARY = "/usr/sbin/Orthanc"
 STARTUP_SECONDS = 60.0
@@ -42,7 +42,7 @@ class SandboxPacs:
         assoc = ae.associate(self.config.host, self.config.port, ae_title=self.config.called_ae)
         if not assoc.is_established:
             raise RuntimeError("the sandbox PACS refused the loader's association")
-        set_nodelay(assoc)
+        tune_for_latency(assoc)
         stored = 0
         try:
             for path in files:

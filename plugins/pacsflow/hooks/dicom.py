@@ -72,6 +72,7 @@ class DicomHook(BaseHook):
             port=int(self._option("receiver_port", 11113)),
             allowed_calling_aes=tuple(allowed),
             embedded=bool(self._option("receiver_embedded", True)),
+            backend=self._option("receiver_backend", "pynetdicom"),
         )
 
     def get_conn(self) -> PacsClient:

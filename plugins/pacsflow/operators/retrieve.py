@@ -8,7 +8,7 @@ from typing import Any
 
 from airflow.sdk import Context
 
-from pacsflow.core.dicom.receiver import StoreReceiver
+from pacsflow.core.dicom.receiver import open_receiver
 from pacsflow.core.pipeline import retrieve_batch
 from pacsflow.core.series_rules import SeriesRules
 from pacsflow.hooks.dicom import DicomHook
@@ -33,7 +33,7 @@ class RetrieveStudiesOperator(PacsflowOperator):
         hook = DicomHook(self.dicom_conn_id)
         receiver_config = hook.receiver_config()
         layout = self.layout()
-        receiver = partial(StoreReceiver, receiver_config, layout) if receiver_config.embedded else nullcontext
+        receiver = partial(open_receiver, receiver_config, layout) if receiver_config.embedded else nullcontext
         with self.run_context(context) as ctx:
             return retrieve_batch(ctx, int(self.batch), hook.get_conn, rules=rules, layout=layout,
                                   destination_ae=receiver_config.ae_title, receiver=receiver)

@@ -66,21 +66,6 @@ def test_a_hostile_sop_instance_uid_never_reaches_a_path(files, receiver_config,
     assert _files_under(tmp_path) == []
 
 
-def test_an_unknown_calling_ae_is_rejected(files, tmp_path):
-    config = ReceiverConfig(ae_title=RECEIVER_AE, port=free_port(), allowed_calling_aes=("ORTHANC",))
-    with DcmtkStoreReceiver(config, StorageLayout(tmp_path)) as receiver:
-        assert send(config.port, dcmread(files[0]), calling_ae="INTRUDER") is None
-        assert send(config.port, dcmread(files[0]), calling_ae="ORTHANC") == 0x0000
-    assert receiver.stats.stored == 1
-
-
-def test_a_peer_address_outside_the_allow_list_is_dropped(files, tmp_path):
-    config = ReceiverConfig(ae_title=RECEIVER_AE, port=free_port(), allowed_addresses=("127.0.0.2",))
-    with DcmtkStoreReceiver(config, StorageLayout(tmp_path)) as receiver:
-        assert send(config.port, dcmread(files[0])) is None
-    assert receiver.stats.stored == 0 and not list(tmp_path.rglob("*.dcm"))
-
-
 def test_the_backend_answers_busy_beyond_its_association_cap(tmp_path):
     config = ReceiverConfig(ae_title=RECEIVER_AE, port=free_port(), max_associations=1)
     pacs_like = PacsConfig(host="127.0.0.1", port=config.port, called_ae=RECEIVER_AE, acse_timeout=5)

@@ -26,7 +26,7 @@ from pynetdicom.dsutils import encode
 from pacsflow.core.dicom.client import PacsClient
 from pacsflow.core.dicom.config import PacsConfig, ReceiverConfig, TlsConfig
 from pacsflow.core.dicom.errors import PacsTransientError
-from pacsflow.core.dicom.receiver import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, StoreReceiver
+from pacsflow.core.dicom.receiver import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, StoreReceiver, open_receiver
 from pacsflow.core.dicom.transport import client_tls
 from pacsflow.core.storage import TEMP_PREFIX, StorageLayout
 from tests.conftest import free_port
@@ -81,28 +81,35 @@ def _invalid_values_allowed():
         pydicom_config.settings.writing_validation_mode = saved
 
 
-def test_an_unknown_calling_ae_is_rejected(files, tmp_path):
-    config = ReceiverConfig(ae_title=RECEIVER_AE, port=free_port(), allowed_calling_aes=("ORTHANC",))
-    with StoreReceiver(config, StorageLayout(tmp_path)) as receiver:
+BACKENDS = pytest.mark.parametrize("backend", ["pynetdicom", "dcmtk"])
+
+
+@BACKENDS
+def test_an_unknown_calling_ae_is_rejected(files, tmp_path, backend):
+    config = ReceiverConfig(ae_title=RECEIVER_AE, port=free_port(), allowed_calling_aes=("ORTHANC",), backend=backend)
+    with open_receiver(config, StorageLayout(tmp_path)) as receiver:
         assert send(config.port, dcmread(files[0]), calling_ae="INTRUDER") is None
         assert send(config.port, dcmread(files[0]), calling_ae="ORTHANC") == 0x0000
     assert receiver.stats.stored == 1
 
 
-def test_a_peer_address_outside_the_allow_list_is_dropped(files, tmp_path):
-    config = ReceiverConfig(ae_title=RECEIVER_AE, port=free_port(), allowed_addresses=("127.0.0.2",))
-    with StoreReceiver(config, StorageLayout(tmp_path)) as receiver:
+@BACKENDS
+def test_a_peer_address_outside_the_allow_list_is_dropped(files, tmp_path, backend):
+    config = ReceiverConfig(ae_title=RECEIVER_AE, port=free_port(), allowed_addresses=("127.0.0.2",), backend=backend)
+    with open_receiver(config, StorageLayout(tmp_path)) as receiver:
         assert send(config.port, dcmread(files[0])) is None
     assert receiver.stats.stored == 0 and not list(tmp_path.rglob("*.dcm"))
 
 
-def test_a_sender_aborting_in_the_middle_of_an_instance_leaves_no_file(files, receiver_config, tmp_path):
+@BACKENDS
+def test_a_sender_aborting_in_the_middle_of_an_instance_leaves_no_file(files, receiver_config, tmp_path, backend):
     """A scripted sender: the first P-DATA fragments of a C-STORE, then A-ABORT."""
+    receiver_config = replace(receiver_config, backend=backend)
     dataset = dcmread(files[0])
     dataset.Rows = dataset.Columns = 256
     dataset.PixelData = bytes(256 * 256 * 2)  # 32 fragments of 4 KiB
     layout = StorageLayout(tmp_path / "root")
-    with StoreReceiver(receiver_config, layout) as receiver:
+    with open_receiver(receiver_config, layout) as receiver:
         assoc = sender().associate("127.0.0.1", receiver_config.port, ae_title=RECEIVER_AE)
         fragments = _c_store_fragments(assoc, dataset, max_pdu=4096)
         for fragment in itertools.islice(fragments, 8):  # the command and the start of the dataset
@@ -223,10 +230,11 @@ def test_the_receiver_answers_busy_beyond_its_association_cap(tmp_path):
             second.echo()
 
 
-def test_the_standalone_service_receives_and_stops_on_sigterm(files, tmp_path):
+@pytest.mark.parametrize("backend", ["pynetdicom", "dcmtk"])
+def test_the_standalone_service_receives_and_stops_on_sigterm(files, tmp_path, backend):
     port = free_port()
     service = subprocess.Popen([sys.executable, "-m", "pacsflow.core.dicom", "--root", str(tmp_path),
-                                "--ae-title", RECEIVER_AE, "--port", str(port)],
+                                "--ae-title", RECEIVER_AE, "--port", str(port), "--backend", backend],
                                stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     try:
         deadline = time.monotonic() + 30

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 
 from pacsflow.core.dicom.config import ReceiverConfig, TlsConfig
-from pacsflow.core.dicom.receiver import StoreReceiver
+from pacsflow.core.dicom.receiver import open_receiver
 from pacsflow.core.storage import StorageLayout
 
 log = logging.getLogger("pacsflow.receiver")
@@ -29,6 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--allow-ae", action="append", default=[], help="calling AE title allowed (repeat)")
     parser.add_argument("--allow-address", action="append", default=[], help="peer address allowed (repeat)")
     parser.add_argument("--max-associations", type=int, default=10)
+    parser.add_argument("--backend", choices=["pynetdicom", "dcmtk"], default="pynetdicom",
+                        help="dcmtk: DCMTK storescp per association (faster; no TLS)")
     parser.add_argument("--tls-cert", help="serve DICOM over TLS with this certificate (PEM)")
     parser.add_argument("--tls-key", help="private key of --tls-cert (PEM)")
     parser.add_argument("--tls-ca", help="CA bundle that client certificates must chain to (required with --tls-cert)")
@@ -44,13 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     config = ReceiverConfig(ae_title=args.ae_title, host=args.host, port=args.port,
                             allowed_calling_aes=tuple(args.allow_ae),
                             allowed_addresses=tuple(args.allow_address) or ReceiverConfig.allowed_addresses,
-                            max_associations=args.max_associations, embedded=False,
+                            max_associations=args.max_associations, embedded=False, backend=args.backend,
                             tls=TlsConfig(ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key)
                             if args.tls_cert else None)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    with StoreReceiver(config, StorageLayout(args.root)) as receiver:
+    with open_receiver(config, StorageLayout(args.root)) as receiver:
         log.info("receiving as %s on %s:%d", config.ae_title, config.host, receiver.port)
         stop.wait()
         stats = receiver.stats

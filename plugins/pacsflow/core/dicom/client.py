@@ -27,7 +27,7 @@ from pacsflow.core.dicom.config import PacsConfig
 from pacsflow.core.dicom.errors import PacsConfigurationError, PacsTransientError
 from pacsflow.core.dicom.receiver import OUT_OF_RESOURCES, store_handler
 from pacsflow.core.dicom.results import FindResult, QueryLevel, ReceiverStats, RetrieveReport
-from pacsflow.core.dicom.transport import client_tls, set_nodelay
+from pacsflow.core.dicom.transport import client_tls, tune_for_latency
 from pacsflow.core.storage import StorageLayout
 from pacsflow.core.uids import is_valid_uid
 
@@ -161,7 +161,7 @@ class PacsClient:
         except (OSError, ssl.SSLError) as error:
             raise PacsTransientError(f"cannot connect to the PACS: {error.__class__.__name__}") from None
         if assoc.is_established:
-            set_nodelay(assoc)
+            tune_for_latency(assoc)
             self._assoc_stores = stores
             return assoc
         if assoc.is_rejected:

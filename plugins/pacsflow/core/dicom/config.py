@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 RetrieveMethod = Literal["c-move", "c-get"]
+# pynetdicom: pure Python, TLS. dcmtk: DCMTK storescp per association (faster; Linux, no TLS).
+ReceiverBackend = Literal["pynetdicom", "dcmtk"]
 
 
 @dataclass(frozen=True)
@@ -48,3 +50,8 @@ class ReceiverConfig:
     max_associations: int = 10
     embedded: bool = True  # start inside the retrieval task; False when a standalone service listens
     tls: TlsConfig | None = field(default=None)
+    backend: ReceiverBackend = "pynetdicom"
+
+    def __post_init__(self) -> None:
+        if self.backend not in get_args(ReceiverBackend):
+            raise ValueError(f"unknown receiver backend {self.backend!r}: use one of {get_args(ReceiverBackend)}")

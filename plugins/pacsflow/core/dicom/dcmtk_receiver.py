@@ -42,7 +42,7 @@ from pydicom.tag import Tag
 from pacsflow.core.dicom.config import ReceiverConfig
 from pacsflow.core.dicom.errors import PacsConfigurationError
 from pacsflow.core.dicom.results import ReceiverStats
-from pacsflow.core.storage import StorageLayout, fsync_directory
+from pacsflow.core.storage import StorageLayout, fsync_path
 from pacsflow.core.uids import is_valid_uid
 
 log = logging.getLogger("pacsflow.receiver.dcmtk")
@@ -81,7 +81,7 @@ class DcmtkStoreReceiver:
     """Drop-in for ``StoreReceiver`` (same constructor, ``stats``, ``port``, context manager)."""
 
     def __init__(self, config: ReceiverConfig, layout: StorageLayout, *, executable: str = "storescp",
-                 poll_seconds: float = 0.05, acse_timeout: float = 30.0) -> None:
+                 poll_seconds: float = 0.01, acse_timeout: float = 30.0) -> None:
         self.config = config
         self.layout = layout
         self.stats = ReceiverStats()
@@ -159,7 +159,7 @@ class DcmtkStoreReceiver:
             assert self._pool is not None, "the receiver is not running"
             touched = {directory for directory in self._pool.map(self._ingest_file, complete) if directory}
             for directory in touched:  # one directory fsync per series and pass, after the renames
-                fsync_directory(directory)
+                fsync_path(directory)
             for association in associations:
                 self._forget_if_done(association)
 
@@ -252,7 +252,7 @@ class DcmtkStoreReceiver:
             return self._reject(path, "SOP Instance UID differs from the request")
         final = self.layout.instance_path(str(study_uid), str(series_uid), str(sop_uid))
         try:
-            _fsync_file(path)
+            fsync_path(path)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, final)
         except OSError as error:
@@ -304,14 +304,6 @@ def _open_files(pid: int) -> set[str] | None:
         except OSError:
             continue
     return held
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _stop_process(process: subprocess.Popen[bytes], grace: float) -> None:

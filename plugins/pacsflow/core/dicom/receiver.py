@@ -25,8 +25,9 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, e
 from pynetdicom.sop_class import Verification
 
 from pacsflow.core.dicom.config import ReceiverConfig
+from pacsflow.core.dicom.dcmtk_receiver import DcmtkStoreReceiver
 from pacsflow.core.dicom.results import ReceiverStats
-from pacsflow.core.dicom.transport import server_tls, set_nodelay
+from pacsflow.core.dicom.transport import server_tls, tune_for_latency
 from pacsflow.core.storage import StorageLayout
 from pacsflow.core.uids import is_valid_uid
 
@@ -91,6 +92,13 @@ def _header(event: Any) -> Dataset:
                         stop_when=lambda tag, vr, length: tag > _LAST_TAG_NEEDED)
 
 
+def open_receiver(config: ReceiverConfig, layout: StorageLayout) -> StoreReceiver | DcmtkStoreReceiver:
+    """The receiver of ``config.backend``, to use as a context manager."""
+    if config.backend == "dcmtk":
+        return DcmtkStoreReceiver(config, layout)
+    return StoreReceiver(config, layout)
+
+
 class StoreReceiver:
     """Runs the C-STORE SCP in background threads while the context is open."""
 
@@ -117,7 +125,7 @@ class StoreReceiver:
     def __enter__(self) -> "StoreReceiver":
         self.layout.root.mkdir(parents=True, exist_ok=True)
         self.layout.sweep_temp_files()
-        handlers = [(evt.EVT_C_STORE, self._handler), (evt.EVT_CONN_OPEN, _nodelay)]
+        handlers = [(evt.EVT_C_STORE, self._handler), (evt.EVT_CONN_OPEN, _tune)]
         self._server = self._application_entity().start_server(
             (self.config.host, self.config.port), block=False, evt_handlers=handlers,
             ssl_context=server_tls(self.config.tls))
@@ -136,6 +144,9 @@ class StoreReceiver:
         for context in StoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         return ae
+
+    def settle(self) -> None:
+        """Nothing to do: an instance is in the layout before its C-STORE is answered."""
 
     def __exit__(self, *exc: object) -> None:
         if self._server is None:
@@ -158,5 +169,5 @@ def _drain(associations: list[Any], seconds: float) -> None:
             assoc.join(timeout=5)
 
 
-def _nodelay(event: Any) -> None:
-    set_nodelay(event.assoc)
+def _tune(event: Any) -> None:
+    tune_for_latency(event.assoc)

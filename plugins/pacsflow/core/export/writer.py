@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pacsflow.core.export.schema import NULL_PARTITION, PARTITION_COLUMN, TABLES, file_schema
-from pacsflow.core.storage import fsync_directory, run_token
+from pacsflow.core.storage import fsync_path, run_token
 
 COMPRESSION = "zstd"
 MAX_OPEN_WRITERS = 8  # partitions with an open file at once; more partitions just means more files
@@ -71,7 +71,7 @@ class RunOutput:
         for staged, path in zip(self._staged, final):
             os.replace(staged, path)
         for directory in {path.parent for path in final}:
-            fsync_directory(directory)
+            fsync_path(directory)
         self._staged = []
         return final
 
