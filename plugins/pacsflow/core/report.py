@@ -12,7 +12,7 @@ def format_summary(summary: RunSummary) -> str:
         f"  cohort ANs     {summary.cohort}",
         *(f"  {o.value:<14} {outcome.get(o.value, 0)}" for o in Outcome),
         f"  reconciled     {'yes' if summary.reconciled else 'NO'}",
-        f"  series         " + ", ".join(f"{k} {v}" for k, v in sorted(summary.series.items())),
+        "  series         " + ", ".join(f"{k} {v}" for k, v in sorted(summary.series.items())),
         f"  instances      {summary.instances}",
         f"  bytes          {summary.bytes} ({summary.bytes / 1e6:.1f} MB)",
     ]

@@ -8,9 +8,8 @@ import pytest
 from pydicom import dcmread
 
 from pacsflow.core.dicom.client import PacsClient
-from pacsflow.core.dicom.config import PacsConfig, ReceiverConfig
+from pacsflow.core.dicom.config import ReceiverConfig
 from pacsflow.core.dicom.dcmtk_receiver import STAGING_DIR, DcmtkStoreReceiver, settle_receivers
-from pacsflow.core.dicom.errors import PacsTransientError
 from pacsflow.core.storage import StorageLayout
 from tests.conftest import free_port
 from tests.core.dicom.conftest import RECEIVER_AE
@@ -65,11 +64,3 @@ def test_a_hostile_sop_instance_uid_never_reaches_a_path(files, receiver_config,
     assert receiver.stats.stored == 0 and receiver.stats.rejected_reasons == {"invalid UID": 1}
     assert _files_under(tmp_path) == []
 
-
-def test_the_backend_answers_busy_beyond_its_association_cap(tmp_path):
-    config = ReceiverConfig(ae_title=RECEIVER_AE, port=free_port(), max_associations=1)
-    pacs_like = PacsConfig(host="127.0.0.1", port=config.port, called_ae=RECEIVER_AE, acse_timeout=5)
-    with DcmtkStoreReceiver(config, StorageLayout(tmp_path)), PacsClient(pacs_like) as first:
-        first.echo()
-        with PacsClient(pacs_like) as second, pytest.raises(PacsTransientError, match="busy"):
-            second.echo()

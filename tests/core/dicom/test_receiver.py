@@ -221,16 +221,17 @@ def test_dcmtk_movescu_through_orthanc_into_the_receiver(pacs, receiver_ports, a
     assert receiver.stats.stored == count == len(layout.stored_sop_uids(study, series))
 
 
-def test_the_receiver_answers_busy_beyond_its_association_cap(tmp_path):
-    config = ReceiverConfig(ae_title=RECEIVER_AE, port=free_port(), max_associations=1)
+@BACKENDS
+def test_the_receiver_answers_busy_beyond_its_association_cap(tmp_path, backend):
+    config = ReceiverConfig(ae_title=RECEIVER_AE, port=free_port(), max_associations=1, backend=backend)
     pacs_like = PacsConfig(host="127.0.0.1", port=config.port, called_ae=RECEIVER_AE, acse_timeout=5)
-    with StoreReceiver(config, StorageLayout(tmp_path)), PacsClient(pacs_like) as first:
+    with open_receiver(config, StorageLayout(tmp_path)), PacsClient(pacs_like) as first:
         first.echo()
         with PacsClient(pacs_like) as second, pytest.raises(PacsTransientError, match="busy"):
             second.echo()
 
 
-@pytest.mark.parametrize("backend", ["pynetdicom", "dcmtk"])
+@BACKENDS
 def test_the_standalone_service_receives_and_stops_on_sigterm(files, tmp_path, backend):
     port = free_port()
     service = subprocess.Popen([sys.executable, "-m", "pacsflow.core.dicom", "--root", str(tmp_path),
