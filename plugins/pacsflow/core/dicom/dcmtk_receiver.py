@@ -109,9 +109,9 @@ class DcmtkStoreReceiver:
 
     def __enter__(self) -> "DcmtkStoreReceiver":
         if self.config.tls is not None:
-            raise PacsConfigurationError("the DCMTK receiver backend does not offer TLS; use receiver backend \"pynetdicom\"")
+            raise PacsConfigurationError('the DCMTK receiver backend does not offer TLS: use backend "pynetdicom"')
         if not Path("/proc/self/fd").is_dir():
-            raise PacsConfigurationError("the DCMTK receiver backend needs Linux (/proc); use receiver backend \"pynetdicom\"")
+            raise PacsConfigurationError('the DCMTK receiver backend needs Linux (/proc): use backend "pynetdicom"')
         binary = shutil.which(self._executable)
         if binary is None:
             raise PacsConfigurationError(f"{self._executable} (DCMTK) is not installed; install dcmtk")
