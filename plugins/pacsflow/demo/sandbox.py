@@ -24,6 +24,7 @@ from pacsflow.core.dicom.client import PacsClient
 from pacsflow.core.dicom.config import PacsConfig
 from pacsflow.core.dicom.errors import PacsError
 from pacsflow.core.dicom.transport import tune_for_latency
+from pacsflow.core.processes import stop_process
 
 ORTHANC_BINARY = "/usr/sbin/Orthanc"
 STARTUP_SECONDS = 60.0
@@ -140,12 +141,7 @@ def _running(process: subprocess.Popen[bytes], pacs: SandboxPacs) -> Iterator[No
         _wait_until_answering(process, pacs.config)
         yield
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 def _wait_until_answering(process: subprocess.Popen[bytes], config: PacsConfig) -> None:

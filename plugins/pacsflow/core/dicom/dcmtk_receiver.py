@@ -42,6 +42,7 @@ from pydicom.tag import Tag
 from pacsflow.core.dicom.config import ReceiverConfig
 from pacsflow.core.dicom.errors import PacsConfigurationError
 from pacsflow.core.dicom.results import ReceiverStats
+from pacsflow.core.processes import stop_process
 from pacsflow.core.storage import StorageLayout, fsync_path
 from pacsflow.core.uids import is_valid_uid
 
@@ -142,7 +143,7 @@ class DcmtkStoreReceiver:
         with self._lock:
             processes = [association.process for association in self._associations]
         for process in processes:  # the PACS releases its association at the end of a move
-            _stop_process(process, grace=5.0)
+            stop_process(process, grace=5.0, timeout=5.0)
         self.settle()
         if self._pool is not None:
             self._pool.shutdown()
@@ -305,14 +306,3 @@ def _open_files(pid: int) -> set[str] | None:
             continue
     return held
 
-
-def _stop_process(process: subprocess.Popen[bytes], grace: float) -> None:
-    try:
-        process.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()

@@ -117,11 +117,6 @@ class StoreReceiver:
             raise RuntimeError("the receiver is not running")
         return int(self._server.server_address[1])
 
-    @property
-    def handler(self) -> Callable[[Any], int]:
-        """This receiver's EVT_C_STORE handler (the same store path as ``PacsClient.get``)."""
-        return self._handler
-
     def __enter__(self) -> "StoreReceiver":
         self.layout.root.mkdir(parents=True, exist_ok=True)
         self.layout.sweep_temp_files()
