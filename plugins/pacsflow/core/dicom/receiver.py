@@ -2,7 +2,7 @@
 
 Stateless with respect to moves: an instance lands at ``<root>/<Study>/<Series>/<SOP>.dcm`` whoever asked for
 it, and callers verify what arrived against the disk. Incoming UIDs are validated before they become paths.
-The bytes are written as received (no decode and re-encode); only the header up to the series UID is parsed.
+The bytes are written as received (no decode and re-encode); only the header up to the series UID is read.
 
 pynetdicom's chunked receive mode (``_config.STORE_RECV_CHUNKED_DATASET``) is not used: it streams into the
 process-wide system temp directory, which a peer abort leaves holding a partial file (patient data) outside
@@ -19,17 +19,15 @@ from collections.abc import Callable
 from io import BytesIO
 from typing import Any
 
-from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
 from pacsflow.core.dicom.config import ReceiverConfig
 from pacsflow.core.dicom.dcmtk_receiver import DcmtkStoreReceiver
+from pacsflow.core.dicom.header import HeaderProblem, InstanceUids, stream_uids
 from pacsflow.core.dicom.results import ReceiverStats
 from pacsflow.core.dicom.transport import server_tls, tune_for_latency
 from pacsflow.core.storage import StorageLayout
-from pacsflow.core.uids import is_valid_uid
 
 log = logging.getLogger("pacsflow.receiver")
 
@@ -38,7 +36,7 @@ OUT_OF_RESOURCES = 0xA700
 DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-_LAST_TAG_NEEDED = 0x0020000E  # SeriesInstanceUID: header parsing stops after it
+_PROBLEM_STATUS = {HeaderProblem.INVALID_UID: CANNOT_UNDERSTAND, HeaderProblem.SOP_INSTANCE_MISMATCH: DATASET_MISMATCH}
 DRAIN_SECONDS = 10.0
 
 
@@ -61,19 +59,16 @@ def store_handler(layout: StorageLayout, stats: ReceiverStats) -> Callable[[Any]
 
 def _store(event: Any, layout: StorageLayout) -> tuple[int, str, int]:
     """(status, reject reason, bytes written). Success only once the file is at its final path."""
-    sop_uid = event.request.AffectedSOPInstanceUID
     try:
-        header = _header(event)
+        uids = _header_uids(event)
     except Exception:  # an undecodable dataset from the peer
         return CANNOT_UNDERSTAND, "undecodable dataset", 0
-    study_uid, series_uid = header.get("StudyInstanceUID"), header.get("SeriesInstanceUID")
-    if not all(is_valid_uid(uid) for uid in (sop_uid, study_uid, series_uid)):
-        return CANNOT_UNDERSTAND, "invalid UID", 0
-    if header.get("SOPInstanceUID") != sop_uid:
-        return DATASET_MISMATCH, "SOP Instance UID differs from the request", 0
+    problem = uids.problem(event.request.AffectedSOPInstanceUID)
+    if problem is not None:
+        return _PROBLEM_STATUS[problem], problem.value, 0
     data = event.encoded_dataset()  # the bytes as received, with file meta: no decode/re-encode
     try:
-        layout.write_atomically(str(study_uid), str(series_uid), str(sop_uid), data)
+        layout.write_atomically(str(uids.study), str(uids.series), str(uids.sop), data)
     except OSError as error:
         reason = "disk full" if error.errno in _DISK_FULL else f"write failed ({errno.errorcode.get(error.errno or 0, 'I/O')})"
         log.error("cannot store an instance: %s", reason)
@@ -81,15 +76,13 @@ def _store(event: Any, layout: StorageLayout) -> tuple[int, str, int]:
     return STORED, "", len(data)
 
 
-def _header(event: Any) -> Dataset:
-    """The dataset's elements up to SeriesInstanceUID, parsed in place from the received buffer."""
+def _header_uids(event: Any) -> InstanceUids:
+    """The UIDs the instance is filed under, read from the head of the received buffer."""
     syntax = event.context.transfer_syntax
     if syntax.is_deflated:  # rare; pynetdicom knows how to inflate
-        return event.dataset
-    received: BytesIO = event.request.DataSet
-    received.seek(0)  # harmless: pynetdicom reads this buffer with getvalue()
-    return read_dataset(received, syntax.is_implicit_VR, syntax.is_little_endian,
-                        stop_when=lambda tag, vr, length: tag > _LAST_TAG_NEEDED)
+        return InstanceUids.of(event.dataset)
+    received: BytesIO = event.request.DataSet  # harmless to read: pynetdicom takes it with getvalue()
+    return stream_uids(received, implicit_vr=syntax.is_implicit_VR, little_endian=syntax.is_little_endian)
 
 
 def open_receiver(config: ReceiverConfig, layout: StorageLayout) -> StoreReceiver | DcmtkStoreReceiver:
