@@ -39,16 +39,13 @@ class StorageLayout:
             if entry.name.endswith(SUFFIX) and not entry.name.startswith(TEMP_PREFIX)
         }
 
-    def write_atomically(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> Path:
-        """Write ``data`` to a temp file, fsync it, rename it into place, fsync the directory."""
+    def commit(self, temp: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        """Make a complete temp file (on the layout's file system) durable, rename it into place, fsync the
+        directory. The temp file is gone afterwards, also when this fails."""
         final = self.instance_path(study_uid, series_uid, sop_uid)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        temp = final.with_name(f"{TEMP_PREFIX}{os.getpid()}-{final.name}")
         try:
-            with open(temp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
+            fsync_path(temp)
+            final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(temp, final)
         except BaseException:
             temp.unlink(missing_ok=True)
@@ -61,9 +58,10 @@ class StorageLayout:
         removed = 0
         if not self.root.is_dir():
             return 0
-        for path in self.root.glob(f"*/*/{TEMP_PREFIX}*"):
-            path.unlink(missing_ok=True)
-            removed += 1
+        for pattern in (f"{TEMP_PREFIX}*", f"*/*/{TEMP_PREFIX}*"):
+            for path in self.root.glob(pattern):
+                path.unlink(missing_ok=True)
+                removed += 1
         return removed
 
 

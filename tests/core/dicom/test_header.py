@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom import dcmread, dcmwrite
+from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import read_partial
 from pydicom.sequence import Sequence
-from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
+from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
                          ImplicitVRLittleEndian)
 
 from pacsflow.core.dicom import header
-from pacsflow.core.dicom.header import HeaderProblem, InstanceUids, file_uids, stream_uids
+from pacsflow.core.dicom.header import HeaderProblem, InstanceUids, file_uids
 
 SOP, STUDY, SERIES = "1.2.3.4.5.6", "1.2.3.4", "1.2.3.4.5"
 SERIES_UID_TAG = 0x0020000E
@@ -71,27 +71,27 @@ def _dataset_with_nested_undefined_length_sequences() -> Dataset:
     return ds
 
 
+def _save(ds: Dataset, path: Path, syntax: UID) -> Path:
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, SOP
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
 @pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian],
                          ids=lambda syntax: syntax.name)
-def test_an_encoded_data_set_with_nested_undefined_length_sequences(syntax):
-    buffer = io.BytesIO()
-    dcmwrite(buffer, _dataset_with_nested_undefined_length_sequences(), implicit_vr=syntax.is_implicit_VR,
-             little_endian=syntax.is_little_endian)  # no file meta: a data set as a C-STORE carries it
-    data = buffer.getvalue()
+def test_nested_undefined_length_sequences_before_the_uids(syntax, tmp_path):
+    path = _save(_dataset_with_nested_undefined_length_sequences(), tmp_path / "nested.dcm", syntax)
+    data = path.read_bytes()
     assert b"\xfe\xff\xdd\xe0" in data or b"\xff\xfe\xe0\xdd" in data  # really encoded with delimiters
-    fast = header._dataset_uids_fast(data, syntax.is_implicit_VR, syntax.is_little_endian)
-    assert fast == InstanceUids(SOP, STUDY, SERIES)
-    assert stream_uids(io.BytesIO(data), implicit_vr=syntax.is_implicit_VR,
-                       little_endian=syntax.is_little_endian) == fast
+    assert header._uids_fast(data) == (SOP, InstanceUids(SOP, STUDY, SERIES))
+    assert file_uids(path) == _pydicom_answer(data)
 
 
 def test_deflated_files_are_left_to_pydicom(tmp_path):
-    ds = _dataset_with_nested_undefined_length_sequences()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, SOP
-    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    path = tmp_path / "deflated.dcm"
-    ds.save_as(path, enforce_file_format=True)
+    path = _save(_dataset_with_nested_undefined_length_sequences(), tmp_path / "deflated.dcm",
+                 DeflatedExplicitVRLittleEndian)
     assert header._uids_fast(path.read_bytes()) is None
     assert file_uids(path) == (SOP, InstanceUids(SOP, STUDY, SERIES))
 

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from io import BytesIO
@@ -114,11 +114,22 @@ def test_a_sender_aborting_in_the_middle_of_an_instance_leaves_no_file(files, re
         fragments = _c_store_fragments(assoc, dataset, max_pdu=4096)
         for fragment in itertools.islice(fragments, 8):  # the command and the start of the dataset
             assoc.dul.send_pdu(fragment)
+        # Streamed: the partial instance is on disk, inside the root (not in memory, not in the system temp).
+        assert _eventually(lambda: any(p.is_file() for p in layout.root.rglob("*"))), "nothing streamed to disk"
         assoc.abort()
-    # Leaving the context waited for the receiver's association to end: nothing more can arrive.
+        # Gone while the receiver runs (a standalone service may run for months), not only at its next sweep.
+        assert _eventually(lambda: not [p for p in layout.root.rglob("*") if p.is_file()]), "a partial file stayed"
     assert sum(1 for _ in fragments) > 0, "the whole instance was sent; make it larger"
     assert receiver.stats.stored == receiver.stats.rejected == 0
-    assert [p for p in layout.root.rglob("*") if p.is_file()] == []
+
+
+def _eventually(condition: Callable[[], bool], seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _c_store_fragments(assoc, dataset, max_pdu: int) -> Iterator:
@@ -182,7 +193,7 @@ def tiny_filesystem(tmp_path) -> Path:
                                            capture_output=True).returncode:
         pytest.skip("needs root to mount a 64 KiB tmpfs (CI runs as root)")
     yield mount_point
-    subprocess.run(["umount", str(mount_point)], check=True)
+    subprocess.run(["umount", "--lazy", str(mount_point)], check=True)  # lazy: a file a failed test left open
 
 
 def test_a_full_disk_answers_out_of_resources_and_leaves_no_partial_file(files, receiver_config, tiny_filesystem):

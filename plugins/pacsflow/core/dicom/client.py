@@ -27,7 +27,7 @@ from pacsflow.core.dicom.config import PacsConfig
 from pacsflow.core.dicom.errors import PacsConfigurationError, PacsTransientError
 from pacsflow.core.dicom.receiver import OUT_OF_RESOURCES, store_handler
 from pacsflow.core.dicom.results import FindResult, QueryLevel, ReceiverStats, RetrieveReport
-from pacsflow.core.dicom.transport import client_tls, tune_for_latency
+from pacsflow.core.dicom.transport import client_tls, discard_unfinished_stream, stream_to, tune_for_latency
 from pacsflow.core.storage import StorageLayout
 from pacsflow.core.uids import is_valid_uid
 
@@ -100,7 +100,12 @@ class PacsClient:
     def get(self, level: QueryLevel, keys: Mapping[str, str], layout: StorageLayout) -> RetrieveReport:
         """C-GET: the PACS stores back on this association, through the receiver's own store handler."""
         identifier = _retrieve_identifier(level, keys)
-        send: Send = lambda assoc: assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet)
+        layout.root.mkdir(parents=True, exist_ok=True)
+
+        def send(assoc: Any) -> Iterable[tuple[Dataset | None, Dataset | None]]:
+            stream_to(assoc, layout.root)
+            return assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet)
+
         self._get_store = store_handler(layout, self.get_stats)
         try:
             return _retrieve_report(self._exchange("C-GET", send, stores=True), "C-GET")
@@ -154,7 +159,8 @@ class PacsClient:
                 ae.add_requested_context(context.abstract_syntax)
                 roles.append(build_role(context.abstract_syntax, scp_role=True))
         rejection: dict[str, int] = {}
-        handlers = [(evt.EVT_C_STORE, self._on_get_store), (evt.EVT_ACSE_RECV, _capture_rejection(rejection))]
+        handlers = [(evt.EVT_C_STORE, self._on_get_store), (evt.EVT_ACSE_RECV, _capture_rejection(rejection)),
+                    (evt.EVT_CONN_CLOSE, lambda event: discard_unfinished_stream(event.assoc))]
         try:
             assoc = ae.associate(config.host, config.port, ae_title=config.called_ae, ext_neg=roles,
                                  evt_handlers=handlers, tls_args=client_tls(config.tls, config.host))

@@ -177,22 +177,27 @@ class DcmtkStoreReceiver:
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             refusal = self._refusal(connection)
             if refusal is not None:
-                connection.sendall(refusal)
+                _refuse(connection, refusal, self._acse_timeout)
                 return
             with self._lock:
                 live = [a for a in self._associations if a.process.poll() is None]
-                if len(live) >= self.config.max_associations:
-                    connection.sendall(_BUSY)
-                    return
-                # resolved: compared with the paths /proc reports as open
-                staging = Path(tempfile.mkdtemp(prefix="association-", dir=self.staging_root)).resolve()
-                process = subprocess.Popen(
-                    [self._executable, "--inetd", "-aet", self.config.ae_title, "+B", "+uf", "-pdu", "131072",
-                     "-ta", str(int(self._acse_timeout)), "-od", str(staging)],
-                    stdin=connection.fileno(), stdout=connection.fileno(), stderr=subprocess.DEVNULL,
-                    env={**os.environ, "TCP_NODELAY": "1"}, close_fds=True)
-                self._associations.append(_Association(process, staging))
+                busy = len(live) >= self.config.max_associations
+                if not busy:
+                    self._start_storescp(connection)
+            if busy:
+                _refuse(connection, _BUSY, self._acse_timeout)
         # our copy of the socket closes here; storescp holds its own
+
+    def _start_storescp(self, connection: socket.socket) -> None:
+        """Hand the connection to a new ``storescp`` writing into a staging directory of its own."""
+        # resolved: compared with the paths /proc reports as open
+        staging = Path(tempfile.mkdtemp(prefix="association-", dir=self.staging_root)).resolve()
+        process = subprocess.Popen(
+            [self._executable, "--inetd", "-aet", self.config.ae_title, "+B", "+uf", "-pdu", "131072",
+             "-ta", str(int(self._acse_timeout)), "-od", str(staging)],
+            stdin=connection.fileno(), stdout=connection.fileno(), stderr=subprocess.DEVNULL,
+            env={**os.environ, "TCP_NODELAY": "1"}, close_fds=True)
+        self._associations.append(_Association(process, staging))
 
     def _refusal(self, connection: socket.socket) -> bytes | None:
         """An A-ASSOCIATE-RJ for a calling AE title not allowed, from the peeked A-ASSOCIATE-RQ; else None."""
@@ -285,6 +290,19 @@ def _fsync_or_error(path: Path) -> OSError | None:
     except OSError as error:
         return error
     return None
+
+
+def _refuse(connection: socket.socket, rejection: bytes, timeout: float) -> None:
+    """Send an A-ASSOCIATE-RJ and let the peer read it: closing with its request still unread would reset the
+    connection (RST), and the peer could see a reset instead of the rejection."""
+    connection.sendall(rejection)
+    connection.shutdown(socket.SHUT_WR)
+    connection.settimeout(timeout)
+    try:
+        while connection.recv(65536):  # until the peer closes, having read the rejection
+            pass
+    except OSError:
+        pass
 
 
 def _peek(connection: socket.socket, size: int, timeout: float) -> bytes:

@@ -13,10 +13,8 @@ import struct
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import BinaryIO
 
 from pydicom import dcmread
-from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 
 from pacsflow.core.uids import is_valid_uid
@@ -157,13 +155,6 @@ def _uids_fast(head: bytes) -> tuple[object, InstanceUids] | None:
         return None
 
 
-def _dataset_uids_fast(head: bytes, implicit_vr: bool, little_endian: bool) -> InstanceUids | None:
-    try:
-        return InstanceUids(**_walk(_Reader(head, 0, little_endian), implicit_vr, _WANTED, _SERIES_INSTANCE_UID))
-    except _CannotTell:
-        return None
-
-
 def file_uids(path: Path) -> tuple[object, InstanceUids]:
     """(MediaStorageSOPInstanceUID of the file meta, the data set's UIDs) of a DICOM file.
     Raises what pydicom raises for a file it cannot read."""
@@ -174,15 +165,3 @@ def file_uids(path: Path) -> tuple[object, InstanceUids]:
     dataset = dcmread(path, stop_before_pixels=True,
                       specific_tags=[_SOP_INSTANCE_UID, _STUDY_INSTANCE_UID, _SERIES_INSTANCE_UID])
     return dataset.file_meta.get("MediaStorageSOPInstanceUID"), InstanceUids.of(dataset)
-
-
-def stream_uids(stream: BinaryIO, *, implicit_vr: bool, little_endian: bool) -> InstanceUids:
-    """The UIDs of an encoded data set (no file meta) in a stream; raises what pydicom raises for one it
-    cannot read."""
-    stream.seek(0)
-    fast = _dataset_uids_fast(stream.read(_HEAD_BYTES), implicit_vr, little_endian)
-    if fast is not None:
-        return fast
-    stream.seek(0)
-    return InstanceUids.of(read_dataset(stream, implicit_vr, little_endian,
-                                        stop_when=lambda tag, vr, length: tag > _SERIES_INSTANCE_UID))

@@ -2,11 +2,9 @@
 
 Stateless with respect to moves: an instance lands at ``<root>/<Study>/<Series>/<SOP>.dcm`` whoever asked for
 it, and callers verify what arrived against the disk. Incoming UIDs are validated before they become paths.
-The bytes are written as received (no decode and re-encode); only the header up to the series UID is read.
-
-pynetdicom's chunked receive mode (``_config.STORE_RECV_CHUNKED_DATASET``) is not used: it streams into the
-process-wide system temp directory, which a peer abort leaves holding a partial file (patient data) outside
-our root, and it needs a "move this file into place" storage call instead of ``write_atomically(bytes)``.
+pynetdicom streams each data set into a temp file in the layout root as its PDUs arrive (``transport.stream_to``),
+so no instance is held in memory; the handler reads the header up to the series UID from that file, fsyncs it
+and renames it into place. The bytes stay as received (no decode and re-encode).
 """
 
 from __future__ import annotations
@@ -16,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
@@ -24,9 +22,9 @@ from pynetdicom.sop_class import Verification
 
 from pacsflow.core.dicom.config import ReceiverConfig
 from pacsflow.core.dicom.dcmtk_receiver import DcmtkStoreReceiver
-from pacsflow.core.dicom.header import HeaderProblem, InstanceUids, stream_uids
+from pacsflow.core.dicom.header import HeaderProblem, file_uids
 from pacsflow.core.dicom.results import ReceiverStats
-from pacsflow.core.dicom.transport import server_tls, tune_for_latency
+from pacsflow.core.dicom.transport import discard_unfinished_stream, server_tls, stream_error, stream_to, tune_for_latency
 from pacsflow.core.storage import StorageLayout
 
 log = logging.getLogger("pacsflow.receiver")
@@ -58,31 +56,26 @@ def store_handler(layout: StorageLayout, stats: ReceiverStats) -> Callable[[Any]
 
 
 def _store(event: Any, layout: StorageLayout) -> tuple[int, str, int]:
-    """(status, reject reason, bytes written). Success only once the file is at its final path."""
+    """(status, reject reason, bytes stored). Success only once the file is at its final path."""
+    streamed = Path(event.dataset_path)  # the data set as received, with file meta: no decode/re-encode
     try:
-        uids = _header_uids(event)
+        _, uids = file_uids(streamed)
     except Exception:  # an undecodable dataset from the peer
         return CANNOT_UNDERSTAND, "undecodable dataset", 0
     problem = uids.problem(event.request.AffectedSOPInstanceUID)
     if problem is not None:
-        return _PROBLEM_STATUS[problem], problem.value, 0
-    data = event.encoded_dataset()  # the bytes as received, with file meta: no decode/re-encode
+        return _PROBLEM_STATUS[problem], problem.value, 0  # pynetdicom removes the streamed file
     try:
-        layout.write_atomically(str(uids.study), str(uids.series), str(uids.sop), data)
+        error = stream_error(streamed)
+        if error is not None:
+            raise error
+        size = streamed.stat().st_size
+        layout.commit(streamed, str(uids.study), str(uids.series), str(uids.sop))
     except OSError as error:
         reason = "disk full" if error.errno in _DISK_FULL else f"write failed ({errno.errorcode.get(error.errno or 0, 'I/O')})"
         log.error("cannot store an instance: %s", reason)
         return OUT_OF_RESOURCES, reason, 0
-    return STORED, "", len(data)
-
-
-def _header_uids(event: Any) -> InstanceUids:
-    """The UIDs the instance is filed under, read from the head of the received buffer."""
-    syntax = event.context.transfer_syntax
-    if syntax.is_deflated:  # rare; pynetdicom knows how to inflate
-        return InstanceUids.of(event.dataset)
-    received: BytesIO = event.request.DataSet  # harmless to read: pynetdicom takes it with getvalue()
-    return stream_uids(received, implicit_vr=syntax.is_implicit_VR, little_endian=syntax.is_little_endian)
+    return STORED, "", size
 
 
 def open_receiver(config: ReceiverConfig, layout: StorageLayout) -> StoreReceiver | DcmtkStoreReceiver:
@@ -113,7 +106,8 @@ class StoreReceiver:
     def __enter__(self) -> "StoreReceiver":
         self.layout.root.mkdir(parents=True, exist_ok=True)
         self.layout.sweep_temp_files()
-        handlers = [(evt.EVT_C_STORE, self._handler), (evt.EVT_CONN_OPEN, _tune)]
+        handlers = [(evt.EVT_C_STORE, self._handler), (evt.EVT_CONN_OPEN, self._on_connection),
+                    (evt.EVT_CONN_CLOSE, _on_connection_closed)]
         self._server = self._application_entity().start_server(
             (self.config.host, self.config.port), block=False, evt_handlers=handlers,
             ssl_context=server_tls(self.config.tls))
@@ -132,6 +126,10 @@ class StoreReceiver:
         for context in StoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         return ae
+
+    def _on_connection(self, event: Any) -> None:
+        tune_for_latency(event.assoc)
+        stream_to(event.assoc, self.layout.root)
 
     def settle(self) -> None:
         """Nothing to do: an instance is in the layout before its C-STORE is answered."""
@@ -157,5 +155,5 @@ def _drain(associations: list[Any], seconds: float) -> None:
             assoc.join(timeout=5)
 
 
-def _tune(event: Any) -> None:
-    tune_for_latency(event.assoc)
+def _on_connection_closed(event: Any) -> None:
+    discard_unfinished_stream(event.assoc)

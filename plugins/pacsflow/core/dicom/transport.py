@@ -1,16 +1,22 @@
-"""Association settings shared by the client and the receiver: latency, TLS contexts, quiet pynetdicom."""
+"""Association settings shared by the client and the receiver: latency, TLS contexts, quiet pynetdicom, where
+received data sets stream to."""
 
 from __future__ import annotations
 
 import logging
 import socket
 import ssl
+import tempfile
+import threading
+import weakref
+from pathlib import Path
 from typing import Any
 
-from pynetdicom import _config
+from pynetdicom import _config, dimse_messages
 from pynetdicom.association import Association
 
 from pacsflow.core.dicom.config import TlsConfig
+from pacsflow.core.storage import SUFFIX, TEMP_PREFIX
 
 # Query identifiers hold patient data: pynetdicom must not log them, whatever the root logger level.
 _config.LOG_REQUEST_IDENTIFIERS = False
@@ -36,6 +42,85 @@ def _serve_request_or_hand_back(assoc: Any, msg: Any, context_id: int) -> None:
 
 
 Association._serve_request = _serve_request_or_hand_back  # type: ignore[method-assign]
+
+
+# Streaming receive: pynetdicom writes each incoming C-STORE data set to a file as its PDUs arrive (memory stays
+# flat whatever the size of an object), by default in the system temp directory. pacsflow's associations
+# stream into their layout's root instead: same file system as the final path (the handler's rename is atomic),
+# swept with the layout's temp files, and no patient data outside the root.
+_config.STORE_RECV_CHUNKED_DATASET = True
+_STREAM_ROOTS: weakref.WeakKeyDictionary[Any, Path] = weakref.WeakKeyDictionary()
+_STREAMS: weakref.WeakValueDictionary[str, _StreamedDataSet] = weakref.WeakValueDictionary()
+_RECEIVING: weakref.WeakKeyDictionary[Any, _StreamedDataSet] = weakref.WeakKeyDictionary()  # latest per assoc
+
+
+def stream_to(assoc: Any, root: Path) -> None:
+    """Stream the C-STORE data sets that arrive on ``assoc`` into temp files in ``root`` (which must exist)."""
+    _STREAM_ROOTS[assoc] = root
+
+
+def discard_unfinished_stream(assoc: Any) -> None:
+    """Remove the data set ``assoc`` was receiving when it ended (a peer abort mid-instance): a partial file,
+    patient data, must not wait for the next sweep. Call it when the connection closes."""
+    stream = _RECEIVING.pop(assoc, None)
+    if stream is not None and not stream.closed:
+        stream.close()
+        Path(stream.name).unlink(missing_ok=True)
+
+
+def stream_error(path: Path) -> OSError | None:
+    """The error that cut short the streaming of the data set at ``path`` (a full disk), if any."""
+    stream = _STREAMS.get(str(path))
+    return None if stream is None else stream.error
+
+
+class _StreamedDataSet:
+    """The file pynetdicom streams one data set into (it writes, calls ``.file.flush()``, closes, unlinks by
+    ``.name``). A write error is kept for the C-STORE handler, which answers it with a failure status: raised
+    here, it would escape into the DUL thread and abort the whole association."""
+
+    def __init__(self, root: Path) -> None:
+        self._handle = tempfile.NamedTemporaryFile(mode="wb", dir=root, prefix=TEMP_PREFIX, suffix=SUFFIX,
+                                                   delete=False)
+        self.name = self._handle.name
+        self.file = self
+        self.error: OSError | None = None
+        _STREAMS[self.name] = self
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._handle.closed)
+
+    def write(self, data: bytes) -> int:
+        self._guarded(self._handle.write, data)
+        return len(data)
+
+    def flush(self) -> None:
+        self._guarded(self._handle.flush)
+
+    def close(self) -> None:
+        self._guarded(self._handle.close)
+
+    def _guarded(self, operation: Any, *args: Any) -> None:
+        if self.error is not None and operation != self._handle.close:
+            return
+        try:
+            operation(*args)
+        except OSError as error:
+            self.error = self.error or error
+
+
+def _streamed_data_set_file(*args: Any, **kwargs: Any) -> Any:
+    """pynetdicom's ``NamedTemporaryFile`` for a data set being received, called on the association's DUL thread."""
+    assoc = getattr(threading.current_thread(), "assoc", None)
+    root = _STREAM_ROOTS.get(assoc)
+    if root is None:  # not one of pacsflow's associations: pynetdicom's own behaviour
+        return tempfile.NamedTemporaryFile(*args, **kwargs)
+    stream = _RECEIVING[assoc] = _StreamedDataSet(root)
+    return stream
+
+
+dimse_messages.NamedTemporaryFile = _streamed_data_set_file  # type: ignore[attr-defined]
 
 
 # pynetdicom's DUL thread sleeps 1 ms each time it finds nothing to do, which adds up to ~2 ms to every
