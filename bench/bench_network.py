@@ -3,9 +3,11 @@
 Entries in ``bench/results.json``:
 - ``resolve_an``: AN -> StudyInstanceUID, pacsflow (one association, ``resolve_accession``) vs ``findscu``
   started once per AN. Targets: >= 200 AN/s and >= 6x findscu.
-- ``retrieve_cmove`` / ``retrieve_cget``: MB/s retrieving two CT studies (1,000 instances of 512x512x16-bit,
-  534 MB) with pacsflow's C-MOVE (into ``StoreReceiver``) and C-GET vs DCMTK ``movescu`` + ``storescp``.
-  Target: >= 0.6x DCMTK's MB/s. Peak RSS of the retrieving process is recorded with each.
+- ``retrieve_cmove`` / ``retrieve_cget`` / ``retrieve_cmove_dcmtk``: MB/s retrieving two CT studies (1,000
+  instances of 512x512x16-bit, 534 MB) with pacsflow's C-MOVE (into ``StoreReceiver``), C-GET, and C-MOVE into
+  the DCMTK receiver backend vs DCMTK ``movescu`` + ``storescp``. Target: >= 0.6x DCMTK's MB/s. Peak RSS of the
+  retrieving process is recorded with each, per study, and for one large multi-frame instance (210 MB) retrieved
+  on its own: memory must not grow with the size of a study or of an object.
 
 Orthanc and every DCMTK tool run with ``TCP_NODELAY=1`` (without it DCMTK is ~6x slower and the comparison would
 flatter pacsflow). Generated data and Orthanc's storage are cached under ``$TMPDIR/pacsflow-bench-net``.
@@ -52,6 +54,7 @@ DATA_VERSION = "1"  # bump when the generated data changes: the cached Orthanc i
 STUDY_SERIES: tuple[tuple[int, ...], ...] = ((100, 100), (200, 200, 200, 200))
 PIXELS = 512
 TINY_PIXELS = 16
+LARGE_FRAMES = 400  # one multi-frame instance of 512x512x16-bit x 400 = 210 MB
 PACSFLOW_AE, DCMTK_AE = "PACSFLOWRCV", "DCMTKRCV"
 NODELAY_ENV = {**os.environ, "TCP_NODELAY": "1"}
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -78,6 +81,11 @@ def retrieval_studies() -> list[Study]:
             for index, counts in enumerate(STUDY_SERIES)]
 
 
+def large_object_study() -> Study:
+    study_uid = _study_uid(3, 0)
+    return Study(study_uid, ((f"{study_uid}.1", 1),))
+
+
 def accession(index: int) -> str:
     return f"BN{index:07d}"
 
@@ -94,8 +102,21 @@ def _write_ct(directory: str, placements: list[tuple[int, str, str, str, str]], 
         ds.save_as(Path(directory) / name, enforce_file_format=True)
 
 
+def _write_large_object(path: Path) -> None:
+    from bench.bench_export import ct_dataset  # see _write_ct
+
+    study = large_object_study()
+    ds = ct_dataset(0, PIXELS)
+    ds.StudyInstanceUID, (ds.SeriesInstanceUID, _) = study.study_uid, study.series[0]
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{ds.SeriesInstanceUID}.1"
+    ds.AccessionNumber, ds.PatientID = "RTLARGE", "BENCHLARGE"
+    ds.NumberOfFrames = LARGE_FRAMES
+    ds.PixelData = bytes(PIXELS * PIXELS * 2 * LARGE_FRAMES)
+    ds.save_as(path, enforce_file_format=True)
+
+
 def ensure_data(root: Path, accessions: int) -> tuple[list[Path], list[Path]]:
-    """(the CT files of the retrieval studies, one small study per AN), generated once on every core."""
+    """(the CT files of the retrieval studies and the large object, one small study per AN), generated once."""
     big, small = root / f"ct-{PIXELS}px", root / "accessions"
     big_jobs, small_jobs = [], []
     index = 0
@@ -114,7 +135,10 @@ def ensure_data(root: Path, accessions: int) -> tuple[list[Path], list[Path]]:
             chunks = [missing[start:start + 100] for start in range(0, len(missing), 100)]
             with ProcessPoolExecutor() as pool:
                 list(pool.map(_write_ct, repeat(str(directory)), chunks, repeat(pixels)))
-    return [big / job[-1] for job in big_jobs], [small / job[-1] for job in small_jobs]
+    large = root / "large-object.dcm"
+    if not large.exists():
+        _write_large_object(large)
+    return [big / job[-1] for job in big_jobs] + [large], [small / job[-1] for job in small_jobs]
 
 
 def _orthanc_instances(pacs: SandboxPacs) -> int:
@@ -122,13 +146,22 @@ def _orthanc_instances(pacs: SandboxPacs) -> int:
         return int(json.load(response)["CountInstances"])
 
 
+def _orthanc_holds(pacs: SandboxPacs, study_uid: str) -> bool:
+    request = urllib.request.Request(f"{pacs.http_url}/tools/lookup", data=study_uid.encode(), method="POST")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return bool(json.load(response))
+
+
 def ensure_loaded(pacs: SandboxPacs, files: list[Path]) -> None:
-    """Load into Orthanc what its (cached) storage does not hold yet."""
-    if _orthanc_instances(pacs) < len(files):
+    """Load into Orthanc what its (cached) storage does not hold yet (it may hold more ANs than this run uses)."""
+    def complete() -> bool:
+        return _orthanc_instances(pacs) >= len(files) and _orthanc_holds(pacs, large_object_study().study_uid)
+
+    if not complete():
         started = time.perf_counter()
         stored = pacs.load(files)
         print(f"  loaded {stored} instances into Orthanc in {time.perf_counter() - started:.0f} s", flush=True)
-    if _orthanc_instances(pacs) < len(files):
+    if not complete():
         raise SystemExit("Orthanc does not hold every generated instance")
 
 
@@ -315,15 +348,20 @@ def _median_run(runs: list[Run]) -> Run:
     return sorted(runs, key=lambda run: run.mb_per_s)[len(runs) // 2]
 
 
-def compare_retrieval(config: PacsConfig, studies: list[Study], ports: dict[str, int], work: Path,
-                      rounds: int) -> dict[str, list[Run]]:
-    """Rounds of DCMTK, pacsflow C-MOVE and pacsflow C-GET, interleaved, each into a fresh directory."""
-    contenders: dict[str, Callable[[Path], Run]] = {
+def _contenders(config: PacsConfig, studies: list[Study], ports: dict[str, int]) -> dict[str, Callable[[Path], Run]]:
+    return {
         "dcmtk": lambda out: run_dcmtk(config, studies, ports[DCMTK_AE], out),
         "c-move": lambda out: run_pacsflow("c-move", config, studies, ports[PACSFLOW_AE], out),
         "c-get": lambda out: run_pacsflow("c-get", replace(config, retrieve_method="c-get"), studies, 0, out),
         "c-move-dcmtk": lambda out: run_pacsflow("c-move-dcmtk", config, studies, ports[PACSFLOW_AE], out),
     }
+
+
+def compare_retrieval(config: PacsConfig, studies: list[Study], ports: dict[str, int], work: Path,
+                      rounds: int) -> dict[str, list[Run]]:
+    """Rounds of DCMTK and pacsflow's C-MOVE, C-GET and C-MOVE into the DCMTK backend, interleaved, each into a
+    fresh directory."""
+    contenders = _contenders(config, studies, ports)
     runs: dict[str, list[Run]] = {name: [] for name in contenders}
     for round_number in range(rounds):
         for name, contender in contenders.items():
@@ -334,6 +372,18 @@ def compare_retrieval(config: PacsConfig, studies: list[Study], ports: dict[str,
             runs[name].append(run)
             print(f"  round {round_number + 1} {name:<7} {run.mb_per_s:7.1f} MB/s {run.instances_per_s:7.1f} inst/s "
                   f"peak RSS {run.peak_rss / 2**20:6.1f} MB", flush=True)
+    return runs
+
+
+def measure_large_object(config: PacsConfig, ports: dict[str, int], work: Path) -> dict[str, Run]:
+    """Each contender once on the study of one 210 MB instance: peak RSS must stay that of small instances."""
+    runs = {}
+    for name, contender in _contenders(config, [large_object_study()], ports).items():
+        os.sync()
+        runs[name] = contender(work / f"large-{name}")
+        shutil.rmtree(work / f"large-{name}")
+        print(f"  large object {name:<12} {runs[name].mb_per_s:7.1f} MB/s peak RSS "
+              f"{runs[name].peak_rss / 2**20:6.1f} MB", flush=True)
     return runs
 
 
@@ -362,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         config = replace(pacs.config, calling_ae="PACSFLOW")
         resolved = _resolution(config, args.accessions)
         retrieval = compare_retrieval(config, studies, ports, Path(temp), args.repeat)
-    entries = _entries(resolved, retrieval, args)
+        large = measure_large_object(config, ports, Path(temp))
+    entries = _entries(resolved, retrieval, large, args)
     if not args.no_record:
         for name, entry in entries.items():
             record(name, **entry)
@@ -383,8 +434,8 @@ def _resolution(config: PacsConfig, count: int) -> dict[str, float]:
     return {"pacsflow": pacsflow, "findscu": findscu, "missed": len(wrong)}
 
 
-def _entries(resolved: dict[str, float], retrieval: dict[str, list[Run]], args: argparse.Namespace
-             ) -> dict[str, dict[str, Any]]:
+def _entries(resolved: dict[str, float], retrieval: dict[str, list[Run]], large: dict[str, Run],
+             args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     dcmtk = _median_run(retrieval["dcmtk"])
     common = {"cores": os.cpu_count(), "instances": dcmtk.files, "megabytes": round(dcmtk.bytes / 1e6, 1),
               "rounds": args.repeat, "reference_tool": "DCMTK movescu + storescp (+B, -pdu 131072), TCP_NODELAY=1",
@@ -403,6 +454,9 @@ def _entries(resolved: dict[str, float], retrieval: dict[str, list[Run]], args: 
                          "peak_rss_mb": round(run.peak_rss / 2**20, 1),
                          "peak_rss_mb_per_study": {f"{study['completed']} instances": study["peak_rss_mb"]
                                                    for study in run.detail["per_study"]},
+                         "peak_rss_mb_one_large_instance": round(large[method].peak_rss / 2**20, 1),
+                         "reference_peak_rss_mb_one_large_instance": round(large["dcmtk"].peak_rss / 2**20, 1),
+                         "large_instance_mb": round(large[method].bytes / 1e6, 1),
                          "all_rounds_mb_per_s": [round(r.mb_per_s, 1) for r in retrieval[method]],
                          "reference_all_rounds_mb_per_s": [round(r.mb_per_s, 1) for r in retrieval["dcmtk"]],
                          **common}
