@@ -187,7 +187,8 @@ def resolve_findscu(config: PacsConfig, ans: Sequence[str], expected: dict[str, 
             ["findscu", "-v", "-S", "-aet", "FINDSCU", "-aec", config.called_ae, "-k", "QueryRetrieveLevel=STUDY",
              "-k", f"AccessionNumber={an}", "-k", "StudyInstanceUID", config.host, str(config.port)],
             env=NODELAY_ENV, capture_output=True, text=True)
-        wrong += completed.returncode != 0 or expected[an] not in _findscu_study_uids(completed.stdout + completed.stderr)
+        answered = _findscu_study_uids(completed.stdout + completed.stderr)
+        wrong += completed.returncode != 0 or expected[an] not in answered
     elapsed = time.perf_counter() - started
     if wrong:
         raise SystemExit(f"resolve_an: findscu resolved {wrong} of {len(ans)} ANs wrongly")

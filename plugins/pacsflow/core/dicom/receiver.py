@@ -24,7 +24,8 @@ from pacsflow.core.dicom.config import ReceiverConfig
 from pacsflow.core.dicom.dcmtk_receiver import DcmtkStoreReceiver
 from pacsflow.core.dicom.header import HeaderProblem, file_uids
 from pacsflow.core.dicom.results import ReceiverStats
-from pacsflow.core.dicom.transport import discard_unfinished_stream, server_tls, stream_error, stream_to, tune_for_latency
+from pacsflow.core.dicom.transport import (discard_unfinished_stream, server_tls, stream_error, stream_to,
+                                          tune_for_latency)
 from pacsflow.core.storage import StorageLayout
 
 log = logging.getLogger("pacsflow.receiver")
@@ -72,7 +73,8 @@ def _store(event: Any, layout: StorageLayout) -> tuple[int, str, int]:
         size = streamed.stat().st_size
         layout.commit(streamed, str(uids.study), str(uids.series), str(uids.sop))
     except OSError as error:
-        reason = "disk full" if error.errno in _DISK_FULL else f"write failed ({errno.errorcode.get(error.errno or 0, 'I/O')})"
+        code = errno.errorcode.get(error.errno or 0, "I/O")
+        reason = "disk full" if error.errno in _DISK_FULL else f"write failed ({code})"
         log.error("cannot store an instance: %s", reason)
         return OUT_OF_RESOURCES, reason, 0
     return STORED, "", size
