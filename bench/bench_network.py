@@ -41,8 +41,8 @@ import psutil
 from bench.results import record
 from pacsflow.core.dicom.client import PacsClient
 from pacsflow.core.dicom.config import PacsConfig, ReceiverConfig
-from pacsflow.core.dicom.dcmtk_receiver import DcmtkStoreReceiver, settle_receivers
-from pacsflow.core.dicom.receiver import StoreReceiver
+from pacsflow.core.dicom.dcmtk_receiver import DcmtkStoreReceiver
+from pacsflow.core.dicom.receiver import StoreReceiver, open_receiver
 from pacsflow.core.resolve import Resolution, ResolutionSettings, Rule, resolve_accession
 from pacsflow.core.ris import RisExam
 from pacsflow.core.storage import StorageLayout
@@ -292,7 +292,7 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
     config = PacsConfig(**job["config"])
     layout = StorageLayout(Path(job["out"]))
     per_study: list[dict[str, Any]] = []
-    with _receiver(job, layout) as stats_of_receiver, PacsClient(config) as client:
+    with _receiver(job, layout) as receiver, PacsClient(config) as client:
         client.echo()  # associate before the clock starts, as movescu's association is cheap too
         started = time.perf_counter()
         for study_uid in job["studies"]:
@@ -301,27 +301,29 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
             keys = {"StudyInstanceUID": study_uid}
             report = (client.get("STUDY", keys, layout) if job["method"] == "c-get"
                       else client.move("STUDY", keys, PACSFLOW_AE))
-            settle_receivers()  # the DCMTK backend's staged files into the layout (no-op for the others)
+            if receiver is not None:
+                receiver.settle()  # the DCMTK backend's staged files into the layout (no-op for StoreReceiver)
             if report.completed != _stored_count(layout, study_uid):  # move() returns once all is in the layout
                 raise SystemExit(f"{job['method']}: the PACS sent {report.completed}, the layout holds fewer")
             per_study.append({"seconds": round(time.perf_counter() - begun, 3), "completed": report.completed,
                               "failed": report.failed, "peak_rss_mb": round(_peak_rss() / 2**20, 1)})
         seconds = time.perf_counter() - started
-        stats = client.get_stats if job["method"] == "c-get" else stats_of_receiver()
+        stats = client.get_stats if receiver is None else receiver.stats
     if stats.rejected:
         raise SystemExit(f"the receiver refused {stats.rejected} instances: {stats.rejected_reasons}")
     return {"seconds": seconds, "per_study": per_study, "stored": stats.stored}
 
 
 @contextmanager
-def _receiver(job: dict[str, Any], layout: StorageLayout) -> Iterator[Callable[[], Any]]:
+def _receiver(job: dict[str, Any], layout: StorageLayout) -> Iterator[StoreReceiver | DcmtkStoreReceiver | None]:
+    """The move destination of a C-MOVE job (None for C-GET, which stores on the client's association)."""
     if job["method"] == "c-get":
-        yield lambda: None
+        yield None
         return
-    config = ReceiverConfig(ae_title=PACSFLOW_AE, port=job["port"], allowed_calling_aes=(job["config"]["called_ae"],))
-    backend: Any = DcmtkStoreReceiver if job["method"] == "c-move-dcmtk" else StoreReceiver
-    with backend(config, layout) as receiver:
-        yield lambda: receiver.stats
+    config = ReceiverConfig(ae_title=PACSFLOW_AE, port=job["port"], allowed_calling_aes=(job["config"]["called_ae"],),
+                            backend="dcmtk" if job["method"] == "c-move-dcmtk" else "pynetdicom")
+    with open_receiver(config, layout) as receiver:
+        yield receiver
 
 
 def _stored_count(layout: StorageLayout, study_uid: str) -> int:
@@ -429,8 +431,8 @@ def _resolution(config: PacsConfig, count: int) -> dict[str, float]:
     findscu = resolve_findscu(config, ans, expected)
     print(f"  resolve_an: pacsflow {pacsflow:.0f} AN/s, findscu per AN {findscu:.0f} AN/s", flush=True)
     if wrong:
-        # Recorded, not fatal: pynetdicom 3.0.4 can hand a C-FIND's pending match to its idle reactor thread
-        # (a race in send_c_find's pause), so an existing AN comes back "not found" (see bench/README.md).
+        # Recorded, not fatal. pynetdicom 3.0.4 can hand a C-FIND's pending match to its idle reactor thread
+        # (pynetdicom#875); pacsflow puts such a message back (core/dicom/transport.py), so a miss is a regression.
         print(f"  WARNING: pacsflow missed {len(wrong)} of {count} ANs: {wrong[:3]}", flush=True)
     return {"pacsflow": pacsflow, "findscu": findscu, "missed": len(wrong)}
 

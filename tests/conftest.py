@@ -24,6 +24,15 @@ os.environ.update(airflow_environment(AIRFLOW_HOME))
 os.environ.setdefault("PACSFLOW_LOG_KEY", "test-key-not-secret-0123456789")
 
 
+def fits_latin1(text: str) -> bool:
+    """Whether a name survives a PACS that answers in ISO_IR 100."""
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -28,6 +28,7 @@ from pacsflow.demo.hospital import (
     load_ground_truth,
     plan_hospital,
 )
+from tests.conftest import fits_latin1
 
 SEED = 5
 SIZE = 40
@@ -286,15 +287,7 @@ def test_patient_names_decode_to_the_ris_name_in_every_character_set(headers, ri
         encoding = {None: "ascii", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}[charset]
         assert raw.decode(encoding) == name_of[ds.PatientID]
     assert set(charsets) == {None, "ISO_IR 100", "ISO_IR 192"}
-    assert any(not name.isascii() and not _latin1(name) for name in name_of.values())
-
-
-def _latin1(text: str) -> bool:
-    try:
-        text.encode("latin-1")
-    except UnicodeEncodeError:
-        return False
-    return True
+    assert any(not name.isascii() and not fits_latin1(name) for name in name_of.values())
 
 
 # -- RIS ---------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ A file only ever appears at its final path by atomic rename after fsync, so "pre
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -16,6 +17,7 @@ from pacsflow.core.uids import require_uid
 
 SUFFIX = ".dcm"
 TEMP_PREFIX = ".incoming-"
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,13 @@ class StorageLayout:
                 path.unlink(missing_ok=True)
                 removed += 1
         return removed
+
+
+def write_failure_reason(error: OSError) -> str:
+    """Why an instance could not be stored, as a receiver records it (an errno name, never a path)."""
+    if error.errno in _DISK_FULL:
+        return "disk full"
+    return f"write failed ({errno.errorcode.get(error.errno or 0, 'I/O')})"
 
 
 def fsync_path(path: Path) -> None:

@@ -15,7 +15,7 @@ from pacsflow.core.dicom.receiver import StoreReceiver
 from pacsflow.core.storage import StorageLayout
 from pacsflow.demo.sandbox import orthanc
 from tests.core.dicom.conftest import RECEIVER_AE, UNWELCOMING_AE
-from tests.conftest import free_port
+from tests.conftest import fits_latin1, free_port
 
 
 def test_echo_and_one_association_for_many_queries(pacs):
@@ -163,17 +163,9 @@ def test_latin1_answers_are_decoded(files, headers, tmp_path):
             PacsClient(latin1.config) as client:
         latin1.load(files)
         found = client.find("STUDY", {"PatientID": "", "PatientName": "", "StudyInstanceUID": ""}).matches
-    representable = {pid: name for pid, name in expected.items() if _fits_latin1(name)}
+    representable = {pid: name for pid, name in expected.items() if fits_latin1(name)}
     assert any(not name.isascii() for name in representable.values())
     assert {m["PatientID"]: m["PatientName"] for m in found if m["PatientID"] in representable} == representable
-
-
-def _fits_latin1(text: str) -> bool:
-    try:
-        text.encode("latin-1")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def test_values_come_back_as_plain_python(pacs, a_series):
@@ -217,7 +209,7 @@ def test_qrscp_levels_agree_with_the_files(qr_pacs, headers, a_series):
 
 def test_qrscp_latin1_names_are_decoded(qr_pacs, headers):
     # qrscp sends no SpecificCharacterSet: Latin-1 names survive (pydicom's default), UTF-8-only ones do not.
-    expected = {h.PatientID: str(h.PatientName) for h in headers if _fits_latin1(str(h.PatientName))}
+    expected = {h.PatientID: str(h.PatientName) for h in headers if fits_latin1(str(h.PatientName))}
     with PacsClient(qr_pacs.config) as client:
         found = client.find("STUDY", {"PatientID": "", "PatientName": ""}).matches
     assert {m["PatientID"]: m["PatientName"] for m in found if m["PatientID"] in expected} == expected

@@ -1,7 +1,7 @@
 """A C-STORE receiver backend that lets DCMTK's ``storescp`` do the network work (Linux).
 
-pynetdicom's receive path tops out at about half of DCMTK's throughput on one association even with a handler
-that does nothing (bench/README.md), so this backend hands each accepted association to a ``storescp --inetd``
+pynetdicom's receive path reaches about a quarter of DCMTK's throughput, bound by its per-instance round trip
+(bench/README.md), so this backend hands each accepted association to a ``storescp --inetd``
 process and keeps everything that matters on pacsflow's side:
 
 - the listening socket is pacsflow's: bound to ``config.host``, peer addresses and calling AE titles checked
@@ -11,9 +11,9 @@ process and keeps everything that matters on pacsflow's side:
 - an ingest thread validates each complete staged file (UIDs, file meta vs data set), fsyncs it and renames it
   to ``<root>/<Study>/<Series>/<SOP>.dcm``, then fsyncs the directories. Nothing is in the layout before it is
   durable, exactly as with ``StoreReceiver``;
-- ``settle_receivers()`` (or ``settle()``) after the PACS's final C-MOVE response: every C-STORE of the move
-  has been answered by then, so every staged file is complete and is in the layout when it returns. Call it
-  before verifying a move against the layout (``PacsClient.move`` is the place: a no-op without this backend).
+- ``settle()`` after the PACS's final C-MOVE response: every C-STORE of the move has been answered by then, so
+  every staged file is complete and is in the layout when it returns. The pipeline calls it before verifying a
+  move against the layout (``pipeline.Destination``; ``StoreReceiver.settle`` is a no-op).
 
 The one difference: ``storescp`` answers success once the file is written, before pacsflow's fsync. A crash in
 between loses instances the PACS counts as sent; they are absent from the layout, so verification re-fetches them.
@@ -31,7 +31,6 @@ import subprocess
 import tempfile
 import threading
 import time
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,22 +40,14 @@ from pacsflow.core.dicom.errors import PacsConfigurationError
 from pacsflow.core.dicom.header import file_uids
 from pacsflow.core.dicom.results import ReceiverStats
 from pacsflow.core.processes import stop_process
-from pacsflow.core.storage import StorageLayout, fsync_path
+from pacsflow.core.storage import StorageLayout, fsync_path, write_failure_reason
 
 log = logging.getLogger("pacsflow.receiver.dcmtk")
 
 STAGING_DIR = ".staging-dcmtk"  # inside the layout root; readers of the layout skip dot entries
 _ASSOCIATE_RQ, _ASSOCIATE_RQ_HEADER = 0x01, 74  # PDU type; bytes up to and including the calling AE title
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 # fsync waits on the disk with the GIL released: several in flight let the file system commit them together.
 INGEST_THREADS = 4
-_RUNNING: weakref.WeakSet[DcmtkStoreReceiver] = weakref.WeakSet()
-
-
-def settle_receivers() -> None:
-    """Make durable, in the layout, whatever the running DCMTK receivers of this process have staged."""
-    for receiver in list(_RUNNING):
-        receiver.settle()
 
 
 def _associate_rj(result: int, source: int, reason: int) -> bytes:
@@ -88,8 +79,7 @@ class DcmtkStoreReceiver:
         self._listener: socket.socket | None = None
         self._associations: list[_Association] = []
         self._lock = threading.Lock()  # guards _associations
-        self._ingest_lock = threading.Lock()  # one ingest pass at a time
-        self._stats_lock = threading.Lock()
+        self._ingest_lock = threading.Lock()  # one ingest pass at a time (it alone writes self.stats)
         self._pool: ThreadPoolExecutor | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -125,11 +115,9 @@ class DcmtkStoreReceiver:
                          for loop in (self._accept_loop, self._ingest_loop)]
         for thread in self._threads:
             thread.start()
-        _RUNNING.add(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        _RUNNING.discard(self)
         self._stop.set()
         for thread in self._threads:
             thread.join()
@@ -268,18 +256,16 @@ class DcmtkStoreReceiver:
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, final)
         except OSError as error:
-            reason = "disk full" if error.errno in _DISK_FULL else "write failed"
+            reason = write_failure_reason(error)
             log.error("cannot store an instance: %s", reason)
             return self._reject(path, reason)
-        with self._stats_lock:
-            self.stats.stored += 1
-            self.stats.bytes_stored += size
+        self.stats.stored += 1
+        self.stats.bytes_stored += size
         return final.parent
 
     def _reject(self, path: Path, reason: str) -> None:
         path.unlink(missing_ok=True)
-        with self._stats_lock:
-            self.stats.reject(reason)
+        self.stats.reject(reason)
         log.warning("refused a received instance: %s", reason)
         return None
 

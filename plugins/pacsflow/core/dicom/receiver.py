@@ -9,7 +9,6 @@ and renames it into place. The bytes stay as received (no decode and re-encode).
 
 from __future__ import annotations
 
-import errno
 import logging
 import threading
 import time
@@ -26,7 +25,7 @@ from pacsflow.core.dicom.header import HeaderProblem, file_uids
 from pacsflow.core.dicom.results import ReceiverStats
 from pacsflow.core.dicom.transport import (discard_unfinished_stream, server_tls, stream_error, stream_to,
                                           tune_for_latency)
-from pacsflow.core.storage import StorageLayout
+from pacsflow.core.storage import StorageLayout, write_failure_reason
 
 log = logging.getLogger("pacsflow.receiver")
 
@@ -34,7 +33,6 @@ STORED = 0x0000
 OUT_OF_RESOURCES = 0xA700
 DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _PROBLEM_STATUS = {HeaderProblem.INVALID_UID: CANNOT_UNDERSTAND, HeaderProblem.SOP_INSTANCE_MISMATCH: DATASET_MISMATCH}
 DRAIN_SECONDS = 10.0
 
@@ -73,8 +71,7 @@ def _store(event: Any, layout: StorageLayout) -> tuple[int, str, int]:
         size = streamed.stat().st_size
         layout.commit(streamed, str(uids.study), str(uids.series), str(uids.sop))
     except OSError as error:
-        code = errno.errorcode.get(error.errno or 0, "I/O")
-        reason = "disk full" if error.errno in _DISK_FULL else f"write failed ({code})"
+        reason = write_failure_reason(error)
         log.error("cannot store an instance: %s", reason)
         return OUT_OF_RESOURCES, reason, 0
     return STORED, "", size

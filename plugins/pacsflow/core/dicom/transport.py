@@ -92,18 +92,18 @@ class _StreamedDataSet:
         return bool(self._handle.closed)
 
     def write(self, data: bytes) -> int:
-        self._guarded(self._handle.write, data)
+        if self.error is None:
+            self._keep_error(self._handle.write, data)
         return len(data)
 
     def flush(self) -> None:
-        self._guarded(self._handle.flush)
+        if self.error is None:
+            self._keep_error(self._handle.flush)
 
     def close(self) -> None:
-        self._guarded(self._handle.close)
+        self._keep_error(self._handle.close)
 
-    def _guarded(self, operation: Any, *args: Any) -> None:
-        if self.error is not None and operation != self._handle.close:
-            return
+    def _keep_error(self, operation: Any, *args: Any) -> None:
         try:
             operation(*args)
         except OSError as error:
