@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
+from pacsflow.core.errors import ConfigurationError
 
 
 class DropReason(StrEnum):
@@ -25,7 +26,7 @@ _RULE_KEYS = frozenset(
 )
 
 
-class SeriesRulesError(ValueError):
+class SeriesRulesError(ConfigurationError):
     """The series rules configuration is malformed; the message names the key to fix."""
 
 

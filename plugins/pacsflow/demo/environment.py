@@ -39,7 +39,7 @@ def connection_environment(*, ris_url: str, audit_url: str, pacs: PacsConfig, re
             "receiver_ae": receiver.ae_title,
             "receiver_host": receiver.host,
             "receiver_port": receiver.port,
-            "receiver_embedded": receiver.embedded,
+            "receiver_mode": receiver.mode,
             "allowed_calling_aes": ",".join(receiver.allowed_calling_aes),
             **({"result_cap": pacs.result_cap} if pacs.result_cap else {}),
         },

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from airflow.sdk import BaseHook
-from sqlalchemy import create_engine
 from sqlalchemy.engine import URL, Engine, make_url
+
+from pacsflow.core.db import make_engine
 
 # Airflow connection types -> SQLAlchemy dialects for connections given as fields, not as a URL.
 _DIALECTS = {
@@ -44,4 +45,4 @@ class DatabaseHook(BaseHook):
                           host=conn.host or None, port=conn.port or None, database=conn.schema or None)
 
     def get_conn(self) -> Engine:
-        return create_engine(self.sqlalchemy_url(), pool_pre_ping=True)
+        return make_engine(self.sqlalchemy_url())
