@@ -128,7 +128,7 @@ def test_a_run_killed_mid_retrieval_resumes_without_refetching(pacs, hospital, t
     connect = partial(PacsClient, pacs.config)
     with AuditStore.connect(audit_url) as store:
         ctx = RunContext(store, RUN_KEY, Pseudonymizer(b"0123456789abcdef"))
-        extract_cohort(ctx, cohort(hospital), batch_size=100)
+        extract_cohort(ctx, lambda: cohort(hospital), batch_size=100)
         batches = resolve_cohort(ctx, connect, ResolutionSettings.from_mapping(CONF["resolution"]), 100)
     wanted = expected_instances(truth)
 
@@ -168,7 +168,7 @@ def test_a_pacs_that_cannot_reach_the_receiver_fails_the_task_with_the_fix(pacs,
     connect = partial(PacsClient, pacs.config)
     with AuditStore.connect(f"sqlite:///{tmp_path / 'audit.sqlite'}") as store:
         ctx = RunContext(store, "library/unknown-destination", Pseudonymizer(b"0123456789abcdef"))
-        extract_cohort(ctx, cohort(hospital), batch_size=100)
+        extract_cohort(ctx, lambda: cohort(hospital), batch_size=100)
         batches = resolve_cohort(ctx, connect, ResolutionSettings.from_mapping(CONF["resolution"]), 100)
         with pytest.raises(PacsConfigurationError, match="move destination"):
             retrieve_batch(ctx, batches[0], connect, rules=SeriesRules.from_mapping(CONF["series_rules"]),
@@ -181,7 +181,7 @@ def test_the_dcmtk_receiver_backend_retrieves_the_cohort_verified(pacs, hospital
     incoming = partial(open_receiver, replace(receiver, backend="dcmtk"), layout)
     with AuditStore.connect(f"sqlite:///{tmp_path / 'audit.sqlite'}") as store:
         ctx = RunContext(store, "library/dcmtk-backend", Pseudonymizer(b"0123456789abcdef"))
-        extract_cohort(ctx, cohort(hospital), batch_size=100)
+        extract_cohort(ctx, lambda: cohort(hospital), batch_size=100)
         batches = resolve_cohort(ctx, connect, ResolutionSettings.from_mapping(CONF["resolution"]), 100)
         counts = [retrieve_batch(ctx, batch, connect, rules=SeriesRules.from_mapping(CONF["series_rules"]),
                                  layout=layout, destination_ae=receiver.ae_title, receiver=incoming)

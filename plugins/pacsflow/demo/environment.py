@@ -11,6 +11,8 @@ from pathlib import Path
 from pacsflow.core.dicom.config import PacsConfig, ReceiverConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
+DEMO_DEFINITION = REPO_ROOT / "include" / "extractions" / "demo.yaml"
+DEMO_DAG_ID = "pacsflow__demo"
 
 
 def airflow_environment(airflow_home: Path) -> dict[str, str]:
