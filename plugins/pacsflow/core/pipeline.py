@@ -426,7 +426,6 @@ def export_metadata(ctx: RunContext, layout: StorageLayout, metadata_dir: Path, 
                       rejected=len(report.rejected))
     for reason, count in Counter(reason for _, reason in report.rejected).items():
         log.warning("export skipped %d file(s): %s", count, reason)
-    log.info("export: %s", _readable(counts))
     return counts
 
 

@@ -34,7 +34,7 @@ class Progress:
         rate = self.done / elapsed if elapsed > 0 else 0.0
         parts = [f"{self.stage}: {self.done}/{self.total} {self.unit}"]
         if self.bytes:
-            parts.append(f"{self.bytes / 1e6:.1f} MB at {self.bytes / 1e6 / max(elapsed, 1e-9):.1f} MB/s")
+            parts.append(f"{_megabytes(self.bytes)} at {_megabytes(self.bytes / max(elapsed, 1e-9))}/s")
         parts.append(f"elapsed {_clock(elapsed)}")
         if 0 < self.done < self.total and rate > 0:
             parts.append(f"ETA {_clock((self.total - self.done) / rate)}")
@@ -42,6 +42,10 @@ class Progress:
             text = detail if isinstance(detail, str) else ", ".join(f"{k} {v}" for k, v in sorted(detail.items()))
             parts.append(f"({text})")
         return ", ".join(parts)
+
+
+def _megabytes(size: float) -> str:
+    return f"{size / 1e6:.{1 if size >= 1e7 else 2}f} MB"
 
 
 def _clock(seconds: float) -> str:
