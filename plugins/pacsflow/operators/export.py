@@ -15,7 +15,8 @@ METADATA_DIR = "metadata"
 
 
 class ExportMetadataOperator(PacsflowOperator):
-    """Writes ``<data_root>/metadata`` (Hive-partitioned by study date); re-running a run replaces its rows.
+    """Writes ``<data_root>/metadata/<dag_id>`` (Hive-partitioned by study date); re-running a run replaces its
+    rows (extractions keep their own folders: two DAGs' runs can share a run id).
     Runs once every retrieval attempt has ended (also when one failed: what was retrieved is exported); skipped
     when the run has no cohort."""
 
@@ -23,5 +24,6 @@ class ExportMetadataOperator(PacsflowOperator):
         with self.run_context(context) as ctx:
             if not StageBook(ctx.store.attempts(ctx.run_key)).succeeded(Stage.COHORT):
                 raise AirflowSkipException("the run has no cohort: nothing to export")
-            counts = export_metadata(ctx, self.layout(), self.root / METADATA_DIR, context["run_id"])
-        return {**counts, "path": str(self.root / METADATA_DIR)}
+            directory = self.root / METADATA_DIR / context["dag"].dag_id
+            counts = export_metadata(ctx, self.layout(), directory, context["run_id"])
+        return {**counts, "path": str(directory)}

@@ -17,7 +17,7 @@ from pacsflow.operators.base import PacsflowOperator
 class AuditSummaryOperator(PacsflowOperator):
     """The run's only leaf, so its state is the run's state. It runs once every other task has ended (retries
     included), settles outcomes from the audit, exports the run's audit rows to
-    ``<data_root>/audit/<run>/*.parquet`` and fails, with the stage and reason, unless every stage succeeded
+    ``<data_root>/audit/<dag_id>/<run>/*.parquet`` and fails, with the stage and reason, unless every stage succeeded
     and every AN is accounted for."""
 
     def run_stage(self, context: Context) -> dict[str, Any]:
@@ -26,7 +26,8 @@ class AuditSummaryOperator(PacsflowOperator):
                 raise AirflowFailException("the run never reached the audit database: its first task failed "
                                            "before recording it (see the ris_cohort task log)")
             summary = settle_run(ctx)
-            export_run_audit(ctx.store, ctx.run_key, self.root / "audit" / run_token(context["run_id"]))
+            export_run_audit(ctx.store, ctx.run_key,
+                             self.root / "audit" / context["dag"].dag_id / run_token(context["run_id"]))
         for line in format_summary(summary).splitlines():
             self.log.info("%s", line)
         if not summary.succeeded:
