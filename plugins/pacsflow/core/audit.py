@@ -284,7 +284,13 @@ class AuditStore:
     # -- stage attempts -------------------------------------------------------------------------------
     def begin_attempt(self, run_key: str, stage: Stage, *, batch: int | None = None,
                       try_number: int | None = None) -> int:
+        """Record that a stage attempt started; a run the store has not seen yet (the library called without
+        :meth:`start_run`) is recorded with what its key tells."""
         with self.transaction() as conn:
+            if conn.execute(select(runs.c.run_key).where(runs.c.run_key == run_key)).first() is None:
+                dag_id, _, run_id = run_key.rpartition("/")
+                conn.execute(insert(runs).values(run_key=run_key, dag_id=dag_id or None, run_id=run_id,
+                                                 started_at=utcnow()))
             return int(conn.execute(insert(stage_attempts).values(
                 run_key=run_key, stage=stage.value, batch=batch, try_number=try_number, started_at=utcnow(),
                 state=AttemptState.RUNNING.value)).inserted_primary_key[0])
