@@ -7,14 +7,15 @@ network, no database at parse time).
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+import re
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from airflow.sdk import DAG, Asset, CronDataIntervalTimetable
 
 from pacsflow.core.settings import DefinitionError, ExtractionDefinition, definitions_dir, load_definition
 from pacsflow.notifications import RunFailedWebhook
-from pacsflow.operators.cohort import RisCohortOperator
+from pacsflow.operators.cohort import InvalidDefinitionOperator, RisCohortOperator
 from pacsflow.operators.export import ExportMetadataOperator
 from pacsflow.operators.resolve import ResolveAccessionsOperator
 from pacsflow.operators.retrieve import RetrieveStudiesOperator
@@ -24,17 +25,31 @@ log = logging.getLogger("pacsflow")
 
 
 def extraction_dags(include_dir: Path) -> dict[str, DAG]:
-    """Every valid definition's DAG, by DAG id. A broken definition is reported by name and skipped, so it
-    never takes the other projects' DAGs down with it."""
+    """Every definition's DAG, by DAG id. A broken definition never takes the other projects' DAGs down with
+    it: it becomes a DAG tagged ``invalid-definition`` whose page shows the file, the key and the problem, and
+    whose only task fails with them if triggered."""
     dags: dict[str, DAG] = {}
     for path in sorted(definitions_dir(include_dir / "extractions").glob("*.yaml")):
         try:
             definition = load_definition(path)
         except DefinitionError as error:
-            log.error("pacsflow extraction definition skipped: %s", error)
-            continue
-        dags[definition.dag_id] = build_dag(definition, include_dir)
+            log.error("pacsflow extraction definition is invalid: %s", error)
+            dag = invalid_definition_dag(path, error)
+        else:
+            dag = build_dag(definition, include_dir)
+        dags[dag.dag_id] = dag
     return dags
+
+
+def invalid_definition_dag(path: Path, error: DefinitionError) -> DAG:
+    dag_id = "pacsflow__" + re.sub(r"[^a-z0-9_]+", "_", path.stem.lower())
+    with DAG(dag_id=dag_id, description=f"INVALID DEFINITION {path.name}: fix the file", schedule=None,
+             start_date=datetime(2020, 1, 1, tzinfo=timezone.utc), tags=["pacsflow", "invalid-definition"],
+             doc_md=f"# Invalid extraction definition\n\n`{path.name}`: {error}\n\nFix the file; this DAG "
+                    "then becomes the extraction it describes.",
+             default_args={"owner": "pacsflow", "retries": 0}) as dag:
+        InvalidDefinitionOperator(task_id="invalid_definition", problem=str(error))
+    return dag
 
 
 def build_dag(definition: ExtractionDefinition, include_dir: Path) -> DAG:

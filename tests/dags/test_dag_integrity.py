@@ -31,6 +31,7 @@ def test_every_definition_becomes_a_dag(dagbag):
 
 def test_dags_have_owner_tags_retries_and_timeouts(dagbag):
     for dag in dagbag.dags.values():
+        assert "invalid-definition" not in dag.tags, dag.doc_md
         assert "pacsflow" in dag.tags and dag.doc_md, dag.dag_id
         assert dag.dagrun_timeout is not None, dag.dag_id
         for task in dag.tasks:
@@ -81,8 +82,12 @@ def test_a_broken_definition_is_named_and_leaves_the_others_importable(tmp_path,
     monkeypatch.setenv("PACSFLOW_EXTRACTIONS_DIR", str(tmp_path))
     with caplog.at_level(logging.ERROR, logger="pacsflow"):
         bag = DagBag(dag_folder=str(REPO_ROOT / "dags"))
-    assert bag.import_errors == {} and DEMO_DAG_ID in bag.dag_ids and "pacsflow__broken" not in bag.dag_ids
-    assert "broken.yaml: retrieval.batch_size: Input should be greater than or equal to 1" in caplog.text
+    problem = "broken.yaml: retrieval.batch_size: Input should be greater than or equal to 1"
+    assert bag.import_errors == {} and problem in caplog.text
+    assert [task.task_id for task in bag.dags[DEMO_DAG_ID].tasks][0] == "ris_cohort"  # the others are whole
+    broken = bag.dags["pacsflow__broken"]
+    assert "invalid-definition" in broken.tags and problem in broken.doc_md
+    assert broken.timetable.can_be_scheduled is False and [t.task_id for t in broken.tasks] == ["invalid_definition"]
 
 
 def test_parsing_the_dag_file_does_no_work(tmp_path):

@@ -7,7 +7,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk import Context
+from airflow.sdk import BaseOperator, Context
+from airflow.sdk.exceptions import AirflowFailException
 
 from pacsflow.core.errors import ConfigurationError
 from pacsflow.core.pipeline import extract_cohort
@@ -56,6 +57,17 @@ class RisCohortOperator(PacsflowOperator):
             yield from query_cohort(engine, sql, params=self.cohort_params, **bound)
         finally:
             engine.dispose()
+
+
+class InvalidDefinitionOperator(BaseOperator):
+    """Stands for the stages of an extraction whose definition does not validate: fails with the problem."""
+
+    def __init__(self, *, problem: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.problem = problem
+
+    def execute(self, context: Context) -> None:
+        raise AirflowFailException(f"the extraction definition is invalid: {self.problem}")
 
 
 def _checked_interval(start: datetime | None, end: datetime | None) -> tuple[datetime, datetime]:
