@@ -1,4 +1,4 @@
-"""``pacsflow`` command line: run summaries from the audit database.
+"""``pacsflow`` command line: run summaries from the audit database, and a dry run of a definition's cohort.
 
 Exit codes of ``pacsflow summary``: 0 the run succeeded, 1 it failed (the state line says at which stage and
 why), 2 no such run, 3 the run is still in progress. The receiver service is ``python -m pacsflow.core.dicom``.
@@ -9,9 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
 
 from pacsflow.core.audit import AttemptState, AuditStore
+from pacsflow.core.db import make_engine
+from pacsflow.core.errors import ConfigurationError
 from pacsflow.core.report import format_summary
+from pacsflow.core.ris import load_template, query_cohort
+from pacsflow.core.settings import load_definition
 
 EXIT_FAILED, EXIT_UNKNOWN, EXIT_RUNNING = 1, 2, 3
 
@@ -25,7 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--run-key", help="'<dag_id>/<run_id>'")
     which.add_argument("--dag-id", help="the latest run of this DAG (e.g. pacsflow__demo)")
     summary.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    cohort = commands.add_parser("cohort", help="dry run: a definition's cohort for one interval, nothing retrieved")
+    cohort.add_argument("definition", type=Path, help="an extraction definition (include/extractions/*.yaml)")
+    cohort.add_argument("--ris-url", required=True, help="SQLAlchemy URL of the RIS database")
+    cohort.add_argument("--start", required=True, type=_utc, help="interval start, ISO 8601 (UTC if no offset)")
+    cohort.add_argument("--end", required=True, type=_utc, help="interval end (exclusive)")
+    cohort.add_argument("--sql-dir", type=Path, help="template folder (default: ../sql beside the definition)")
     args = parser.parse_args(argv)
+    if args.command == "cohort":
+        return dry_run(args.definition, args.ris_url, args.start, args.end, args.sql_dir)
 
     with AuditStore.connect(args.audit_url) as store:
         try:
@@ -37,6 +52,39 @@ def main(argv: list[str] | None = None) -> int:
     if result.verdict.state == AttemptState.RUNNING:
         return EXIT_RUNNING
     return 0 if result.succeeded else EXIT_FAILED
+
+
+def dry_run(path: Path, ris_url: str, start: datetime, end: datetime, sql_dir: Path | None) -> int:
+    """What the cohort stage would bind and count for ``[start, end)``; counts only, nothing stored."""
+    try:
+        definition = load_definition(path)
+        sql = load_template(definition.cohort.sql_template, sql_dir or path.resolve().parent.parent / "sql")
+    except ConfigurationError as error:
+        print(f"pacsflow cohort: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    bound_start, bound_end = (moment.astimezone(timezone.utc).replace(tzinfo=None) for moment in (start, end))
+    print(f"template      {definition.cohort.sql_template}")
+    print(f"interval      {bound_start} .. {bound_end} (naive UTC datetime; day text {bound_start:%Y%m%d} .. "
+          f"{bound_end:%Y%m%d})")
+    engine = make_engine(ris_url)
+    try:
+        accessions = Counter(exam.accession_number for exam in query_cohort(
+            engine, sql, interval_start=bound_start, interval_end=bound_end, params=definition.cohort.params))
+    finally:
+        engine.dispose()
+    rows = sum(accessions.values())
+    print(f"RIS rows      {rows}\ndistinct ANs  {len(accessions)}\nduplicates    {rows - len(accessions)}")
+    if len(accessions) > definition.cohort.max_size:
+        print(f"the cohort is over cohort.max_size ({definition.cohort.max_size}): a run would fail")
+    if not accessions:
+        print("the cohort is empty: if the interval holds exams, check how the template compares dates "
+              "(README: cohort templates)")
+    return 0
+
+
+def _utc(value: str) -> datetime:
+    moment = datetime.fromisoformat(value)
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@ from datetime import datetime
 
 import pytest
 from sqlalchemy import Column, DateTime, MetaData, String, Table, create_engine, insert
+from sqlalchemy.exc import ProgrammingError
 
 from pacsflow.core.ris import CohortQueryError, RisExam, load_template, query_cohort
 from pacsflow.demo.environment import REPO_ROOT
@@ -84,3 +85,37 @@ def test_template_without_accession_number_is_refused(tmp_path):
     sql = "SELECT patient_id FROM exams WHERE exam_datetime >= :interval_start AND exam_datetime < :interval_end"
     with pytest.raises(CohortQueryError, match="accession_number"):
         list(query_cohort(engine, sql, params={}, **INTERVAL))
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_ris_with_text_dates_needs_the_day_bounds(backend, tmp_path, request):
+    """'20210215' >= '2021-02-01 00:00:00' is false as text: on SQLite the natural template silently finds
+    nothing (PostgreSQL refuses to compare text with a timestamp); the text-date template (day bounds bound as
+    'YYYYMMDD') finds the interval's exams on both."""
+    url = f"sqlite:///{tmp_path / 'ris.sqlite'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    engine = create_engine(url)
+    metadata = MetaData()
+    exams = Table("exams_text_dates", metadata, Column("accession_number", String(16), primary_key=True),
+                  Column("patient_id", String(64)), Column("study_instance_uid", String(64)),
+                  Column("exam_date", String(8)), Column("modality", String(16)))
+    metadata.drop_all(engine)
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(insert(exams), [
+            {"accession_number": "T1", "exam_date": "20210215", "modality": "CT"},
+            {"accession_number": "T2", "exam_date": "20210131", "modality": "CT"},  # the day before
+            {"accession_number": "T3", "exam_date": "20210301", "modality": "CT"},  # the end: excluded
+            {"accession_number": "T4", "exam_date": "20210228", "modality": "CT"},
+        ])
+    february = {"interval_start": datetime(2021, 2, 1), "interval_end": datetime(2021, 3, 1)}
+    naive = ("SELECT accession_number FROM exams_text_dates "
+             "WHERE exam_date >= :interval_start AND exam_date < :interval_end")
+    if backend == "sqlite":
+        assert list(query_cohort(engine, naive, params={}, **february)) == []
+    else:
+        with pytest.raises(ProgrammingError):
+            list(query_cohort(engine, naive, params={}, **february))
+    found = query_cohort(engine, load_template("cohort_text_dates.sql", SQL_DIR), params={"modalities": ["CT"]},
+                         **february)
+    assert [exam.accession_number for exam in found] == ["T1", "T4"]
+    engine.dispose()

@@ -20,7 +20,9 @@ from pacsflow.core.errors import ConfigurationError
 
 _TEMPLATE_NAME = re.compile(r"[A-Za-z0-9_-]+\.sql")
 _PARAM_NAME = re.compile(r"[a-z_][a-z0-9_]*")
-RESERVED_PARAMS = ("interval_start", "interval_end")
+# Bound by pacsflow from the run's data interval: naive UTC timestamps, and the same as 'YYYYMMDD' day text for
+# a RIS that keeps dates as text (exact for intervals that start and end at midnight).
+RESERVED_PARAMS = ("interval_start", "interval_end", "interval_start_yyyymmdd", "interval_end_yyyymmdd")
 Scalar = str | int | float | bool | date | datetime | None
 
 
@@ -58,7 +60,9 @@ def query_cohort(
     params: Mapping[str, Any],
 ) -> Iterator[RisExam]:
     """Run the cohort query for ``[interval_start, interval_end)`` and stream its rows."""
-    statement = _bind(sql, {**params, "interval_start": interval_start, "interval_end": interval_end})
+    statement = _bind(sql, {**params, "interval_start": interval_start, "interval_end": interval_end,
+                            "interval_start_yyyymmdd": f"{interval_start:%Y%m%d}",
+                            "interval_end_yyyymmdd": f"{interval_end:%Y%m%d}"})
     with engine.connect() as connection:
         result = connection.execution_options(stream_results=True).execute(statement)
         columns = set(result.keys())

@@ -10,6 +10,7 @@ the trigger form), never from a setting, so the runs of a backfill each extract 
 from __future__ import annotations
 
 import os
+import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pacsflow.core.resolve import ResolutionSettings
+from pacsflow.core.ris import RESERVED_PARAMS
 from pacsflow.core.series_rules import SeriesRules
 from pacsflow.core.errors import ConfigurationError
 
@@ -41,6 +43,16 @@ class CohortSettings(_Model):
                                            description="Values bound by name to the template (lists: IN lists)")
     max_size: int = Field(10_000, ge=1, le=1_000_000,
                           description="A cohort larger than this fails the run (an interval typo, not a cohort)")
+
+    @field_validator("params")
+    @classmethod
+    def _names_of_our_own(cls, params: dict[str, CohortValue]) -> dict[str, CohortValue]:
+        for name in params:
+            if name in RESERVED_PARAMS:
+                raise ValueError(f"{name!r} is bound by pacsflow from the run's data interval; choose another name")
+            if not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
+                raise ValueError(f"parameter name {name!r} must be lower_snake_case")
+        return params
 
 
 class RetrievalSettings(_Model):
