@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from pydicom import dcmread
 
 from pacsflow.core.audit import AttemptState, AuditStore, RunSummary, SeriesStatus, Stage
-from pacsflow.core.dicom.errors import PacsConfigurationError, PacsItemError, PacsTransientError
+from pacsflow.core.dicom.errors import PacsConfigurationError, PacsError, PacsItemError, PacsTransientError
 from pacsflow.core.export import export_instances
 from pacsflow.core.dicom.results import FindResult, QueryLevel, RetrieveReport
 from pacsflow.core.errors import ConfigurationError, describe_error
@@ -40,7 +40,11 @@ MAX_BATCHES = 500  # Airflow's max_map_length is 1024; stay well below it
 PACS_DOWN_AFTER = 5
 # Late C-STOREs may arrive after the final C-MOVE response (FIELD_NOTES §6).
 LATE_ARRIVAL_GRACE_SECONDS = 2.0
-FETCH_PASSES = 2  # a second pass re-fetches only what the first one lost
+FETCH_PASSES = 5  # later passes re-fetch only what earlier ones lost
+# Before each pass: a PACS that just lost its stream to the receiver may keep failing on the dead association
+# for a few seconds (Orthanc reuses its associations to a destination for 5 s by default).
+PASS_PAUSES_SECONDS = (0.0, 1.0, 3.0, 6.0, 10.0)
+REFUSALS_TO_GIVE_UP = 3  # passes in a row refused with nothing arriving: the PACS will not send what is missing
 
 
 class PacsClientLike(Protocol):
@@ -307,22 +311,29 @@ def _retrieve_series(ctx: RunContext, client: PacsClientLike, row: dict[str, Any
         clock = time.perf_counter()
         expected = ctx.retry.call(lambda: _expected_instances(client, study_uid, series_uid))
         timings["list_instances"] = time.perf_counter() - clock
-        target = len(expected) if expected else row["pacs_instance_count"]
-        clock = time.perf_counter()
-        present = _fetch_missing(ctx, client, layout, destination, study_uid, series_uid, expected, target)
-        timings["retrieve"] = time.perf_counter() - clock
-        health.ok(retrieved=True)
-    except (PacsTransientError, PacsItemError) as error:
-        if isinstance(error, PacsTransientError):
-            health.failed(error)
-        elif not layout.stored_sop_uids(study_uid, series_uid) - before:
-            health.retrieve_refused(error)
+    except PacsTransientError as error:
+        health.failed(error)
         counts.failed += 1
         ctx.store.update_series(ctx.run_key, study_uid, series_uid, status=SeriesStatus.FAILED, error=str(error),
                                 seconds=timings)
         return
+    target = len(expected) if expected else row["pacs_instance_count"]
+    clock = time.perf_counter()
+    present, problem = _fetch_missing(ctx, client, layout, destination, study_uid, series_uid, expected, target)
+    timings["retrieve"] = time.perf_counter() - clock
+    if problem is None or present - before:
+        health.ok(retrieved=bool(present - before))
+    elif isinstance(problem, PacsTransientError):
+        health.failed(problem)
+    else:
+        health.retrieve_refused(problem)
     received = present & expected if expected else present
     fetched = received - before
+    if not received and problem is not None:
+        counts.failed += 1
+        ctx.store.update_series(ctx.run_key, study_uid, series_uid, status=SeriesStatus.FAILED, error=str(problem),
+                                expected=target, received=0, fetched=0, bytes=0, seconds=timings)
+        return
     if received and _listing_incomplete(row):
         reason = _header_drop_reason(rules, layout, study_uid, series_uid, min(received))
         if reason:  # the PACS's answer hid what the rules needed; the header shows the series is not wanted
@@ -339,7 +350,9 @@ def _retrieve_series(ctx: RunContext, client: PacsClientLike, row: dict[str, Any
     counts.instances_fetched += len(fetched)
     counts.bytes_fetched += _size(layout, study_uid, series_uid, fetched)
     setattr(counts, status.value, getattr(counts, status.value) + 1)
-    ctx.store.update_series(ctx.run_key, study_uid, series_uid, status=status, error=None, expected=target,
+    ctx.store.update_series(ctx.run_key, study_uid, series_uid, status=status,
+                            error=str(problem) if problem is not None and status != SeriesStatus.COMPLETE else None,
+                            expected=target,
                             received=len(received), fetched=len(fetched),
                             bytes=_size(layout, study_uid, series_uid, received), seconds=timings)
 
@@ -371,26 +384,53 @@ def _expected_instances(client: PacsClientLike, study_uid: str, series_uid: str)
 
 
 def _fetch_missing(ctx: RunContext, client: PacsClientLike, layout: StorageLayout, destination: Destination,
-                   study_uid: str, series_uid: str, expected: set[str], target: int | None) -> set[str]:
-    """Retrieve what is not on disk yet, in up to two passes: the whole series when nothing is there,
-    else only the missing instances (by SOP Instance UID when the PACS lists them)."""
+                   study_uid: str, series_uid: str, expected: set[str],
+                   target: int | None) -> tuple[set[str], PacsError | None]:
+    """Retrieve what is not on disk yet, in bounded passes with a growing pause: the whole series when nothing
+    is there, else only the missing instances (by SOP Instance UID when the PACS lists them).
+
+    A retrieve that fails after some sub-operations (Orthanc answers a bare 0xC000 when the stream to the
+    receiver was cut or stalled) is not the end of the series: what arrived stays and the next pass asks for the
+    rest. Passes stop when the series is complete, or when passes in a row were refused and brought nothing:
+    then the last refusal is returned with what is on disk (a partial series keeps its exact counts)."""
     series_keys = {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid}
     present = layout.stored_sop_uids(study_uid, series_uid)
-    for _ in range(FETCH_PASSES):
-        missing = expected - present
-        if (expected and not missing) or (not expected and target is not None and len(present) >= target):
-            break
+    problem: PacsError | None = None
+    fruitless = 0
+    for number in range(FETCH_PASSES):
+        if _complete(present, expected, target):
+            return present, None
+        time.sleep(PASS_PAUSES_SECONDS[number])
+        problem = None
         if not present or not expected:
-            ctx.retry.call(lambda: client.retrieve("SERIES", series_keys, destination_ae=destination.ae_title,
-                                                   layout=layout))
+            problem = _try_retrieve(ctx, client, layout, destination, "SERIES", series_keys)
         else:
-            for sop_uid in sorted(missing):
-                keys = series_keys | {"SOPInstanceUID": sop_uid}
-                ctx.retry.call(lambda: client.retrieve("IMAGE", keys, destination_ae=destination.ae_title,
-                                                       layout=layout))
+            for sop_uid in sorted(expected - present):
+                problem = _try_retrieve(ctx, client, layout, destination, "IMAGE",
+                                        series_keys | {"SOPInstanceUID": sop_uid}) or problem
         destination.settle()
-        present = _await_arrivals(layout, study_uid, series_uid, expected)
-    return present
+        arrived = _await_arrivals(layout, study_uid, series_uid, expected)
+        progress, present = arrived - present, arrived
+        fruitless = fruitless + 1 if problem is not None and not progress else 0
+        if fruitless >= REFUSALS_TO_GIVE_UP:
+            break
+    return present, None if _complete(present, expected, target) else problem
+
+
+def _complete(present: set[str], expected: set[str], target: int | None) -> bool:
+    if expected:
+        return expected <= present
+    return target is not None and len(present) >= target
+
+
+def _try_retrieve(ctx: RunContext, client: PacsClientLike, layout: StorageLayout, destination: Destination,
+                  level: QueryLevel, keys: dict[str, str]) -> PacsError | None:
+    """One C-MOVE/C-GET (retried while transient); its failure, if any. Configuration errors propagate."""
+    try:
+        ctx.retry.call(lambda: client.retrieve(level, keys, destination_ae=destination.ae_title, layout=layout))
+    except (PacsTransientError, PacsItemError) as error:
+        return error
+    return None
 
 
 def _await_arrivals(layout: StorageLayout, study_uid: str, series_uid: str, expected: set[str]) -> set[str]:
