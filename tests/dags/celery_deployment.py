@@ -1,9 +1,12 @@
-"""A real Airflow 3 deployment on loopback, the production way: PostgreSQL metadata database, Redis broker,
-CeleryExecutor, and ``api-server``, ``scheduler``, ``dag-processor`` and ``celery worker`` as separate
-processes sharing one environment (one JWT secret, one execution API URL).
+"""A real Airflow 3 deployment on loopback, the production way and with the topology of docker-compose.yaml:
+PostgreSQL metadata database, Redis broker, CeleryExecutor, and the services of ``pacsflow.deployment``
+(``api-server``, ``scheduler``, ``dag-processor``, ``triggerer``, N ``celery worker`` replicas and the
+pacsflow receiver service) as separate processes, each started with the command the topology names and
+given every environment variable it lists (one JWT secret, one execution API URL, one data root).
 
     with redis_server(tmp / "redis") as broker, postgres_database(server_url, "airflow") as db_url, \\
-            celery_deployment(tmp / "airflow", metadata_url=db_url, broker_url=broker) as airflow:
+            celery_deployment(tmp / "airflow", metadata_url=db_url, broker_url=broker, data_root=tmp / "data",
+                              receiver=ReceiverConfig(port=free_port()), extra_env=connections) as airflow:
         airflow.wait_for_dag("my_dag")
         run_id = airflow.trigger("my_dag", conf={...})
         state = airflow.wait_for_run("my_dag", run_id, timeout=300)
@@ -32,10 +35,13 @@ from typing import Any
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from pacsflow.core.dicom.config import ReceiverConfig
 from pacsflow.demo.environment import airflow_environment
+from pacsflow.deployment import DATA_ROOT_ENV, SERVICES, ServiceSpec, init_steps
 from tests.conftest import free_port
 
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))
+PROGRAMS = {"airflow": AIRFLOW, "python": sys.executable, "pacsflow": str(Path(sys.executable).with_name("pacsflow"))}
 REDIS_SERVER = "/usr/bin/redis-server"
 STARTUP_SECONDS = 90.0
 STOP_SECONDS = 20.0
@@ -48,6 +54,8 @@ class Service:
     name: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    command: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
 
     def tail(self, lines: int) -> str:
         if not self.log_path.exists():
@@ -64,7 +72,7 @@ def service(name: str, command: list[str], log_path: Path, env: Mapping[str, str
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=dict(env or os.environ),
                                    cwd=cwd, start_new_session=True)
     try:
-        yield Service(name, process, log_path)
+        yield Service(name, process, log_path, tuple(command), dict(env or os.environ))
     finally:
         stop_process_group(process)
 
@@ -155,13 +163,26 @@ class CeleryDeployment:
     _token: str | None = None
 
     # -- CLI and REST -----------------------------------------------------------------------------------
-    def airflow(self, *args: str) -> str:
-        """Run an ``airflow`` CLI command in the deployment's environment; its output, or an error with it."""
-        done = subprocess.run([AIRFLOW, *args], env=self.env, capture_output=True, text=True)
+    def run(self, *command: str) -> str:
+        """Run a topology command (``airflow ...``, ``pacsflow ...``) in the deployment's environment; its
+        output, or an error with it."""
+        done = subprocess.run(native_command(command), env=self.env, capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"airflow {' '.join(args[:2])} failed ({done.returncode}):\n"
+            raise RuntimeError(f"{' '.join(command[:3])} failed ({done.returncode}):\n"
                                f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
         return done.stdout
+
+    def airflow(self, *args: str) -> str:
+        return self.run("airflow", *args)
+
+    def receiver_answers(self) -> bool:
+        """The receiver's container health check: ``pacsflow echo`` in the receiver's environment."""
+        done = subprocess.run(native_command(("pacsflow", "echo")), env=self.env, capture_output=True)
+        return done.returncode == 0
+
+    def service_logs(self, prefix: str) -> dict[str, str]:
+        return {svc.name: svc.log_path.read_text(errors="replace") for svc in self.services
+                if svc.name.startswith(prefix) and svc.log_path.exists()}
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
         """A call to the REST API as the admin user of the simple auth manager."""
@@ -240,7 +261,8 @@ class CeleryDeployment:
 
 
 def deployment_environment(home: Path, *, metadata_url: str, broker_url: str, api_port: int, password_file: Path,
-                           worker_concurrency: int, extra: Mapping[str, str]) -> dict[str, str]:
+                           worker_concurrency: int, data_root: Path, receiver: ReceiverConfig,
+                           extra: Mapping[str, str]) -> dict[str, str]:
     """The one environment every process of the deployment shares."""
     api_url = f"http://127.0.0.1:{api_port}"
     result_backend = "db+" + make_url(metadata_url).set(drivername="postgresql").render_as_string(
@@ -252,6 +274,7 @@ def deployment_environment(home: Path, *, metadata_url: str, broker_url: str, ap
         "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{api_url}/execution/",
+        "AIRFLOW__CORE__TEST_CONNECTION": "Enabled",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{API_USER}:admin",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(password_file),
         "AIRFLOW__API__HOST": "127.0.0.1",
@@ -263,20 +286,53 @@ def deployment_environment(home: Path, *, metadata_url: str, broker_url: str, ap
         "AIRFLOW__CELERY__BROKER_URL": broker_url,
         "AIRFLOW__CELERY__RESULT_BACKEND": result_backend,
         "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(worker_concurrency),
-        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
         "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
         # Only the runs we trigger: no scheduled (cron) run of a freshly unpaused DAG.
         "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
         "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
+        DATA_ROOT_ENV: str(data_root),
+        "PACSFLOW_LOG_KEY": os.environ.get("PACSFLOW_LOG_KEY") or secrets.token_urlsafe(32),
+        **receiver_environment(receiver),
     })
     env.update(extra)
     return env
 
 
+def receiver_environment(receiver: ReceiverConfig) -> dict[str, str]:
+    """The receiver service's settings as the ``PACSFLOW_RECEIVER_*`` variables it reads."""
+    return {
+        "PACSFLOW_RECEIVER_AE_TITLE": receiver.ae_title,
+        "PACSFLOW_RECEIVER_HOST": receiver.host,
+        "PACSFLOW_RECEIVER_PORT": str(receiver.port),
+        "PACSFLOW_RECEIVER_BACKEND": receiver.backend,
+        "PACSFLOW_RECEIVER_ALLOWED_AES": ",".join(receiver.allowed_calling_aes),
+        "PACSFLOW_RECEIVER_ALLOWED_ADDRESSES": ",".join(receiver.allowed_addresses),
+        "PACSFLOW_RECEIVER_MAX_ASSOCIATIONS": str(receiver.max_associations),
+    }
+
+
+def native_command(command: tuple[str, ...]) -> list[str]:
+    """A topology command with its program taken from this virtualenv."""
+    program, *args = command
+    return [PROGRAMS[program], *args]
+
+
+def checked_environment(spec: ServiceSpec, env: Mapping[str, str]) -> dict[str, str]:
+    """``env``, once every variable the topology says ``spec`` reads is set: a service never silently runs on a
+    default the containers would not have."""
+    missing = sorted(name for name in spec.environment if not env.get(name))
+    if missing:
+        raise ValueError(f"{spec.name}: the topology needs {', '.join(missing)}")
+    return dict(env)
+
+
 @contextmanager
-def celery_deployment(workdir: Path, *, metadata_url: str, broker_url: str, pools: Mapping[str, int] | None = None,
-                      worker_concurrency: int = 2, extra_env: Mapping[str, str] | None = None) -> Iterator[CeleryDeployment]:
-    """Migrate the metadata database, set the pools, start the four processes and wait until they serve."""
+def celery_deployment(workdir: Path, *, metadata_url: str, broker_url: str, data_root: Path,
+                      receiver: ReceiverConfig, pacs_pool_slots: int = 4, workers: int = 1,
+                      worker_concurrency: int = 2, extra_env: Mapping[str, str] | None = None
+                      ) -> Iterator[CeleryDeployment]:
+    """Run the topology's init steps, start every service of ``pacsflow.deployment.SERVICES`` (``workers``
+    replicas of the scalable one) and wait until the api-server serves and the receiver answers C-ECHO."""
     home = workdir / "home"
     home.mkdir(parents=True, exist_ok=True)
     password = secrets.token_urlsafe(16)
@@ -286,24 +342,23 @@ def celery_deployment(workdir: Path, *, metadata_url: str, broker_url: str, pool
     api_port = free_port()
     env = deployment_environment(home, metadata_url=metadata_url, broker_url=broker_url, api_port=api_port,
                                  password_file=password_file, worker_concurrency=worker_concurrency,
-                                 extra=extra_env or {})
+                                 data_root=data_root, receiver=receiver, extra=extra_env or {})
     deployment = CeleryDeployment(home=home, env=env, api_url=f"http://127.0.0.1:{api_port}", password=password)
-    deployment.airflow("db", "migrate")
-    for pool, slots in (pools or {}).items():
-        deployment.airflow("pools", "set", pool, str(slots), "set by the test deployment")
-    commands = {
-        "api-server": [AIRFLOW, "api-server", "--host", "127.0.0.1", "--port", str(api_port), "--workers", "1"],
-        "scheduler": [AIRFLOW, "scheduler"],
-        "dag-processor": [AIRFLOW, "dag-processor"],
-        "celery-worker": [AIRFLOW, "celery", "worker", "--concurrency", str(worker_concurrency),
-                          "--without-mingle", "--without-gossip", "--skip-serve-logs"],
-    }
+    for step in init_steps(pool_slots=pacs_pool_slots):
+        deployment.run(*step)
     with ExitStack() as stack:
-        for name, command in commands.items():
-            deployment.services.append(
-                stack.enter_context(service(name, command, workdir / f"{name}.log", env, cwd=home)))
+        for spec in SERVICES:
+            for replica in range(1, (workers if spec.scalable else 1) + 1):
+                name = f"{spec.name}-{replica}" if spec.scalable else spec.name
+                # each worker on this host serves its task logs on a port of its own
+                replica_env = {**env, "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port())}
+                deployment.services.append(stack.enter_context(service(
+                    name, native_command(spec.command), workdir / f"{name}.log",
+                    checked_environment(spec, replica_env), cwd=home)))
         try:
             wait_until(lambda: _healthy(deployment.api_url), "the api-server", STARTUP_SECONDS,
+                       tuple(deployment.services))
+            wait_until(lambda: deployment.receiver_answers(), "the receiver service", STARTUP_SECONDS,
                        tuple(deployment.services))
         except (RuntimeError, TimeoutError) as error:
             raise RuntimeError(f"{error}\n{deployment.logs()}") from None
