@@ -1,12 +1,14 @@
 """``python -m pacsflow.demo.load_sandbox``: build the demo hospital and C-STORE it into a running PACS.
 
 The ``sandbox`` profile of docker-compose.yaml runs it once: the RIS (SQLite) and the ground truth land in
-``--out`` on the shared data root, the DICOM files in the PACS. Prints counts only.
+``--out`` on the shared data root, the DICOM files in the PACS (and are then removed from ``--out``).
+Prints counts only.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 
@@ -50,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     hospital = build_hospital(args.out, accessions=args.accessions, seed=args.seed)
     files = sorted(hospital.dicom_dir.rglob("*.dcm"))
     loaded = SandboxPacs(config).load(files)
+    shutil.rmtree(hospital.dicom_dir)  # the PACS holds them now; the data root is for what pacsflow retrieves
     print(f"demo hospital: {args.accessions} ANs, {loaded} of {len(files)} instances stored in the PACS")
     return 0 if loaded == len(files) else 1
 
