@@ -17,7 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     summary = commands.add_parser("summary", help="the reconciled summary of a run")
-    summary.add_argument("--audit-url", required=True, help="SQLAlchemy URL of the audit database")
+    summary.add_argument("--audit-url", help="SQLAlchemy URL of the audit database; default: the Airflow "
+                                             "connection --conn-id")
+    summary.add_argument("--conn-id", default=AUDIT_CONN_ID)
     summary.add_argument("--run-key", help="'<dag_id>/<run_id>'; default: the latest run of --dag-id")
     summary.add_argument("--dag-id", default="pacsflow_extract")
     summary.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -44,20 +46,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _summary(args: argparse.Namespace) -> int:
-    with AuditStore.connect(args.audit_url) as store:
+    with _audit_store(args) as store:
         result = store.summary(args.run_key or store.latest_run_key(args.dag_id))
     print(json.dumps(result.as_dict(), indent=2) if args.json else format_summary(result))
     return 0 if result.reconciled else 1
 
 
-def _init_audit(args: argparse.Namespace) -> int:
+def _audit_store(args: argparse.Namespace) -> AuditStore:
+    """The store at ``--audit-url``, else the one of the Airflow connection ``--conn-id``."""
     if args.audit_url:
-        store = AuditStore.connect(args.audit_url)
-    else:
-        from pacsflow.hooks.database import DatabaseHook  # Airflow only when a connection is named
+        return AuditStore.connect(args.audit_url)
+    from pacsflow.hooks.database import DatabaseHook  # Airflow only when a connection is named
 
-        store = AuditStore(DatabaseHook(args.conn_id).get_conn())
-    with store:
+    return AuditStore(DatabaseHook(args.conn_id).get_conn())
+
+
+def _init_audit(args: argparse.Namespace) -> int:
+    with _audit_store(args) as store:
         backend = store.engine.url.get_backend_name()
     print(f"audit store ready ({backend})")
     return 0
