@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,7 +40,7 @@ from sqlalchemy.engine import make_url
 from pacsflow.core.dicom.config import ReceiverConfig
 from pacsflow.demo.environment import airflow_environment
 from pacsflow.deployment import DATA_ROOT_ENV, SERVICES, ServiceSpec, init_steps
-from tests.conftest import free_port
+from pacsflow.demo.sandbox import free_port
 
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))
 PROGRAMS = {"airflow": AIRFLOW, "python": sys.executable, "pacsflow": str(Path(sys.executable).with_name("pacsflow"))}
@@ -136,6 +137,41 @@ def _answers_ping(port: int) -> bool:
         return False
     finally:
         client.close()
+
+
+def _postgres_bin() -> Path:
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not candidates:
+        raise FileNotFoundError("PostgreSQL is not installed: run `make test` (it installs the Debian packages)")
+    return candidates[-1].parent
+
+
+@contextmanager
+def postgres_server(workdir: Path) -> Iterator[str]:
+    """A private PostgreSQL server (no fsync) on a free loopback port, with an empty database ``pacsflow``;
+    yields its URL and removes ``workdir`` afterwards."""
+    bindir = _postgres_bin()
+    workdir.mkdir(parents=True, exist_ok=True)
+    workdir.chmod(0o755)
+    as_postgres: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        shutil.chown(workdir, "postgres")
+        as_postgres = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    data = workdir / "data"
+    subprocess.run([*as_postgres, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
+                    "--no-sync"], check=True, stdout=subprocess.DEVNULL)
+    options = f"-p {port} -k {workdir} -c listen_addresses=127.0.0.1 -c fsync=off"
+    subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-w", "-l",
+                    str(workdir / "server.log"), "start"], check=True, stdout=subprocess.DEVNULL)
+    try:
+        subprocess.run([*as_postgres, str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U",
+                        "postgres", "pacsflow"], check=True)
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/pacsflow"
+    finally:
+        subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"],
+                       stdout=subprocess.DEVNULL)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @contextmanager
