@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import secrets
 import shutil
 import tempfile
@@ -154,6 +155,7 @@ def run_library(hospital: Hospital, pacs: PacsConfig, receiver: ReceiverConfig, 
     process = context.Process(target=_library_run,
                               args=(hospital, pacs, replace(receiver, embedded=True), conf, data_root, audit_url,
                                     elapsed))
+    load_before = os.getloadavg()[0]
     process.start()
     with RssSampler({"library": process.pid}) as sampler:
         process.join()
@@ -162,7 +164,8 @@ def run_library(hospital: Hospital, pacs: PacsConfig, receiver: ReceiverConfig, 
     studies = check_against_truth(truth, data_root, audit_url, "bench/library")
     shutil.rmtree(data_root, ignore_errors=True)
     return {"seconds": round(elapsed.value, 1), "studies": studies,
-            "studies_per_hour": round(studies / elapsed.value * 3600), "peak_rss": sampler.report()}
+            "studies_per_hour": round(studies / elapsed.value * 3600), "peak_rss": sampler.report(),
+            "load_average_1min": [load_before, os.getloadavg()[0]]}
 
 
 # -- pacsflow: the distributed deployment --------------------------------------------------------------------------
@@ -182,6 +185,7 @@ def run_deployment(hospital: Hospital, pacs: PacsConfig, receiver: ReceiverConfi
             airflow.wait_for_dag(DAG_ID)
             airflow.unpause(DAG_ID)
             roots = {svc.name: svc.process.pid for svc in airflow.services}
+            load_before = os.getloadavg()[0]
             with RssSampler(roots) as sampler:
                 started = time.perf_counter()
                 run_id = airflow.trigger(DAG_ID, run_conf(args.batch_size))
@@ -190,10 +194,11 @@ def run_deployment(hospital: Hospital, pacs: PacsConfig, receiver: ReceiverConfi
             if state != "success":
                 raise SystemExit(f"the DAG run ended {state}:\n{airflow.logs()}")
             tasks = len(airflow.task_instances(DAG_ID, run_id))
+            load = [load_before, os.getloadavg()[0]]
         studies = check_against_truth(truth, data_root, audit_url, f"{DAG_ID}/{run_id}")
     shutil.rmtree(data_root, ignore_errors=True)
     return {"seconds": round(elapsed, 1), "studies": studies, "studies_per_hour": round(studies / elapsed * 3600),
-            "task_instances": tasks, "peak_rss": sampler.report()}
+            "task_instances": tasks, "peak_rss": sampler.report(), "load_average_1min": load}
 
 
 # -- one size -----------------------------------------------------------------------------------------------------
