@@ -169,3 +169,15 @@ def test_the_sandbox_pacs_knows_the_receiver_and_the_connection_knows_the_pacs(c
     # the defaults in the compose file are those of .env.example
     for match in re.finditer(r"\$\{([A-Z0-9_]+):-([^}]*)\}", COMPOSE_FILE.read_text()):
         assert defaults[match.group(1)] == match.group(2), match.group(1)
+
+
+def test_the_build_context_holds_what_the_dockerfile_copies_and_no_secret():
+    patterns = [line for line in (REPO / ".dockerignore").read_text().splitlines()
+                if line and not line.startswith("#")]
+    assert patterns[0] == "*"  # everything excluded, then what the image needs
+    allowed = {pattern[1:].rstrip("/") for pattern in patterns if pattern.startswith("!")}
+    copied = {line.split()[-2].split("/")[0] for line in (REPO / "Dockerfile").read_text().splitlines()
+              if line.startswith("COPY ")}
+    assert copied <= allowed
+    assert not any(name.startswith(".env") or name == "var" for name in allowed)
+    assert "/.env" in (REPO / ".gitignore").read_text().splitlines()
