@@ -68,9 +68,8 @@ def run_airflow(hospital, pacs_config, receiver: ReceiverConfig, work: Path) -> 
     audit_url = f"sqlite:///{data_root / 'audit.sqlite'}"
     env = {**connection_environment(ris_url=hospital.ris_url, audit_url=audit_url, pacs=pacs_config,
                                     receiver=receiver),
-           "PACSFLOW_DATA_ROOT": str(data_root), "PACSFLOW_EXTRACTIONS_DIR": str(definitions),
-           "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False"}
-    with local_deployment(work / "airflow", pools={"pacs": 4}, extra_env=env) as airflow:
+           "PACSFLOW_EXTRACTIONS_DIR": str(definitions), "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False"}
+    with local_deployment(work / "airflow", data_root=data_root, pool_slots=4, extra_env=env) as airflow:
         airflow.wait_for_dag(DEMO_DAG_ID)
         airflow.unpause(DEMO_DAG_ID)
         started = time.perf_counter()

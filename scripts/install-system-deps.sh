@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Debian packages the tests and benchmarks need: a real PACS (Orthanc), DCMTK, PostgreSQL and Redis.
+# Debian packages the tests and benchmarks need: a real PACS (Orthanc), DCMTK, PostgreSQL, Redis, and
+# docker-compose (its `config` validates docker-compose.yaml without a container engine).
 # Idempotent: does nothing when every tool is already there.
 set -euo pipefail
 
@@ -8,6 +9,7 @@ command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || missing+=(orth
 command -v findscu >/dev/null 2>&1 || missing+=(dcmtk)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 sudo=""

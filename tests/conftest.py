@@ -7,7 +7,6 @@ imports it.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -49,35 +48,13 @@ def airflow_db() -> Path:
     return AIRFLOW_HOME
 
 
-def _postgres_bin() -> Path:
-    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    if not candidates:
-        pytest.fail("PostgreSQL is not installed: run `make test` (it installs the Debian packages)")
-    return candidates[-1].parent
-
-
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A private PostgreSQL server on a free loopback port, with an empty database ``pacsflow``."""
-    bindir = _postgres_bin()
-    workdir = Path(tempfile.mkdtemp(prefix="pacsflow-pg-"))
-    workdir.chmod(0o755)
-    as_postgres: list[str] = []
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-        shutil.chown(workdir, "postgres")
-        as_postgres = ["runuser", "-u", "postgres", "--"]
-    port = free_port()
-    data = workdir / "data"
-    subprocess.run([*as_postgres, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
-                    "--no-sync"], check=True, stdout=subprocess.DEVNULL)
-    options = f"-p {port} -k {workdir} -c listen_addresses=127.0.0.1 -c fsync=off"
-    subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-w", "-l",
-                    str(workdir / "server.log"), "start"], check=True, stdout=subprocess.DEVNULL)
+    from tests.dags.celery_deployment import postgres_server
+
     try:
-        subprocess.run([*as_postgres, str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U",
-                        "postgres", "pacsflow"], check=True)
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/pacsflow"
-    finally:
-        subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"],
-                       stdout=subprocess.DEVNULL)
-        shutil.rmtree(workdir, ignore_errors=True)
+        with postgres_server(Path(tempfile.mkdtemp(prefix="pacsflow-pg-"))) as url:
+            yield url
+    except FileNotFoundError as error:
+        pytest.fail(str(error))

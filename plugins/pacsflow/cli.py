@@ -1,4 +1,5 @@
-"""``pacsflow`` command line: run summaries from the audit database, and a dry run of a definition's cohort.
+"""``pacsflow`` command line: run summaries, a dry run of a definition's cohort, the audit store's schema, and
+a C-ECHO health check.
 
 Exit codes of ``pacsflow summary``: 0 the run succeeded, 1 it failed (the state line says at which stage and
 why), 2 no such run, 3 the run is still in progress. The receiver service is ``python -m pacsflow.core.dicom``.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 from datetime import datetime, timezone
@@ -21,13 +23,16 @@ from pacsflow.core.ris import load_template, query_cohort
 from pacsflow.core.settings import load_definition
 
 EXIT_FAILED, EXIT_UNKNOWN, EXIT_RUNNING = 1, 2, 3
+AUDIT_CONN_ID = "pacsflow_audit"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pacsflow")
     commands = parser.add_subparsers(dest="command", required=True)
     summary = commands.add_parser("summary", help="the reconciled summary and state of a run")
-    summary.add_argument("--audit-url", required=True, help="SQLAlchemy URL of the audit database")
+    summary.add_argument("--audit-url", help="SQLAlchemy URL of the audit database; default: the Airflow "
+                                             "connection --conn-id")
+    summary.add_argument("--conn-id", default=AUDIT_CONN_ID)
     which = summary.add_mutually_exclusive_group(required=True)
     which.add_argument("--run-key", help="'<dag_id>/<run_id>'")
     which.add_argument("--dag-id", help="the latest run of this DAG (e.g. pacsflow__demo)")
@@ -38,11 +43,26 @@ def main(argv: list[str] | None = None) -> int:
     cohort.add_argument("--start", required=True, type=_utc, help="interval start, ISO 8601 (UTC if no offset)")
     cohort.add_argument("--end", required=True, type=_utc, help="interval end (exclusive)")
     cohort.add_argument("--sql-dir", type=Path, help="template folder (default: ../sql beside the definition)")
+    init_audit = commands.add_parser("init-audit", help="create or upgrade the audit store's tables")
+    init_audit.add_argument("--audit-url", help="SQLAlchemy URL; default: the Airflow connection --conn-id")
+    init_audit.add_argument("--conn-id", default=AUDIT_CONN_ID)
+    echo = commands.add_parser("echo", help="C-ECHO a DICOM peer; by default the receiver service of this "
+                                            "environment (the container health check)")
+    echo.add_argument("--host", default="127.0.0.1")
+    echo.add_argument("--port", type=int, default=int(os.environ.get("PACSFLOW_RECEIVER_PORT", "11113")))
+    echo.add_argument("--called-ae", default=os.environ.get("PACSFLOW_RECEIVER_AE_TITLE", "PACSFLOW"))
+    echo.add_argument("--calling-ae", default=_first_allowed_ae(),
+                      help="default: the first of $PACSFLOW_RECEIVER_ALLOWED_AES (the receiver rejects others)")
+    echo.add_argument("--timeout", type=float, default=10.0)
     args = parser.parse_args(argv)
     if args.command == "cohort":
         return dry_run(args.definition, args.ris_url, args.start, args.end, args.sql_dir)
+    if args.command == "init-audit":
+        return _init_audit(args)
+    if args.command == "echo":
+        return _echo(args)
 
-    with AuditStore.connect(args.audit_url) as store:
+    with _audit_store(args) as store:
         try:
             result = store.summary(args.run_key or store.latest_run_key(args.dag_id))
         except LookupError as error:
@@ -52,6 +72,44 @@ def main(argv: list[str] | None = None) -> int:
     if result.verdict.state == AttemptState.RUNNING:
         return EXIT_RUNNING
     return 0 if result.succeeded else EXIT_FAILED
+
+
+def _audit_store(args: argparse.Namespace) -> AuditStore:
+    """The store at ``--audit-url``, else the one of the Airflow connection ``--conn-id``."""
+    if args.audit_url:
+        return AuditStore.connect(args.audit_url)
+    from pacsflow.hooks.database import DatabaseHook  # Airflow only when a connection is named
+
+    return AuditStore(DatabaseHook(args.conn_id).get_conn())
+
+
+def _init_audit(args: argparse.Namespace) -> int:
+    with _audit_store(args) as store:
+        backend = store.engine.url.get_backend_name()
+    print(f"audit store ready ({backend})")
+    return 0
+
+
+def _first_allowed_ae() -> str:
+    allowed = [ae.strip() for ae in os.environ.get("PACSFLOW_RECEIVER_ALLOWED_AES", "").split(",") if ae.strip()]
+    return allowed[0] if allowed else "PACSFLOW"
+
+
+def _echo(args: argparse.Namespace) -> int:
+    from pacsflow.core.dicom.client import PacsClient
+    from pacsflow.core.dicom.config import PacsConfig
+    from pacsflow.core.dicom.errors import PacsError
+
+    config = PacsConfig(host=args.host, port=args.port, called_ae=args.called_ae, calling_ae=args.calling_ae,
+                        acse_timeout=args.timeout, dimse_timeout=args.timeout, network_timeout=args.timeout)
+    try:
+        with PacsClient(config) as client:
+            client.echo()
+    except PacsError as error:
+        print(f"C-ECHO {args.called_ae}@{args.host}:{args.port} failed: {error}")
+        return 1
+    print(f"C-ECHO {args.called_ae}@{args.host}:{args.port} succeeded")
+    return 0
 
 
 def dry_run(path: Path, ris_url: str, start: datetime, end: datetime, sql_dir: Path | None) -> int:

@@ -1,16 +1,25 @@
-"""The production topology on loopback: a PostgreSQL metadata database, a Redis broker, CeleryExecutor, and
-``api-server``, ``scheduler``, ``dag-processor`` and ``celery worker`` as separate processes (built on
-``pacsflow.demo.deployment``, which runs the same processes for the LocalExecutor).
+"""A real Airflow 3 deployment on loopback, the production way and with the topology of docker-compose.yaml:
+PostgreSQL metadata database, Redis broker, CeleryExecutor, and the services of ``pacsflow.deployment``
+(``api-server``, ``scheduler``, ``dag-processor``, ``triggerer``, N ``celery worker`` replicas and the
+pacsflow receiver service) as separate processes, each started with the command the topology names and
+given every environment variable it lists (one JWT secret, one execution API URL, one data root).
 
     with redis_server(tmp / "redis") as broker, postgres_database(server_url, "airflow") as db_url, \\
-            celery_deployment(tmp / "airflow", metadata_url=db_url, broker_url=broker) as airflow:
+            celery_deployment(tmp / "airflow", metadata_url=db_url, broker_url=broker, data_root=tmp / "data",
+                              receiver=ReceiverConfig(port=free_port()), extra_env=connections) as airflow:
         airflow.wait_for_dag("my_dag")
-        run_id = airflow.trigger("my_dag", data_interval=(start, end))
+        run_id = airflow.trigger("my_dag", conf={...})
         state = airflow.wait_for_run("my_dag", run_id, timeout=300)
+
+Every service listens on 127.0.0.1 on a free port and runs in its own process group, which is terminated
+when its context closes.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,16 +27,18 @@ from pathlib import Path
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from pacsflow.core.dicom.config import ReceiverConfig
 from pacsflow.demo.deployment import (
-    AIRFLOW,
     Deployment,
+    Process,
     base_environment,
-    core_commands,
     deployment,
     free_port,
+    native_command,
     service,
     wait_until,
 )
+from pacsflow.deployment import SERVICES, ServiceSpec
 
 REDIS_SERVER = "/usr/bin/redis-server"
 CeleryDeployment = Deployment
@@ -57,6 +68,41 @@ def _answers_ping(port: int) -> bool:
         client.close()
 
 
+def _postgres_bin() -> Path:
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not candidates:
+        raise FileNotFoundError("PostgreSQL is not installed: run `make test` (it installs the Debian packages)")
+    return candidates[-1].parent
+
+
+@contextmanager
+def postgres_server(workdir: Path) -> Iterator[str]:
+    """A private PostgreSQL server (no fsync) on a free loopback port, with an empty database ``pacsflow``;
+    yields its URL and removes ``workdir`` afterwards."""
+    bindir = _postgres_bin()
+    workdir.mkdir(parents=True, exist_ok=True)
+    workdir.chmod(0o755)
+    as_postgres: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        shutil.chown(workdir, "postgres")
+        as_postgres = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    data = workdir / "data"
+    subprocess.run([*as_postgres, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
+                    "--no-sync"], check=True, stdout=subprocess.DEVNULL)
+    options = f"-p {port} -k {workdir} -c listen_addresses=127.0.0.1 -c fsync=off"
+    subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-w", "-l",
+                    str(workdir / "server.log"), "start"], check=True, stdout=subprocess.DEVNULL)
+    try:
+        subprocess.run([*as_postgres, str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U",
+                        "postgres", "pacsflow"], check=True)
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/pacsflow"
+    finally:
+        subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"],
+                       stdout=subprocess.DEVNULL)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 @contextmanager
 def postgres_database(server_url: str, name: str) -> Iterator[str]:
     """A fresh database ``name`` on the server of ``server_url`` (dropped afterwards); yields its URL."""
@@ -73,38 +119,74 @@ def postgres_database(server_url: str, name: str) -> Iterator[str]:
         admin.dispose()
 
 
-def celery_environment(home: Path, api_port: int, password_file: Path, extra: dict[str, str], *,
-                       metadata_url: str, broker_url: str, worker_concurrency: int) -> dict[str, str]:
-    """The one environment every process of the Celery deployment shares."""
+def celery_environment(home: Path, api_port: int, password_file: Path, *, metadata_url: str, broker_url: str,
+                       worker_concurrency: int, data_root: Path, receiver: ReceiverConfig,
+                       extra: Mapping[str, str]) -> dict[str, str]:
+    """The one environment every process of the deployment shares."""
     result_backend = "db+" + make_url(metadata_url).set(drivername="postgresql").render_as_string(
         hide_password=False)
-    env = base_environment(home, api_port=api_port, password_file=password_file, extra={})
-    env.update({
+    return base_environment(home, api_port=api_port, password_file=password_file, data_root=data_root, extra={
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_url,
         "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
         "AIRFLOW__CELERY__BROKER_URL": broker_url,
         "AIRFLOW__CELERY__RESULT_BACKEND": result_backend,
         "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(worker_concurrency),
-        # Only the runs we trigger: no scheduled run of a freshly unpaused DAG.
+        # Only the runs we trigger: no scheduled (cron) run of a freshly unpaused DAG.
         "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
+        **receiver_environment(receiver),
+        **extra,
     })
-    env.update(extra)
-    return env
+
+
+def receiver_environment(receiver: ReceiverConfig) -> dict[str, str]:
+    """The receiver service's settings as the ``PACSFLOW_RECEIVER_*`` variables it reads."""
+    return {
+        "PACSFLOW_RECEIVER_AE_TITLE": receiver.ae_title,
+        "PACSFLOW_RECEIVER_HOST": receiver.host,
+        "PACSFLOW_RECEIVER_PORT": str(receiver.port),
+        "PACSFLOW_RECEIVER_BACKEND": receiver.backend,
+        "PACSFLOW_RECEIVER_ALLOWED_AES": ",".join(receiver.allowed_calling_aes),
+        "PACSFLOW_RECEIVER_ALLOWED_ADDRESSES": ",".join(receiver.allowed_addresses),
+        "PACSFLOW_RECEIVER_MAX_ASSOCIATIONS": str(receiver.max_associations),
+    }
+
+
+def checked_environment(spec: ServiceSpec, env: Mapping[str, str]) -> dict[str, str]:
+    """``env``, once every variable the topology says ``spec`` reads is set: a service never silently runs on a
+    default the containers would not have."""
+    missing = sorted(name for name in spec.environment if not env.get(name))
+    if missing:
+        raise ValueError(f"{spec.name}: the topology needs {', '.join(missing)}")
+    return dict(env)
+
+
+def receiver_answers(airflow: Deployment) -> bool:
+    """The receiver's container health check: ``pacsflow echo`` in the receiver's environment."""
+    return subprocess.run(native_command(("pacsflow", "echo")), env=airflow.env, capture_output=True).returncode == 0
 
 
 @contextmanager
-def celery_deployment(workdir: Path, *, metadata_url: str, broker_url: str, pools: Mapping[str, int] | None = None,
-                      worker_concurrency: int = 2, extra_env: Mapping[str, str] | None = None) -> Iterator[Deployment]:
-    """Migrate the metadata database, set the pools, start the four processes and wait until they serve."""
-    def env_for(home: Path, api_port: int, password_file: Path, extra: dict[str, str]) -> dict[str, str]:
-        return celery_environment(home, api_port, password_file, extra, metadata_url=metadata_url,
-                                  broker_url=broker_url, worker_concurrency=worker_concurrency)
+def celery_deployment(workdir: Path, *, metadata_url: str, broker_url: str, data_root: Path,
+                      receiver: ReceiverConfig, pacs_pool_slots: int = 4, workers: int = 1,
+                      worker_concurrency: int = 2, extra_env: Mapping[str, str] | None = None
+                      ) -> Iterator[Deployment]:
+    """Run the topology's init steps, start every service of ``pacsflow.deployment.SERVICES`` (``workers``
+    replicas of the scalable one) and wait until the api-server serves and the receiver answers C-ECHO."""
+    def env_for(home: Path, api_port: int, password_file: Path) -> dict[str, str]:
+        return celery_environment(home, api_port, password_file, metadata_url=metadata_url, broker_url=broker_url,
+                                  worker_concurrency=worker_concurrency, data_root=data_root, receiver=receiver,
+                                  extra=extra_env or {})
 
-    def commands_for(api_port: int) -> dict[str, list[str]]:
-        return {**core_commands(api_port),
-                "celery-worker": [AIRFLOW, "celery", "worker", "--concurrency", str(worker_concurrency),
-                                  "--without-mingle", "--without-gossip", "--skip-serve-logs"]}
+    def processes_for(env: dict[str, str]) -> list[Process]:
+        processes = []
+        for spec in SERVICES:
+            for replica in range(1, (workers if spec.scalable else 1) + 1):
+                name = f"{spec.name}-{replica}" if spec.scalable else spec.name
+                # each worker on this host serves its task logs on a port of its own
+                replica_env = {**env, "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port())}
+                processes.append(Process(name, spec.command, checked_environment(spec, replica_env)))
+        return processes
 
-    with deployment(workdir, env_for=env_for, commands_for=commands_for, pools=pools,
-                    extra_env=extra_env) as airflow:
+    with deployment(workdir, env_for=env_for, processes_for=processes_for, pool_slots=pacs_pool_slots,
+                    ready=receiver_answers) as airflow:
         yield airflow

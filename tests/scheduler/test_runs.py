@@ -137,10 +137,10 @@ def site(tmp_path_factory) -> Iterator[Site]:
                 "AIRFLOW_CONN_RIS_FAILING": failing_env["AIRFLOW_CONN_PACSFLOW_RIS"],
                 "AIRFLOW_CONN_PACSFLOW_ALERTS": json.dumps({"conn_type": "http", "host":
                                                             f"http://127.0.0.1:{alerts.server_port}/hook"}),
-                "PACSFLOW_DATA_ROOT": str(data_root),
                 "PACSFLOW_EXTRACTIONS_DIR": str(definitions),
             }
-            with local_deployment(workdir / "airflow", pools={"pacs": POOL_SLOTS}, extra_env=env) as airflow:
+            with local_deployment(workdir / "airflow", data_root=data_root, pool_slots=POOL_SLOTS,
+                                  extra_env=env) as airflow:
                 for extraction in ("weekly", "backfilled", "pooled", "ris_down", "failing_batch"):
                     airflow.wait_for_dag(f"pacsflow__{extraction}")
                 yield Site(airflow, hospital, failing, data_root, audit_url, start, _AlertSink.received, workdir)

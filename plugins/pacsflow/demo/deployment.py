@@ -3,7 +3,7 @@ processes sharing one environment (one JWT secret, one execution API URL), drive
 uses. ``make demo`` runs the demo extraction through it (LocalExecutor, SQLite, the README's ``pacs`` pool),
 and the tests run scheduled, backfill and failing runs through it; the Celery tests add a broker and workers.
 
-    with local_deployment(workdir, extra_env=connections, pools={"pacs": 4}) as airflow:
+    with local_deployment(workdir, data_root=data_root, pool_slots=4, extra_env=connections) as airflow:
         airflow.wait_for_dag("pacsflow__demo")
         run_id = airflow.trigger("pacsflow__demo", data_interval=(start, end))
         state = airflow.wait_for_run("pacsflow__demo", run_id, timeout=600)
@@ -31,10 +31,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from cryptography.fernet import Fernet
+
 from pacsflow.demo.environment import airflow_environment
+from pacsflow.deployment import DATA_ROOT_ENV, SERVICES, init_steps
 
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))
-REDIS_SERVER = "/usr/bin/redis-server"
+# The topology's programs (``pacsflow.deployment``), natively: this virtual environment's.
+PROGRAMS = {"airflow": AIRFLOW, "python": sys.executable, "pacsflow": str(Path(sys.executable).with_name("pacsflow"))}
 STARTUP_SECONDS = 120.0
 STOP_SECONDS = 20.0
 FINISHED_STATES = frozenset({"success", "failed"})
@@ -46,6 +50,8 @@ class Service:
     name: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    command: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
 
     def tail(self, lines: int) -> str:
         if not self.log_path.exists():
@@ -58,11 +64,12 @@ def service(name: str, command: list[str], log_path: Path, env: Mapping[str, str
             cwd: Path | None = None) -> Iterator[Service]:
     """A process in its own session (so its children are stopped with it), output to ``log_path``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    environment = dict(env or os.environ)
     with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=dict(env or os.environ),
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment,
                                    cwd=cwd, start_new_session=True)
     try:
-        yield Service(name, process, log_path)
+        yield Service(name, process, log_path, tuple(command), environment)
     finally:
         stop_process_group(process)
 
@@ -103,6 +110,12 @@ def wait_until(ready: Any, what: str, timeout: float, services: tuple[Service, .
         time.sleep(0.5)
 
 
+def native_command(command: tuple[str, ...] | list[str]) -> list[str]:
+    """A topology command with its program taken from this virtual environment."""
+    program, *args = command
+    return [PROGRAMS[program], *args]
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -119,13 +132,21 @@ class Deployment:
     _token: str | None = None
 
     # -- CLI and REST -----------------------------------------------------------------------------------
-    def airflow(self, *args: str) -> str:
-        """Run an ``airflow`` CLI command in the deployment's environment; its output, or an error with it."""
-        done = subprocess.run([AIRFLOW, *args], env=self.env, capture_output=True, text=True)
+    def run(self, *command: str) -> str:
+        """Run a topology command (``airflow ...``, ``pacsflow ...``) in the deployment's environment; its
+        output, or an error with it."""
+        done = subprocess.run(native_command(command), env=self.env, capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"airflow {' '.join(args[:2])} failed ({done.returncode}):\n"
+            raise RuntimeError(f"{' '.join(command[:3])} failed ({done.returncode}):\n"
                                f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
         return done.stdout
+
+    def airflow(self, *args: str) -> str:
+        return self.run("airflow", *args)
+
+    def service_logs(self, prefix: str) -> dict[str, str]:
+        return {svc.name: svc.log_path.read_text(errors="replace") for svc in self.services
+                if svc.name.startswith(prefix) and svc.log_path.exists()}
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
         """A call to the REST API as the admin user of the simple auth manager."""
@@ -233,13 +254,17 @@ class Deployment:
         return "\n".join(parts)
 
 
-def base_environment(home: Path, *, api_port: int, password_file: Path, extra: Mapping[str, str]) -> dict[str, str]:
-    """What every process of any deployment shares: the Airflow home, API and auth settings, pacsflow's env."""
+def base_environment(home: Path, *, api_port: int, password_file: Path, data_root: Path,
+                     extra: Mapping[str, str]) -> dict[str, str]:
+    """What every process of any deployment shares: the Airflow home, API and auth settings, the data root and
+    the log key, then ``extra`` (connections, executor settings)."""
     api_url = f"http://127.0.0.1:{api_port}"
     env = {name: value for name, value in os.environ.items() if not name.startswith("AIRFLOW")}
     env.update(airflow_environment(home))
     env.update({
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{api_url}/execution/",
+        "AIRFLOW__CORE__TEST_CONNECTION": "Enabled",
+        "AIRFLOW__CORE__FERNET_KEY": Fernet.generate_key().decode(),
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{API_USER}:admin",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(password_file),
         "AIRFLOW__API__HOST": "127.0.0.1",
@@ -252,25 +277,28 @@ def base_environment(home: Path, *, api_port: int, password_file: Path, extra: M
         "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
         "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-        "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",
+        DATA_ROOT_ENV: str(data_root),
+        "PACSFLOW_LOG_KEY": os.environ.get("PACSFLOW_LOG_KEY") or secrets.token_urlsafe(32),
     })
     env.update(extra)
     return env
 
 
-def core_commands(api_port: int) -> dict[str, list[str]]:
-    return {
-        "api-server": [AIRFLOW, "api-server", "--host", "127.0.0.1", "--port", str(api_port), "--workers", "1"],
-        "scheduler": [AIRFLOW, "scheduler"],
-        "dag-processor": [AIRFLOW, "dag-processor"],
-    }
+@dataclass(frozen=True)
+class Process:
+    """One process to start: its name, the topology command and its environment."""
+
+    name: str
+    command: tuple[str, ...]
+    env: Mapping[str, str]
 
 
 @contextmanager
-def deployment(workdir: Path, *, env_for: Any, commands_for: Any, pools: Mapping[str, int] | None = None,
-               extra_env: Mapping[str, str] | None = None) -> Iterator[Deployment]:
-    """Migrate the metadata database, set the pools, start the processes and wait until the API serves.
-    ``env_for(home, api_port, password_file, extra)`` and ``commands_for(api_port)`` shape the deployment."""
+def deployment(workdir: Path, *, env_for: Any, processes_for: Any, pool_slots: int,
+               ready: Any = None) -> Iterator[Deployment]:
+    """Run the topology's init steps (``pacsflow.deployment.init_steps``), start the processes and wait until
+    the API serves (and ``ready(deployment)``, if given). ``env_for(home, api_port, password_file)`` gives the
+    shared environment, ``processes_for(env)`` the processes."""
     home = workdir / "home"
     home.mkdir(parents=True, exist_ok=True)
     password = secrets.token_urlsafe(16)
@@ -278,35 +306,43 @@ def deployment(workdir: Path, *, env_for: Any, commands_for: Any, pools: Mapping
     password_file.write_text(json.dumps({API_USER: password}))
     password_file.chmod(0o600)
     api_port = free_port()
-    env = env_for(home, api_port, password_file, dict(extra_env or {}))
+    env = env_for(home, api_port, password_file)
     airflow = Deployment(home=home, env=env, api_url=f"http://127.0.0.1:{api_port}", password=password)
-    airflow.airflow("db", "migrate")
-    for pool, slots in (pools or {}).items():
-        airflow.airflow("pools", "set", pool, str(slots), "Concurrent associations to the PACS")
+    for step in init_steps(pool_slots=pool_slots):
+        airflow.run(*step)
     with ExitStack() as stack:
-        for name, command in commands_for(api_port).items():
-            airflow.services.append(stack.enter_context(service(name, command, workdir / f"{name}.log", env,
-                                                                cwd=home)))
+        for process in processes_for(env):
+            airflow.services.append(stack.enter_context(service(
+                process.name, native_command(process.command), workdir / f"{process.name}.log", process.env,
+                cwd=home)))
         try:
             wait_until(lambda: _healthy(airflow.api_url), "the api-server", STARTUP_SECONDS, tuple(airflow.services))
+            if ready is not None:
+                wait_until(lambda: ready(airflow), "the deployment", STARTUP_SECONDS, tuple(airflow.services))
         except (RuntimeError, TimeoutError) as error:
             raise RuntimeError(f"{error}\n{airflow.logs()}") from None
         yield airflow
 
 
-@contextmanager
-def local_deployment(workdir: Path, *, pools: Mapping[str, int] | None = None,
-                     extra_env: Mapping[str, str] | None = None) -> Iterator[Deployment]:
-    """The README's single-host deployment: LocalExecutor on a SQLite metadata database."""
-    def env_for(home: Path, api_port: int, password_file: Path, extra: dict[str, str]) -> dict[str, str]:
-        env = base_environment(home, api_port=api_port, password_file=password_file, extra={})
-        env["AIRFLOW__CORE__EXECUTOR"] = "LocalExecutor"
-        env["AIRFLOW__CORE__PARALLELISM"] = "8"
-        env.update(extra)
-        return env
+LOCAL_SERVICES = ("airflow-apiserver", "airflow-scheduler", "airflow-dag-processor")
 
-    with deployment(workdir, env_for=env_for, commands_for=core_commands, pools=pools,
-                    extra_env=extra_env) as airflow:
+
+@contextmanager
+def local_deployment(workdir: Path, *, data_root: Path, pool_slots: int = 4,
+                     extra_env: Mapping[str, str] | None = None) -> Iterator[Deployment]:
+    """The README's single-host deployment: the topology's api-server, scheduler and dag-processor with the
+    LocalExecutor on a SQLite metadata database (tasks run in the scheduler's workers; the retrieval tasks
+    start the shared receiver themselves)."""
+    def env_for(home: Path, api_port: int, password_file: Path) -> dict[str, str]:
+        extra = {"AIRFLOW__CORE__EXECUTOR": "LocalExecutor", "AIRFLOW__CORE__PARALLELISM": "8",
+                 **(extra_env or {})}
+        return base_environment(home, api_port=api_port, password_file=password_file, data_root=data_root,
+                                extra=extra)
+
+    def processes_for(env: dict[str, str]) -> list[Process]:
+        return [Process(spec.name, spec.command, env) for spec in SERVICES if spec.name in LOCAL_SERVICES]
+
+    with deployment(workdir, env_for=env_for, processes_for=processes_for, pool_slots=pool_slots) as airflow:
         yield airflow
 
 

@@ -1,5 +1,6 @@
 """``make demo``: build a demo hospital, serve it from a sandbox PACS, run the demo extraction through a real
-Airflow (api-server, scheduler, dag-processor; LocalExecutor; the README's ``pacs`` pool of 4), report.
+Airflow (api-server, scheduler, dag-processor; LocalExecutor; the README's ``pacs`` pool of 4): unpaused, the
+yearly definition catches up one run per year since 2020, each extracting its own year. Report every run.
 
 Everything lives under ``var/demo`` in the repository; the sandbox PACS and Airflow are stopped on the way out.
 """
@@ -9,11 +10,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+from collections import Counter
+from datetime import datetime, timezone
 from pathlib import Path
 
 from pacsflow.core.audit import AuditStore
 from pacsflow.core.dicom.config import ReceiverConfig
-from pacsflow.core.report import format_summary
 from pacsflow.demo.deployment import free_port, local_deployment
 from pacsflow.demo.environment import DEMO_DAG_ID, REPO_ROOT, connection_environment
 from pacsflow.demo.hospital import build_hospital
@@ -22,7 +24,8 @@ from pacsflow.demo.sandbox import qrscp
 RECEIVER_AE = "PACSFLOW"
 PACS_AE = "QRSCP"
 PACS_POOL_SLOTS = 4
-RUN_TIMEOUT_SECONDS = 900
+RUN_TIMEOUT_SECONDS = 1200
+FIRST_YEAR = 2020  # the demo definition's start_date
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,29 +48,36 @@ def main(argv: list[str] | None = None) -> int:
                ae_title=PACS_AE) as pacs:
         loaded = pacs.load(sorted(hospital.dicom_dir.rglob("*.dcm")))
         print(f"sandbox PACS (pynetdicom qrscp) on port {pacs.config.port}: {loaded} instances loaded", flush=True)
-        env = {**connection_environment(ris_url=hospital.ris_url, audit_url=audit_url, pacs=pacs.config,
-                                        receiver=receiver),
-               "PACSFLOW_DATA_ROOT": str(data_root)}
+        env = connection_environment(ris_url=hospital.ris_url, audit_url=audit_url, pacs=pacs.config,
+                                     receiver=receiver)
         print("starting Airflow (api-server, scheduler, dag-processor; LocalExecutor) ...", flush=True)
-        with local_deployment(workdir / "airflow", pools={"pacs": PACS_POOL_SLOTS}, extra_env=env) as airflow:
+        with local_deployment(workdir / "airflow", data_root=data_root, pool_slots=PACS_POOL_SLOTS,
+                              extra_env=env) as airflow:
             airflow.wait_for_dag(DEMO_DAG_ID)
+            years = datetime.now(timezone.utc).year - FIRST_YEAR
+            print(f"unpausing {DEMO_DAG_ID}: {years} yearly catch-up runs (UI: {airflow.api_url}) ...", flush=True)
             airflow.unpause(DEMO_DAG_ID)
-            start, end = hospital.interval
-            print(f"triggering {DEMO_DAG_ID} over {start:%Y-%m-%d} .. {end:%Y-%m-%d} (UI: {airflow.api_url}) ...",
-                  flush=True)
-            run_id = airflow.trigger(DEMO_DAG_ID, data_interval=hospital.interval)
-            state = airflow.wait_for_run(DEMO_DAG_ID, run_id, RUN_TIMEOUT_SECONDS, fail_on_retry=False)
+            runs = airflow.wait_for_runs(DEMO_DAG_ID, years, RUN_TIMEOUT_SECONDS)
 
+    succeeded, totals = True, Counter()
     with AuditStore.connect(audit_url) as store:
-        summary = store.summary(f"{DEMO_DAG_ID}/{run_id}")
-    print(format_summary(summary))
-    print(f"  Airflow run    {state}")
+        for run in runs:
+            summary = store.summary(f"{DEMO_DAG_ID}/{run['dag_run_id']}")
+            succeeded &= run["state"] == "success" and summary.succeeded
+            totals.update(cohort=summary.cohort, instances=summary.instances, **summary.outcomes)
+            print(f"{run['data_interval_start'][:10]} .. {run['data_interval_end'][:10]}  Airflow {run['state']:<8}"
+                  f"  audit {summary.verdict.state:<8} {_counts(summary.cohort, summary.outcomes)}")
+    print(f"all runs                                            {_counts(totals.pop('cohort'), totals)}")
     print(f"  DICOM files    {data_root / 'dicom'}")
-    print(f"  Parquet        {data_root / 'metadata'}")
+    print(f"  Parquet        {data_root / 'metadata' / DEMO_DAG_ID}")
     print(f"  audit          {audit_url}")
     print(f"  ground truth   {hospital.ground_truth_path}")
     print(f"  Airflow logs   {workdir / 'airflow' / 'home' / 'logs'}")
-    return 0 if state == "success" and summary.succeeded else 1
+    return 0 if succeeded else 1
+
+
+def _counts(cohort: int, counts: dict[str, int]) -> str:
+    return f"{cohort:>3} ANs: " + ", ".join(f"{key} {value}" for key, value in sorted(counts.items()))
 
 
 if __name__ == "__main__":

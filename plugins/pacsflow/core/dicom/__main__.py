@@ -2,15 +2,19 @@
 
 For deployments with several workers, where the PACS knows a single move destination: run this once on a
 host whose data root the workers share, and set ``receiver_mode: service`` in the dicom connection.
-Stops cleanly on SIGTERM or SIGINT. With ``--stop-when-idle`` it is the host's shared receiver that retrieval
-tasks start themselves (``receiver_mode: shared``): it stops once no task holds a lease on it.
+Every option defaults to an environment variable (``PACSFLOW_RECEIVER_*``, ``PACSFLOW_DATA_ROOT``), so a
+container or a unit file configures it without a command line. Stops cleanly on SIGTERM or SIGINT. With
+``--stop-when-idle`` it is the host's shared receiver that retrieval tasks start themselves
+(``receiver_mode: shared``): it stops once no task holds a lease on it.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import socket
 import threading
 from pathlib import Path
 
@@ -22,27 +26,72 @@ from pacsflow.core.storage import StorageLayout
 log = logging.getLogger("pacsflow.receiver")
 IDLE_CHECK_SECONDS = 2.0
 
+BACKENDS = ("pynetdicom", "dcmtk")
+
+
+def _env_list(name: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
+
+
+def _default_root() -> Path | None:
+    data_root = os.environ.get("PACSFLOW_DATA_ROOT")
+    return Path(data_root) / "dicom" if data_root else None
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
     parser = argparse.ArgumentParser(prog="python -m pacsflow.core.dicom", description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, required=True, help="DICOM root: <root>/<Study>/<Series>/<SOP>.dcm")
-    parser.add_argument("--ae-title", default="PACSFLOW")
-    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
-    parser.add_argument("--port", type=int, default=11113)
-    parser.add_argument("--allow-ae", action="append", default=[], help="calling AE title allowed (repeat)")
-    parser.add_argument("--allow-address", action="append", default=[], help="peer address allowed (repeat)")
-    parser.add_argument("--max-associations", type=int, default=10)
-    parser.add_argument("--backend", choices=["pynetdicom", "dcmtk"], default="pynetdicom",
-                        help="dcmtk: DCMTK storescp per association (faster; no TLS)")
+    parser.add_argument("--root", type=Path, default=_default_root(),
+                        help="DICOM root: <root>/<Study>/<Series>/<SOP>.dcm (default: $PACSFLOW_DATA_ROOT/dicom)")
+    parser.add_argument("--ae-title", default=env("PACSFLOW_RECEIVER_AE_TITLE", "PACSFLOW"),
+                        help="(default: $PACSFLOW_RECEIVER_AE_TITLE or PACSFLOW)")
+    parser.add_argument("--host", default=env("PACSFLOW_RECEIVER_HOST", "127.0.0.1"),
+                        help="interface to bind (default: $PACSFLOW_RECEIVER_HOST or loopback only)")
+    parser.add_argument("--port", type=int, default=int(env("PACSFLOW_RECEIVER_PORT", "11113")),
+                        help="(default: $PACSFLOW_RECEIVER_PORT or 11113)")
+    parser.add_argument("--allow-ae", action="append", default=None,
+                        help="calling AE title allowed (repeat; default: $PACSFLOW_RECEIVER_ALLOWED_AES, "
+                             "comma-separated)")
+    parser.add_argument("--allow-address", action="append", default=None,
+                        help="peer address or host name allowed, names resolved at start-up (repeat; default: "
+                             "$PACSFLOW_RECEIVER_ALLOWED_ADDRESSES, comma-separated, else loopback only)")
+    parser.add_argument("--max-associations", type=int,
+                        default=int(env("PACSFLOW_RECEIVER_MAX_ASSOCIATIONS", "10")),
+                        help="(default: $PACSFLOW_RECEIVER_MAX_ASSOCIATIONS or 10)")
+    parser.add_argument("--backend", choices=BACKENDS, default=env("PACSFLOW_RECEIVER_BACKEND", "pynetdicom"),
+                        help="dcmtk: DCMTK storescp per association (faster; no TLS) "
+                             "(default: $PACSFLOW_RECEIVER_BACKEND or pynetdicom)")
     parser.add_argument("--tls-cert", help="serve DICOM over TLS with this certificate (PEM)")
     parser.add_argument("--tls-key", help="private key of --tls-cert (PEM)")
     parser.add_argument("--tls-ca", help="CA bundle that client certificates must chain to (required with --tls-cert)")
     parser.add_argument("--stop-when-idle", action="store_true",
                         help="stop once no retrieval task holds a lease on <root>/" + LEASE)
     args = parser.parse_args(argv)
+    if args.root is None:
+        parser.error("no DICOM root: give --root or set PACSFLOW_DATA_ROOT")
+    if args.backend not in BACKENDS:
+        parser.error(f"PACSFLOW_RECEIVER_BACKEND must be one of {', '.join(BACKENDS)}")
     if bool(args.tls_cert) != bool(args.tls_ca):
         parser.error("--tls-cert and --tls-ca go together")
+    args.allow_ae = args.allow_ae if args.allow_ae is not None else _env_list("PACSFLOW_RECEIVER_ALLOWED_AES")
+    names = args.allow_address if args.allow_address is not None else _env_list("PACSFLOW_RECEIVER_ALLOWED_ADDRESSES")
+    try:
+        args.allow_address = resolve_addresses(names)
+    except OSError as error:
+        parser.error(f"--allow-address / PACSFLOW_RECEIVER_ALLOWED_ADDRESSES: {error}")
     return args
+
+
+def resolve_addresses(names: list[str]) -> tuple[str, ...]:
+    """IP addresses of ``names`` (addresses stay as they are); a peer is then compared by address."""
+    addresses: list[str] = []
+    for name in names:
+        try:
+            infos = socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)
+        except socket.gaierror as error:
+            raise OSError(f"cannot resolve {name!r} ({error.strerror})") from None
+        addresses.extend(str(info[4][0]) for info in infos)
+    return tuple(dict.fromkeys(addresses))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     config = ReceiverConfig(ae_title=args.ae_title, host=args.host, port=args.port,
                             allowed_calling_aes=tuple(args.allow_ae),
-                            allowed_addresses=tuple(args.allow_address) or ReceiverConfig.allowed_addresses,
+                            allowed_addresses=args.allow_address or ReceiverConfig.allowed_addresses,
                             max_associations=args.max_associations, mode="service", backend=args.backend,
                             tls=TlsConfig(ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key)
                             if args.tls_cert else None)
@@ -58,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     with open_receiver(config, StorageLayout(args.root)) as receiver:
-        log.info("receiving as %s on %s:%d", config.ae_title, config.host, receiver.port)
+        log.info("receiving as %s on %s:%d (%s backend)", config.ae_title, config.host, receiver.port,
+                 config.backend)
         if args.stop_when_idle:
             _wait_until_idle(args.root / LEASE, stop)
         else:
