@@ -147,7 +147,7 @@ def scan_series(paths: Sequence[Path]) -> SeriesGeometry:
         spacing=(float(pixel_spacing[1]), float(pixel_spacing[0]), slice_spacing),
         origin=tuple(float(v) for v in positions[0]),  # type: ignore[arg-type]
         direction=tuple(float(v) for v in direction.flatten()),
-        window=_window(first), inverted=str(first.get("PhotometricInterpretation", "")) == "MONOCHROME1",
+        window=header_window(first), inverted=str(first.get("PhotometricInterpretation", "")) == "MONOCHROME1",
     )
 
 
@@ -240,7 +240,7 @@ def _slice_spacing(positions: np.ndarray, normal: np.ndarray, row_cosine: np.nda
     return float(gaps.mean())
 
 
-def _window(header: Dataset) -> tuple[float, float] | None:
+def header_window(header: Dataset) -> tuple[float, float] | None:
     """The first window of the header (several are alternatives; the first is the default)."""
     values = []
     for keyword in ("WindowCenter", "WindowWidth"):
