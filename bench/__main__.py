@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-from bench import bench_dag_overhead, bench_export, bench_network
+from bench import bench_audit_page, bench_dag_overhead, bench_export, bench_network
 from bench.results import RESULTS_PATH
 
-BENCHMARKS = (bench_export, bench_dag_overhead, bench_network)
+BENCHMARKS = (bench_export, bench_dag_overhead, bench_network, bench_audit_page)
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from pydicom import dcmread
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.wait import WebDriverWait
 
 from pacsflow.core.audit import AuditStore, Outcome
 from pacsflow.core.privacy import Pseudonymizer
@@ -153,10 +154,20 @@ def test_an_auditor_follows_a_run_down_to_the_images(browser, api_server, demo_a
     image = browser.find_element(By.ID, "preview")
     assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image) == 64
 
+    # inside Airflow's own UI: the "Extraction audit" navigation entry shows the runs page in the UI's frame
+    browser.get(api_server.url + "/plugin/pacsflow-audit")
+    frame = WebDriverWait(browser, 60).until(lambda d: d.find_element(By.CSS_SELECTOR, "iframe"))
+    WebDriverWait(browser, 30).until(lambda d: "Extraction audit" in d.page_source)
+    pages.seen("airflow_nav")
+    browser.switch_to.frame(frame)
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#runs tbody tr"))
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#runs tbody tr")) == 2
+    browser.switch_to.default_content()
+
     assert_no_identifier(pages.html, demo_audit)
     if os.environ.get("PACSFLOW_DOCS_SCREENSHOTS") == "1":
         DOCS.mkdir(exist_ok=True)
-        for name in ("runs", "run", "accession", "series", "compare"):
+        for name in ("airflow_nav", "runs", "run", "accession", "series", "compare"):
             shutil.copyfile(tmp_path / f"{name}.png", DOCS / f"audit-{name}.png")
 
 

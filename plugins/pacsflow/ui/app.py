@@ -105,8 +105,8 @@ def review_of(request: Request) -> AuditReview:
 ReviewDep = Annotated[AuditReview, Depends(review_of)]
 
 
-def run_or_404(review: AuditReview, dag_id: str, run_id: str) -> RunRow:
-    run = review.run(dag_id, run_id)
+def run_or_404(review: AuditReview, dag_id: str, run_id: str, *, with_counts: bool = False) -> RunRow:
+    run = review.run(dag_id, run_id, with_counts=with_counts)
     if run is None:
         raise HTTPException(404, "this DAG run has no pacsflow audit (not a pacsflow extraction, or not started)")
     return run
@@ -140,6 +140,7 @@ def _duration(value: timedelta | None) -> str:
 
 
 templates.env.filters.update(moment=_moment, duration=_duration,
+                             day=lambda value: value.strftime("%Y-%m-%d") if value else "–",
                              mb=lambda size: f"{(size or 0) / 1e6:,.1f}",
                              num=lambda n: "–" if n is None else f"{n:,}" if isinstance(n, int) else f"{n:,.1f}")
 
@@ -187,7 +188,7 @@ def create_app() -> FastAPI:
         kept_series = review.series_rows(run.run_key, series_status or None, Page.of(series_page, 50))
         for row in kept_series.rows:
             row["ref"] = series_ref(key, row.pop("study_uid"), row.pop("series_uid")) if key else None
-        previous = review.previous_run(run)
+        previous = review.previous_run_id(run)
         outcomes = {o.value: summary.outcomes.get(o.value, 0) for o in Outcome}
         return render(
             request, "run.html", run=run, summary=summary, outcomes=outcomes, rules=rules, drops=drops,
@@ -195,7 +196,7 @@ def create_app() -> FastAPI:
             series_status=series_status, searchable=key is not None,
             outcome_chart=charts.bar_chart(outcomes, title="Outcome of each AN"),
             rules_chart=charts.bar_chart(rules, title="Resolution (rule that matched, or class)"),
-            series_chart=charts.bar_chart(review.series_status_counts(run.run_key), title="Series by status"),
+            series_chart=charts.bar_chart(summary.series, title="Series by status"),
             timeline_chart=charts.timeline(stages, title="Stage timeline"),
             query={"outcome": outcome, "resolution": resolution, "reason": reason, "size": size,
                    "series_status": series_status},
@@ -296,12 +297,8 @@ def create_app() -> FastAPI:
         run_ids = review.run_ids(dag_id)
         if not run_ids:
             raise HTTPException(404, "no pacsflow run of this DAG")
-        b = b or run_ids[0]
-        run_b = run_or_404(review, dag_id, b)
-        if a is None:
-            previous = review.previous_run(run_b)
-            a = previous.run_id if previous else b
-        run_a = run_or_404(review, dag_id, a)
+        run_b = run_or_404(review, dag_id, b or run_ids[0], with_counts=True)
+        run_a = run_or_404(review, dag_id, a or review.previous_run_id(run_b) or run_b.run_id, with_counts=True)
         return render(request, "compare.html", dag_id=dag_id, run_ids=run_ids, run_a=run_a, run_b=run_b,
                       diff=review.compare(run_a.run_key, run_b.run_key))
 

@@ -163,24 +163,26 @@ class AuditReview:
             self._add_counts(conn, result)
         return Paged([{"run": r} for r in result], total, page)
 
-    def run(self, dag_id: str, run_id: str) -> RunRow | None:
+    def run(self, dag_id: str, run_id: str, *, with_counts: bool = True) -> RunRow | None:
+        """One run; ``with_counts=False`` leaves out the per-run counts (the run page takes them from the
+        audit summary instead)."""
         with self.engine.connect() as conn:
             row = conn.execute(select(runs).where(runs.c.run_key == f"{dag_id}/{run_id}")).mappings().first()
             if row is None:
                 return None
             result = _run_row(row)
-            self._add_counts(conn, [result])
+            if with_counts:
+                self._add_counts(conn, [result])
         return result
 
-    def previous_run(self, run: RunRow) -> RunRow | None:
+    def previous_run_id(self, run: RunRow) -> str | None:
         """The run of the same extraction that started just before ``run`` (what a comparison starts from)."""
         if run.started_at is None:
             return None
         query = (select(runs.c.run_id).where(runs.c.dag_id == run.dag_id, runs.c.started_at < run.started_at)
                  .order_by(runs.c.started_at.desc()).limit(1))
         with self.engine.connect() as conn:
-            run_id = conn.execute(query).scalar()
-        return self.run(run.dag_id, run_id) if run_id else None
+            return conn.execute(query).scalar()
 
     def run_ids(self, dag_id: str) -> list[str]:
         query = select(runs.c.run_id).where(runs.c.dag_id == dag_id).order_by(runs.c.started_at.desc())
@@ -260,13 +262,17 @@ class AuditReview:
         return result
 
     def series_rows(self, run_key: str, status: str | None, page: Page) -> Paged:
-        query = select(*_SERIES_COLUMNS, accessions.c.an_ref).join(
-            accessions, and_(accessions.c.run_key == series.c.run_key,
-                             accessions.c.accession_number == series.c.accession_number)
-        ).where(series.c.run_key == run_key)
-        if status:
-            query = query.where(series.c.status == status)
-        return self._paged(query, page, series.c.status, accessions.c.an_ref, series.c.series_uid)
+        """The run's series in primary-key order (the index serves the page), with their AN's reference."""
+        where = [series.c.run_key == run_key] + ([series.c.status == status] if status else [])
+        query = (select(*_SERIES_COLUMNS, accessions.c.an_ref)
+                 .join(accessions, and_(accessions.c.run_key == series.c.run_key,
+                                        accessions.c.accession_number == series.c.accession_number))
+                 .where(*where).order_by(series.c.study_uid, series.c.series_uid)
+                 .limit(page.size).offset(page.offset))
+        with self.engine.connect() as conn:
+            total = conn.execute(select(func.count()).select_from(series).where(*where)).scalar_one()
+            rows = [dict(r) for r in conn.execute(query).mappings()]
+        return Paged(rows, total, page)
 
     def series_status_counts(self, run_key: str) -> dict[str, int]:
         query = select(series.c.status, func.count()).where(series.c.run_key == run_key).group_by(series.c.status)
