@@ -168,7 +168,7 @@ def test_an_auditor_follows_a_run_down_to_the_images(browser, api_server, demo_a
     if os.environ.get("PACSFLOW_DOCS_SCREENSHOTS") == "1":
         DOCS.mkdir(exist_ok=True)
         for name in ("airflow_nav", "runs", "run", "accession", "series", "compare"):
-            shutil.copyfile(tmp_path / f"{name}.png", DOCS / f"audit-{name}.png")
+            shutil.copyfile(tmp_path / f"{name}.png", DOCS / f"audit-{name.replace('_', '-')}.png")
 
 
 def test_downloads_hold_every_an_by_reference_only(api_server, demo_audit, tmp_path):
