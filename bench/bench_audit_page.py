@@ -77,7 +77,8 @@ def fill_audit(store: AuditStore, accessions_count: int, key: Pseudonymizer, dat
             series_rows.append({
                 "run_key": run_key, "study_uid": study_uid, "series_uid": f"{UID_ROOT}2.{index}.{number_in_study}",
                 "accession_number": number, "modality": "CT", "description": "SCOUT" if dropped else "AXIAL 1.0",
-                "body_part": "CHEST", "pacs_instance_count": expected, "drop_reason": "description" if dropped else None,
+                "body_part": "CHEST", "pacs_instance_count": expected,
+                "drop_reason": "description" if dropped else None,
                 "status": status, "expected": None if dropped else expected, "received": None if dropped else received,
                 "fetched": None if dropped else received, "bytes": None if dropped else received * 525_000,
                 "seconds": {"retrieve": 1.0}})

@@ -6,11 +6,15 @@ from __future__ import annotations
 import json
 from urllib.parse import quote
 
+import pytest
+
 from tests.ui.conftest import DAG_ID, RUN_IDS
 
 RUN_PATH = f"/pacsflow-audit/dags/{DAG_ID}/runs/{quote(RUN_IDS[1], safe='')}"
 RUN_ROUTES = ("", "/audit.csv", "/audit.parquet", "/accessions/an:0000000000000000",
               "/series/0000000000000000", "/series/0000000000000000/preview.png")
+
+pytestmark = [pytest.mark.airflow, pytest.mark.orthanc]
 
 
 def test_the_api_server_registers_the_plugin_with_its_views(api_server):

@@ -35,6 +35,8 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-dev-shm-usage", "--window-size=1280,1000")
 DOCS = REPO_ROOT / "docs"
 
+pytestmark = [pytest.mark.airflow, pytest.mark.orthanc]
+
 
 @pytest.fixture(scope="module")
 def browser(api_server, tmp_path_factory) -> Iterator[webdriver.Chrome]:

@@ -136,7 +136,9 @@ def _duration(value: timedelta | None) -> str:
     if value is None:
         return "–"
     seconds = int(value.total_seconds())
-    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m {seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m {seconds % 60:02d}s"
 
 
 templates.env.filters.update(moment=_moment, duration=_duration,

@@ -247,8 +247,9 @@ class AuditReview:
         """One AN by its reference: its resolution story, outcome and series (no clear identifier)."""
         columns = [c for c in accessions.c if c.name not in ("accession_number", "patient_id", "ris_study_uid")]
         with self.engine.connect() as conn:
-            row = conn.execute(select(*columns, accessions.c.accession_number)
-                               .where(accessions.c.run_key == run_key, accessions.c.an_ref == an_ref)).mappings().first()
+            query = select(*columns, accessions.c.accession_number).where(accessions.c.run_key == run_key,
+                                                                          accessions.c.an_ref == an_ref)
+            row = conn.execute(query).mappings().first()
             if row is None:
                 return None
             result = dict(row)
@@ -284,8 +285,10 @@ class AuditReview:
                                                                                       stage_events.c.id)
         with self.engine.connect() as conn:
             rows = [dict(r) for r in conn.execute(query).mappings()]
-        for row in rows:
-            row["started_at"], row["finished_at"] = _aware(row["started_at"]), _aware(row["finished_at"])
+        for row in rows:  # a stage still running (a start event without a finish) is drawn up to now
+            row["running"] = row["finished_at"] is None
+            row["started_at"] = _aware(row["started_at"])
+            row["finished_at"] = _aware(row["finished_at"]) if row["finished_at"] else datetime.now(timezone.utc)
         return rows
 
     def export_rows(self, run_key: str) -> Iterable[dict[str, Any]]:
