@@ -3,7 +3,8 @@
 Two runs of ``pacsflow_extract`` go through the library (``run_extraction``) against Orthanc loaded with a demo
 hospital: the first over half the cohort, the second over all of it, so a comparison has something to show.
 The api-server runs alone (SQLite metadata DB, LocalExecutor settings, simple auth manager) with two users:
-``auditor`` (role viewer: may read every DAG) and ``outsider`` (no role: may read nothing).
+``auditor`` (role viewer: may read every DAG) and ``outsider`` (no role: may read nothing); the DAG is
+serialized into the metadata DB so the UI can show its runs.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ DAG_ID = "pacsflow_extract"
 RUN_IDS = ("manual__2026-12-01T08:00:00+00:00", "manual__2026-12-02T08:00:00+00:00")
 CONF = json.loads((REPO_ROOT / "include" / "config" / "demo_run.json").read_text())
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))
-USERS = {"auditor": "viewer", "outsider": ""}
+USERS = {"auditor": "viewer", "outsider": "", "operator": "admin"}  # operator: only to create a DAG run
 STARTUP_SECONDS = 120
 
 
@@ -113,11 +114,13 @@ class ApiServer:
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.loads(response.read())["access_token"]
 
-    def get(self, path: str, user: str | None, *, data: bytes | None = None) -> tuple[int, bytes, dict[str, str]]:
-        """(status, body, headers) of a request as ``user`` (None: no credentials); redirects not followed."""
+    def get(self, path: str, user: str | None, *, data: bytes | None = None,
+            content_type: str = "application/x-www-form-urlencoded") -> tuple[int, bytes, dict[str, str]]:
+        """(status, body, headers) of a request as ``user`` (None: no credentials); with ``data`` a POST;
+        redirects not followed."""
         headers = {"Authorization": f"Bearer {self.token(user)}"} if user else {}
         if data is not None:
-            headers["Content-Type"] = "application/x-www-form-urlencoded"
+            headers["Content-Type"] = content_type
         request = urllib.request.Request(self.url + path, data=data, headers=headers,
                                          method="POST" if data is not None else "GET")
         opener = urllib.request.build_opener(_NoRedirect)
@@ -158,6 +161,7 @@ def api_server(demo_audit, tmp_path_factory) -> Iterator[ApiServer]:
                                                    "extra": {"sqlalchemy_url": demo_audit.audit_url}}),
     })
     subprocess.run([AIRFLOW, "db", "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([AIRFLOW, "dags", "reserialize"], env=env, check=True, stdout=subprocess.DEVNULL, cwd=home)
     command = [AIRFLOW, "api-server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     with service("api-server", command, work / "api-server.log", env, cwd=home) as server:
         wait_until(lambda: _healthy(port), "the api-server", STARTUP_SECONDS, (server,))

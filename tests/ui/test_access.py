@@ -24,6 +24,8 @@ def test_the_api_server_registers_the_plugin_with_its_views(api_server):
     assert {(v["destination"], v["href"]) for v in plugin["external_views"]} == {
         ("nav", "/pacsflow-audit/runs"), ("dag_run", "/pacsflow-audit/dags/{DAG_ID}/runs/{RUN_ID}")}
     assert [app["url_prefix"] for app in plugin["fastapi_apps"]] == ["/pacsflow-audit"]
+    status, body, _ = api_server.get("/api/v2/plugins/importErrors", "auditor")
+    assert status == 200 and json.loads(body)["import_errors"] == []
 
 
 def test_without_credentials_every_route_is_refused(api_server):

@@ -8,6 +8,7 @@ replace the ones in ``docs/`` that the README shows.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import struct
@@ -171,6 +172,35 @@ def test_an_auditor_follows_a_run_down_to_the_images(browser, api_server, demo_a
         DOCS.mkdir(exist_ok=True)
         for name in ("airflow_nav", "runs", "run", "accession", "series", "compare"):
             shutil.copyfile(tmp_path / f"{name}.png", DOCS / f"audit-{name.replace('_', '-')}.png")
+
+
+def test_the_audit_is_a_tab_of_the_dag_run_and_forbidden_to_an_outsider(browser, api_server, tmp_path):
+    body = json.dumps({"dag_run_id": RUN_IDS[1], "logical_date": None, "conf": {}}).encode()
+    status, answer, _ = api_server.get(f"/api/v2/dags/{DAG_ID}/dagRuns", "operator", data=body,
+                                       content_type="application/json")
+    assert status in (200, 409), answer[:300]  # 409: created by an earlier test of the session
+    pages = Pages(browser, api_server.url, tmp_path)
+    browser.get(f"{api_server.url}/dags/{DAG_ID}/runs/{quote(RUN_IDS[1], safe='')}/plugin/pacsflow-audit-run")
+    frame = WebDriverWait(browser, 60).until(lambda d: d.find_element(By.CSS_SELECTOR, "iframe"))
+    pages.seen("airflow_run_tab")
+    browser.switch_to.frame(frame)
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#summary"))
+    assert RUN_IDS[1] in browser.find_element(By.TAG_NAME, "h1").text
+    browser.switch_to.default_content()
+    pages.seen("airflow_run_tab")
+
+    browser.delete_cookie("_token")
+    browser.add_cookie({"name": "_token", "value": api_server.token("outsider"), "path": "/"})
+    try:
+        pages.visit(run_path(1), "forbidden")
+        assert "Forbidden" in browser.page_source and "summary" not in browser.page_source
+        pages.visit("/pacsflow-audit/runs", "runs_outsider")
+        assert not browser.find_elements(By.CSS_SELECTOR, "#runs tbody tr")
+    finally:
+        browser.delete_cookie("_token")
+        browser.add_cookie({"name": "_token", "value": api_server.token("auditor"), "path": "/"})
+    if os.environ.get("PACSFLOW_DOCS_SCREENSHOTS") == "1":
+        shutil.copyfile(tmp_path / "airflow_run_tab.png", DOCS / "audit-airflow-run-tab.png")
 
 
 def test_downloads_hold_every_an_by_reference_only(api_server, demo_audit, tmp_path):
