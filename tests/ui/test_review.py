@@ -1,5 +1,6 @@
-"""The review read model on an audit store filled through the store's own API: pagination and filters in SQL,
-per-AN stories by reference only, series references, downloads and the comparison of two runs."""
+"""The review read model on an audit store filled through the store's own API (SQLite and PostgreSQL):
+pagination and filters in SQL, per-AN stories by reference only, series references, downloads and the
+comparison of two runs."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from datetime import datetime, timezone
 
 import pytest
 
-from pacsflow.core.audit import AuditStore
+from sqlalchemy import create_engine
+
+from pacsflow.core.audit import AuditStore, metadata
 from pacsflow.core.privacy import Pseudonymizer
 from pacsflow.ui.review import AccessionFilter, AuditReview, Page, RunFilter, series_ref
 
@@ -43,13 +46,18 @@ def fill_run(store: AuditStore, run_id: str, found: set[int], partial: set[int],
     return run_key
 
 
-@pytest.fixture
-def review(tmp_path) -> AuditReview:
-    store = AuditStore.connect(f"sqlite:///{tmp_path / 'audit.sqlite'}")
-    fill_run(store, "first", found=set(range(0, 20)), partial={3, 4})
-    fill_run(store, "second", found=set(range(0, 25)), partial={4, 5, 6})
-    yield AuditReview(store)
-    store.close()
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def review(request, tmp_path) -> AuditReview:
+    url = (f"sqlite:///{tmp_path / 'audit.sqlite'}" if request.param == "sqlite"
+           else request.getfixturevalue("postgres_url"))
+    store = AuditStore(create_engine(url, hide_parameters=True))
+    try:
+        fill_run(store, "first", found=set(range(0, 20)), partial={3, 4})
+        fill_run(store, "second", found=set(range(0, 25)), partial={4, 5, 6})
+        yield AuditReview(store)
+    finally:
+        metadata.drop_all(store.engine)  # the PostgreSQL database is shared by the session
+        store.close()
 
 
 def test_runs_are_listed_newest_first_for_the_readable_dags_only(review):
@@ -102,3 +110,10 @@ def test_the_download_has_one_row_per_an_with_series_counts(review):
     assert by_ref[KEY.ref("A05")]["series_partial"] == 1 and by_ref[KEY.ref("A05")]["series_dropped"] == 1
     assert by_ref[KEY.ref("A05")]["instances_received"] == 5 and by_ref[KEY.ref("A29")]["series_complete"] == 0
     assert all("accession_number" not in row and "patient_id" not in row for row in rows)
+
+
+def test_chart_labels_are_escaped():
+    from pacsflow.ui.charts import bar_chart
+
+    svg = str(bar_chart({"<script>alert(1)</script>": 3}, title="a & b"))
+    assert "<script>" not in svg and "&lt;script&gt;" in svg and "a &amp; b" in svg
