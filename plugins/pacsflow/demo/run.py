@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from pacsflow.core.audit import AuditStore
 from pacsflow.core.dicom.config import ReceiverConfig
+from pacsflow.core.processes import stop_process
 from pacsflow.core.report import format_summary
 from pacsflow.demo.environment import REPO_ROOT, airflow_environment, connection_environment
 from pacsflow.demo.hospital import build_hospital
@@ -47,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accessions", type=int, default=60, help="cohort size of the demo hospital")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--workdir", type=Path, default=REPO_ROOT / "var" / "demo")
+    parser.add_argument("--serve", type=int, metavar="PORT",
+                        help="afterwards, serve the Airflow UI with the audit pages on 127.0.0.1:PORT until Ctrl-C")
     args = parser.parse_args(argv)
 
     workdir: Path = args.workdir.resolve()
@@ -85,7 +89,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  audit          {audit_url}")
     print(f"  ground truth   {hospital.ground_truth_path}")
     print(f"  Airflow log    {workdir / 'dag_test.log'}")
+    if args.serve:
+        serve_ui(env, args.serve, workdir)
     return 0 if summary.reconciled else 1
+
+
+def serve_ui(env: dict[str, str], port: int, workdir: Path) -> None:
+    """The Airflow UI of the demo (every visitor is admin: loopback only) with the "Extraction audit" pages."""
+    ui_env = {**env, "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+              "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}"}
+    print(f"Airflow UI on http://127.0.0.1:{port} (Browse > Extraction audit, or the run's Extraction audit tab); "
+          f"Ctrl-C stops it. Log: {workdir / 'api-server.log'}", flush=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the api-server on SIGTERM as on Ctrl-C
+    with (workdir / "api-server.log").open("w") as log:
+        process = subprocess.Popen([str(Path(sys.executable).with_name("airflow")), "api-server", "--host",
+                                    "127.0.0.1", "--port", str(port), "--workers", "1"], env=ui_env, stdout=log,
+                                   stderr=subprocess.STDOUT)
+        try:
+            process.wait()
+        except KeyboardInterrupt:
+            stop_process(process)
 
 
 if __name__ == "__main__":

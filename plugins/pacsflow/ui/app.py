@@ -35,6 +35,7 @@ from pacsflow.ui.review import (
     Page,
     RunFilter,
     RunRow,
+    SeriesRef,
     key_for,
     layout_of,
     series_ref,
@@ -239,7 +240,8 @@ def create_app() -> FastAPI:
         detail = review.series_detail(run.run_key, target)
         if detail is None:
             raise HTTPException(404, "no series with this reference in this run")
-        detail.pop("study_uid"), detail.pop("series_uid")
+        for uid in ("study_uid", "series_uid"):  # never into the page
+            del detail[uid]
         preview_error = None
         if detail["drop_reason"] is not None and not detail["received"]:
             preview_error = "dropped by the series rules: not retrieved"
@@ -309,7 +311,7 @@ def create_app() -> FastAPI:
     return app
 
 
-def _series_target(review: AuditReview, dag_id: str, run_id: str, ref: str) -> tuple[RunRow, Any]:
+def _series_target(review: AuditReview, dag_id: str, run_id: str, ref: str) -> tuple[RunRow, SeriesRef]:
     run = run_or_404(review, dag_id, run_id)
     key = key_for(run)
     target = review.series_by_ref(run.run_key, key, ref) if key else None
@@ -318,7 +320,7 @@ def _series_target(review: AuditReview, dag_id: str, run_id: str, ref: str) -> t
     return run, target
 
 
-def _preview(run: RunRow, target: Any, modality: str | None) -> bytes:
+def _preview(run: RunRow, target: SeriesRef, modality: str | None) -> bytes:
     layout = layout_of(run)
     if layout is None:
         raise NoPreview("the run records no data root")

@@ -406,10 +406,7 @@ def layout_of(run: RunRow) -> StorageLayout | None:
 
 def key_for(run: RunRow) -> Pseudonymizer | None:
     """The deployment key the run's references were made with ($PACSFLOW_LOG_KEY or the data root's key file)."""
-    root = run.data_root
-    if root is None:
-        return Pseudonymizer.existing(Path("/nonexistent") / KEY_FILE)
-    return Pseudonymizer.existing(root / KEY_FILE)
+    return Pseudonymizer.existing(run.data_root / KEY_FILE if run.data_root else None)
 
 
 def _state_clause(state: str) -> Any:
