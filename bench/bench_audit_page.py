@@ -9,7 +9,7 @@ start-up included: what an auditor pays today). Target: the page fully loaded we
 
 The audit database is synthetic but written through the audit store's own tables and settled by
 ``AuditStore.settle_outcomes``: 10,000 ANs, ~15% not found, ~80% resolved with one study of 2-4 series
-(scouts dropped, a few partial or failed), 20 retrieval batches with stage events.
+(scouts dropped, a few partial or failed), 20 retrieval batches, every stage attempt recorded.
 """
 
 from __future__ import annotations
@@ -33,23 +33,23 @@ from urllib.parse import quote
 from sqlalchemy import insert
 
 from bench.results import record
-from pacsflow.core.audit import AuditStore, accessions, series, stage_events, studies
+from pacsflow.core.audit import AuditStore, accessions, series, stage_attempts, studies
 from pacsflow.core.privacy import Pseudonymizer
 from pacsflow.demo.environment import airflow_environment
 from pacsflow.demo.run import free_port
 
-DAG_ID = "pacsflow_extract"
+DAG_ID = "pacsflow__bench"
 RUN_ID = "scheduled__2026-11-30T00:00:00+00:00"
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))
 STARTUP_SECONDS = 120
 UID_ROOT = "1.2.826.0.1.3680043.10.9999."
 
 
-def fill_audit(store: AuditStore, accessions_count: int, key: Pseudonymizer, data_root: Path) -> None:
+def fill_audit(store: AuditStore, accessions_count: int, key: Pseudonymizer) -> None:
     rng = random.Random(11)
     run_key = f"{DAG_ID}/{RUN_ID}"
     start = datetime(2026, 11, 30, 1, tzinfo=timezone.utc)
-    store.start_run(run_key, dag_id=DAG_ID, run_id=RUN_ID, params={"data_root": str(data_root)},
+    store.start_run(run_key, dag_id=DAG_ID, run_id=RUN_ID, params={},
                     interval=(start - timedelta(days=7), start), run_type="scheduled", triggered_by=None)
     an_rows, study_rows, series_rows = [], [], []
     for index in range(accessions_count):
@@ -87,18 +87,22 @@ def fill_audit(store: AuditStore, accessions_count: int, key: Pseudonymizer, dat
             for chunk in range(0, len(rows), 2000):
                 conn.execute(insert(table), rows[chunk:chunk + 2000])
         moment = start
-        events = [{"run_key": run_key, "stage": "cohort", "started_at": moment,
-                   "finished_at": moment + timedelta(seconds=4), "counts": {"accessions": accessions_count}},
-                  {"run_key": run_key, "stage": "resolve", "started_at": moment + timedelta(seconds=5),
-                   "finished_at": moment + timedelta(minutes=20), "counts": {"resolved": len(study_rows)}}]
+        attempts = [{"run_key": run_key, "stage": "cohort", "started_at": moment, "state": "success",
+                     "finished_at": moment + timedelta(seconds=4), "counts": {"accessions": accessions_count}},
+                    {"run_key": run_key, "stage": "resolve", "started_at": moment + timedelta(seconds=5),
+                     "state": "success", "finished_at": moment + timedelta(minutes=20),
+                     "counts": {"resolved": len(study_rows)}}]
         moment += timedelta(minutes=20)
         for batch in range(20):
             seconds = rng.randint(600, 900)
-            events.append({"run_key": run_key, "stage": f"retrieve[{batch}]", "started_at": moment,
-                           "finished_at": moment + timedelta(seconds=seconds),
-                           "counts": {"instances_fetched": 40_000, "bytes_fetched": 40_000 * 525_000}})
+            attempts.append({"run_key": run_key, "stage": "retrieve", "batch": batch, "started_at": moment,
+                             "finished_at": moment + timedelta(seconds=seconds), "state": "success",
+                             "counts": {"instances_fetched": 40_000, "bytes_fetched": 40_000 * 525_000}})
             moment += timedelta(seconds=seconds)
-        conn.execute(insert(stage_events), events)
+        attempts.append({"run_key": run_key, "stage": "export", "started_at": moment, "state": "success",
+                         "finished_at": moment + timedelta(minutes=2), "counts": {}})
+        conn.execute(insert(stage_attempts), [{"batch": None, "try_number": 1, "error": None, **row}
+                                              for row in attempts])
     store.settle_outcomes(run_key)
     store.finish_run(run_key)
 
@@ -212,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     key = Pseudonymizer(secrets.token_bytes(32))
     print(f"filling a {args.accessions:,}-AN audit ...", flush=True)
     with AuditStore.connect(audit_url) as store:
-        fill_audit(store, args.accessions, key, data_root)
+        fill_audit(store, args.accessions, key)
         summary = store.summary(f"{DAG_ID}/{RUN_ID}")
     assert summary.reconciled and summary.cohort == args.accessions
     process, base, token = api_server(work, audit_url)

@@ -35,8 +35,10 @@ def get_provider_info() -> dict[str, Any]:
                                       "schema": {"type": ["string", "null"], "default": "127.0.0.1"}},
                     "receiver_port": {"label": "Receiver port",
                                       "schema": {"type": ["integer", "null"], "default": 11113}},
-                    "receiver_embedded": {"label": "Run the receiver inside the retrieval task",
-                                          "schema": {"type": ["boolean", "null"], "default": True}},
+                    "receiver_mode": {"label": "Receiver: shared (started by tasks, one per host), embedded "
+                                               "(inside one task at a time), service (run by you)",
+                                      "schema": {"type": ["string", "null"],
+                                                 "enum": ["shared", "embedded", "service"], "default": "shared"}},
                     "receiver_backend": {"label": "Receiver backend (dcmtk: DCMTK storescp, faster, no TLS)",
                                          "schema": {"type": ["string", "null"], "enum": ["pynetdicom", "dcmtk"],
                                                     "default": "pynetdicom"}},

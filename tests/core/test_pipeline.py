@@ -26,14 +26,14 @@ from pacsflow.core.pipeline import RunContext, extract_cohort, resolve_cohort, r
 from pacsflow.core.privacy import Pseudonymizer
 from pacsflow.core.resolve import Resolution, ResolutionSettings, resolve_accession
 from pacsflow.core.ris import RisExam, load_template, query_cohort
-from pacsflow.core.series_rules import SeriesRules
 from pacsflow.core.storage import TEMP_PREFIX, StorageLayout
-from pacsflow.demo.environment import REPO_ROOT
+from pacsflow.core.settings import load_definition
+from pacsflow.demo.environment import DEMO_DEFINITION, REPO_ROOT
 from pacsflow.demo.hospital import Quirk, build_hospital, expected_instances, expected_outcomes, load_ground_truth
 from pacsflow.demo.sandbox import orthanc
 from tests.conftest import free_port
 
-CONF = json.loads((REPO_ROOT / "include" / "config" / "demo_run.json").read_text())
+DEMO = load_definition(DEMO_DEFINITION)
 RUN_KEY = "library/interrupted"
 
 
@@ -63,14 +63,14 @@ def pacs(hospital, receiver, tmp_path_factory) -> Iterator:
 def cohort(hospital) -> list[RisExam]:
     engine = create_engine(hospital.ris_url)
     start, end = (moment.replace(tzinfo=None) for moment in hospital.interval)
-    exams = list(query_cohort(engine, load_template(CONF["sql_template"], REPO_ROOT / "include" / "sql"),
-                              interval_start=start, interval_end=end, params=CONF["cohort_params"]))
+    exams = list(query_cohort(engine, load_template(DEMO.cohort.sql_template, REPO_ROOT / "include" / "sql"),
+                              interval_start=start, interval_end=end, params=DEMO.cohort.params))
     engine.dispose()
     return exams
 
 
 def test_each_quirk_resolves_by_its_rule(pacs, hospital, truth):
-    settings = ResolutionSettings.from_mapping(CONF["resolution"])
+    settings = DEMO.resolution_settings()
     by_an = {a["accession_number"]: a for a in truth["accessions"] if a["in_cohort"]}
     with PacsClient(pacs.config) as client:
         results = {exam.accession_number: resolve_accession(client, exam, settings) for exam in cohort(hospital)}
@@ -124,16 +124,16 @@ def _stored_files(layout: StorageLayout) -> list[Path]:
 def test_a_run_killed_mid_retrieval_resumes_without_refetching(pacs, hospital, truth, receiver, tmp_path):
     layout = StorageLayout(tmp_path / "dicom")
     audit_url = f"sqlite:///{tmp_path / 'audit.sqlite'}"
-    rules = SeriesRules.from_mapping(CONF["series_rules"])
+    rules = DEMO.rules()
     connect = partial(PacsClient, pacs.config)
     with AuditStore.connect(audit_url) as store:
         ctx = RunContext(store, RUN_KEY, Pseudonymizer(b"0123456789abcdef"))
-        extract_cohort(ctx, cohort(hospital), batch_size=100)
-        batches = resolve_cohort(ctx, connect, ResolutionSettings.from_mapping(CONF["resolution"]), 100)
+        extract_cohort(ctx, lambda: cohort(hospital), batch_size=100)
+        batches = resolve_cohort(ctx, connect, DEMO.resolution_settings(), 100)
     wanted = expected_instances(truth)
 
     args = {"root": str(layout.root), "audit_url": audit_url, "run_key": RUN_KEY, "batches": batches,
-            "rules": CONF["series_rules"], "receiver": {"ae_title": receiver.ae_title, "port": receiver.port},
+            "rules": DEMO.series_rules, "receiver": {"ae_title": receiver.ae_title, "port": receiver.port},
             "pacs": {"host": pacs.config.host, "port": pacs.config.port, "called_ae": pacs.config.called_ae}}
     child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)],
                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
@@ -168,10 +168,10 @@ def test_a_pacs_that_cannot_reach_the_receiver_fails_the_task_with_the_fix(pacs,
     connect = partial(PacsClient, pacs.config)
     with AuditStore.connect(f"sqlite:///{tmp_path / 'audit.sqlite'}") as store:
         ctx = RunContext(store, "library/unknown-destination", Pseudonymizer(b"0123456789abcdef"))
-        extract_cohort(ctx, cohort(hospital), batch_size=100)
-        batches = resolve_cohort(ctx, connect, ResolutionSettings.from_mapping(CONF["resolution"]), 100)
+        extract_cohort(ctx, lambda: cohort(hospital), batch_size=100)
+        batches = resolve_cohort(ctx, connect, DEMO.resolution_settings(), 100)
         with pytest.raises(PacsConfigurationError, match="move destination"):
-            retrieve_batch(ctx, batches[0], connect, rules=SeriesRules.from_mapping(CONF["series_rules"]),
+            retrieve_batch(ctx, batches[0], connect, rules=DEMO.rules(),
                            layout=layout, destination_ae="NOBODY")
 
 
@@ -181,9 +181,9 @@ def test_the_dcmtk_receiver_backend_retrieves_the_cohort_verified(pacs, hospital
     incoming = partial(open_receiver, replace(receiver, backend="dcmtk"), layout)
     with AuditStore.connect(f"sqlite:///{tmp_path / 'audit.sqlite'}") as store:
         ctx = RunContext(store, "library/dcmtk-backend", Pseudonymizer(b"0123456789abcdef"))
-        extract_cohort(ctx, cohort(hospital), batch_size=100)
-        batches = resolve_cohort(ctx, connect, ResolutionSettings.from_mapping(CONF["resolution"]), 100)
-        counts = [retrieve_batch(ctx, batch, connect, rules=SeriesRules.from_mapping(CONF["series_rules"]),
+        extract_cohort(ctx, lambda: cohort(hospital), batch_size=100)
+        batches = resolve_cohort(ctx, connect, DEMO.resolution_settings(), 100)
+        counts = [retrieve_batch(ctx, batch, connect, rules=DEMO.rules(),
                                  layout=layout, destination_ae=receiver.ae_title, receiver=incoming)
                   for batch in batches]
         summary = settle_run(ctx)

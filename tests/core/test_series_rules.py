@@ -56,3 +56,15 @@ def test_body_part_and_include_description_filters():
 def test_malformed_configuration_is_explained(config, message):
     with pytest.raises(SeriesRulesError, match=message):
         SeriesRules.from_mapping(config)
+
+
+def test_a_backtracking_pattern_runs_in_linear_time():
+    """``^(a+)+$`` doubles a backtracking engine's time per character; RE2 answers at once even for 100,000."""
+    rules = SeriesRules.from_mapping({"include_descriptions": ["^(a+)+$"]})
+    assert rules.drop_reason({"Modality": "CT", "SeriesDescription": "a" * 100_000 + "b"}) == DropReason.DESCRIPTION
+    assert rules.drop_reason({"Modality": "CT", "SeriesDescription": "A" * 100_000}) is None
+
+
+def test_a_pattern_the_linear_engine_cannot_run_is_refused_with_its_key():
+    with pytest.raises(SeriesRulesError, match=r"exclude_descriptions: invalid regular expression '\(\?<=x\)y'"):
+        SeriesRules.from_mapping({"exclude_descriptions": ["(?<=x)y"]})

@@ -1,108 +1,36 @@
-"""A real Airflow 3 deployment on loopback, the production way: PostgreSQL metadata database, Redis broker,
-CeleryExecutor, and ``api-server``, ``scheduler``, ``dag-processor`` and ``celery worker`` as separate
-processes sharing one environment (one JWT secret, one execution API URL).
+"""The production topology on loopback: a PostgreSQL metadata database, a Redis broker, CeleryExecutor, and
+``api-server``, ``scheduler``, ``dag-processor`` and ``celery worker`` as separate processes (built on
+``pacsflow.demo.deployment``, which runs the same processes for the LocalExecutor).
 
     with redis_server(tmp / "redis") as broker, postgres_database(server_url, "airflow") as db_url, \\
             celery_deployment(tmp / "airflow", metadata_url=db_url, broker_url=broker) as airflow:
         airflow.wait_for_dag("my_dag")
-        run_id = airflow.trigger("my_dag", conf={...})
+        run_id = airflow.trigger("my_dag", data_interval=(start, end))
         state = airflow.wait_for_run("my_dag", run_id, timeout=300)
-
-Every service listens on 127.0.0.1 on a free port and runs in its own process group, which is terminated
-when its context closes.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import secrets
-import signal
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from pacsflow.demo.environment import airflow_environment
-from tests.conftest import free_port
+from pacsflow.demo.deployment import (
+    AIRFLOW,
+    Deployment,
+    base_environment,
+    core_commands,
+    deployment,
+    free_port,
+    service,
+    wait_until,
+)
 
-AIRFLOW = str(Path(sys.executable).with_name("airflow"))
 REDIS_SERVER = "/usr/bin/redis-server"
-STARTUP_SECONDS = 90.0
-STOP_SECONDS = 20.0
-FINISHED_STATES = frozenset({"success", "failed"})
-API_USER = "pacsflow-test"
-
-
-@dataclass(frozen=True)
-class Service:
-    name: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def tail(self, lines: int) -> str:
-        if not self.log_path.exists():
-            return "(no log)"
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-
-@contextmanager
-def service(name: str, command: list[str], log_path: Path, env: Mapping[str, str] | None = None,
-            cwd: Path | None = None) -> Iterator[Service]:
-    """A process in its own session (so its children are stopped with it), output to ``log_path``."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=dict(env or os.environ),
-                                   cwd=cwd, start_new_session=True)
-    try:
-        yield Service(name, process, log_path)
-    finally:
-        stop_process_group(process)
-
-
-def stop_process_group(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM to the whole group (workers, forked task runners), SIGKILL what is still there after a grace."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            process.wait(timeout=STOP_SECONDS)
-        except subprocess.TimeoutExpired:
-            continue
-        # The leader is gone; make sure no child of the group outlives it.
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        break
-    process.wait()
-
-
-def wait_until(ready: Any, what: str, timeout: float, services: tuple[Service, ...] = ()) -> Any:
-    """Poll ``ready()`` until it returns something truthy; fail early if one of ``services`` died."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = ready()
-        if result:
-            return result
-        for svc in services:
-            if svc.process.poll() is not None:
-                raise RuntimeError(f"{svc.name} exited (code {svc.process.returncode}) while waiting for {what}:\n"
-                                   f"{svc.tail(60)}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.5)
+CeleryDeployment = Deployment
 
 
 @contextmanager
@@ -145,129 +73,20 @@ def postgres_database(server_url: str, name: str) -> Iterator[str]:
         admin.dispose()
 
 
-@dataclass
-class CeleryDeployment:
-    home: Path
-    env: dict[str, str]
-    api_url: str
-    password: str
-    services: list[Service] = field(default_factory=list)
-    _token: str | None = None
-
-    # -- CLI and REST -----------------------------------------------------------------------------------
-    def airflow(self, *args: str) -> str:
-        """Run an ``airflow`` CLI command in the deployment's environment; its output, or an error with it."""
-        done = subprocess.run([AIRFLOW, *args], env=self.env, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"airflow {' '.join(args[:2])} failed ({done.returncode}):\n"
-                               f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-        return done.stdout
-
-    def request(self, method: str, path: str, body: Any = None) -> Any:
-        """A call to the REST API as the admin user of the simple auth manager."""
-        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {self.token()}"}
-        return self._call(method, path, body, headers)
-
-    def token(self) -> str:
-        if self._token is None:
-            answer = self._call("POST", "/auth/token", {"username": API_USER, "password": self.password},
-                                {"Content-Type": "application/json"})
-            self._token = answer["access_token"]
-        return self._token
-
-    def _call(self, method: str, path: str, body: Any, headers: dict[str, str]) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.api_url + path, data=data, method=method, headers=headers)
-        try:
-            with urllib.request.urlopen(req, timeout=30) as response:
-                return json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as error:
-            raise RuntimeError(f"{method} {path}: HTTP {error.code} {error.read()[:500]!r}") from None
-
-    # -- DAGs and runs --------------------------------------------------------------------------------------
-    def wait_for_dag(self, dag_id: str, timeout: float = 120) -> None:
-        """Until the dag-processor has parsed and serialized the DAG."""
-        def parsed() -> bool:
-            try:
-                self.request("GET", f"/api/v2/dags/{dag_id}/details")
-                return True
-            except RuntimeError:
-                return False
-        wait_until(parsed, f"DAG {dag_id} to be parsed", timeout, tuple(self.services))
-
-    def unpause(self, dag_id: str) -> None:
-        self.request("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
-
-    def trigger(self, dag_id: str, conf: Mapping[str, Any]) -> str:
-        run = self.request("POST", f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": dict(conf)})
-        return run["dag_run_id"]
-
-    def run_state(self, dag_id: str, run_id: str) -> str:
-        return self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")["state"]
-
-    def wait_for_run(self, dag_id: str, run_id: str, timeout: float, *, fail_on_retry: bool = True) -> str:
-        """The final state of the run (``success`` or ``failed``). With ``fail_on_retry``, a task waiting
-        for a retry ends the wait at once: in a sandbox nothing is transient, and the DAG's retry delays
-        would only postpone the failure by minutes."""
-        def finished() -> str | None:
-            state = self.run_state(dag_id, run_id)
-            if state in FINISHED_STATES:
-                return state
-            if fail_on_retry:
-                retrying = sorted(f"{ti['task_id']}[{ti['map_index']}]" for ti in self.task_instances(dag_id, run_id)
-                                  if ti["state"] == "up_for_retry")
-                if retrying:
-                    raise RuntimeError(f"tasks failed and wait for a retry: {', '.join(retrying)}")
-            return None
-        try:
-            return wait_until(finished, f"run {run_id}", timeout, tuple(self.services))
-        except (RuntimeError, TimeoutError) as error:
-            raise RuntimeError(f"{error}\n{self.logs()}") from None
-
-    def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
-        return self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances?limit=1000")[
-            "task_instances"]
-
-    # -- diagnostics ----------------------------------------------------------------------------------------
-    def logs(self, lines: int = 40) -> str:
-        """The tail of every process log and of every task log: what a failing test prints."""
-        parts = [f"===== {svc.name} (exit code {svc.process.poll()}) =====\n{svc.tail(lines)}"
-                 for svc in self.services]
-        for task_log in sorted((self.home / "logs").rglob("*.log")):
-            tail = "\n".join(task_log.read_text(errors="replace").splitlines()[-lines:])
-            parts.append(f"===== task log {task_log.relative_to(self.home)} =====\n{tail}")
-        return "\n".join(parts)
-
-
-def deployment_environment(home: Path, *, metadata_url: str, broker_url: str, api_port: int, password_file: Path,
-                           worker_concurrency: int, extra: Mapping[str, str]) -> dict[str, str]:
-    """The one environment every process of the deployment shares."""
-    api_url = f"http://127.0.0.1:{api_port}"
+def celery_environment(home: Path, api_port: int, password_file: Path, extra: dict[str, str], *,
+                       metadata_url: str, broker_url: str, worker_concurrency: int) -> dict[str, str]:
+    """The one environment every process of the Celery deployment shares."""
     result_backend = "db+" + make_url(metadata_url).set(drivername="postgresql").render_as_string(
         hide_password=False)
-    env = {name: value for name, value in os.environ.items() if not name.startswith("AIRFLOW")}
-    env.update(airflow_environment(home))
+    env = base_environment(home, api_port=api_port, password_file=password_file, extra={})
     env.update({
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_url,
         "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{api_url}/execution/",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{API_USER}:admin",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(password_file),
-        "AIRFLOW__API__HOST": "127.0.0.1",
-        "AIRFLOW__API__PORT": str(api_port),
-        "AIRFLOW__API__BASE_URL": api_url,
-        "AIRFLOW__API__WORKERS": "1",
-        "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(32),
-        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
         "AIRFLOW__CELERY__BROKER_URL": broker_url,
         "AIRFLOW__CELERY__RESULT_BACKEND": result_backend,
         "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(worker_concurrency),
-        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
-        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
-        # Only the runs we trigger: no scheduled (cron) run of a freshly unpaused DAG.
+        # Only the runs we trigger: no scheduled run of a freshly unpaused DAG.
         "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
-        "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
     })
     env.update(extra)
     return env
@@ -275,44 +94,17 @@ def deployment_environment(home: Path, *, metadata_url: str, broker_url: str, ap
 
 @contextmanager
 def celery_deployment(workdir: Path, *, metadata_url: str, broker_url: str, pools: Mapping[str, int] | None = None,
-                      worker_concurrency: int = 2, extra_env: Mapping[str, str] | None = None) -> Iterator[CeleryDeployment]:
+                      worker_concurrency: int = 2, extra_env: Mapping[str, str] | None = None) -> Iterator[Deployment]:
     """Migrate the metadata database, set the pools, start the four processes and wait until they serve."""
-    home = workdir / "home"
-    home.mkdir(parents=True, exist_ok=True)
-    password = secrets.token_urlsafe(16)
-    password_file = workdir / "passwords.json"
-    password_file.write_text(json.dumps({API_USER: password}))
-    password_file.chmod(0o600)
-    api_port = free_port()
-    env = deployment_environment(home, metadata_url=metadata_url, broker_url=broker_url, api_port=api_port,
-                                 password_file=password_file, worker_concurrency=worker_concurrency,
-                                 extra=extra_env or {})
-    deployment = CeleryDeployment(home=home, env=env, api_url=f"http://127.0.0.1:{api_port}", password=password)
-    deployment.airflow("db", "migrate")
-    for pool, slots in (pools or {}).items():
-        deployment.airflow("pools", "set", pool, str(slots), "set by the test deployment")
-    commands = {
-        "api-server": [AIRFLOW, "api-server", "--host", "127.0.0.1", "--port", str(api_port), "--workers", "1"],
-        "scheduler": [AIRFLOW, "scheduler"],
-        "dag-processor": [AIRFLOW, "dag-processor"],
-        "celery-worker": [AIRFLOW, "celery", "worker", "--concurrency", str(worker_concurrency),
-                          "--without-mingle", "--without-gossip", "--skip-serve-logs"],
-    }
-    with ExitStack() as stack:
-        for name, command in commands.items():
-            deployment.services.append(
-                stack.enter_context(service(name, command, workdir / f"{name}.log", env, cwd=home)))
-        try:
-            wait_until(lambda: _healthy(deployment.api_url), "the api-server", STARTUP_SECONDS,
-                       tuple(deployment.services))
-        except (RuntimeError, TimeoutError) as error:
-            raise RuntimeError(f"{error}\n{deployment.logs()}") from None
-        yield deployment
+    def env_for(home: Path, api_port: int, password_file: Path, extra: dict[str, str]) -> dict[str, str]:
+        return celery_environment(home, api_port, password_file, extra, metadata_url=metadata_url,
+                                  broker_url=broker_url, worker_concurrency=worker_concurrency)
 
+    def commands_for(api_port: int) -> dict[str, list[str]]:
+        return {**core_commands(api_port),
+                "celery-worker": [AIRFLOW, "celery", "worker", "--concurrency", str(worker_concurrency),
+                                  "--without-mingle", "--without-gossip", "--skip-serve-logs"]}
 
-def _healthy(api_url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{api_url}/api/v2/monitor/health", timeout=5) as response:
-            return response.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return False
+    with deployment(workdir, env_for=env_for, commands_for=commands_for, pools=pools,
+                    extra_env=extra_env) as airflow:
+        yield airflow

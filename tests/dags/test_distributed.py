@@ -8,7 +8,6 @@ several at once.
 
 from __future__ import annotations
 
-import json
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -16,11 +15,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, select
 
-from pacsflow.core.audit import AuditStore, stage_events
+from pacsflow.core.audit import AuditStore, Stage
 from pacsflow.core.dicom.config import ReceiverConfig
-from pacsflow.demo.environment import REPO_ROOT, connection_environment
+from pacsflow.demo.environment import DEMO_DAG_ID, connection_environment
 from pacsflow.demo.hospital import build_hospital, expected_instances, expected_outcomes, load_ground_truth
 from pacsflow.demo.sandbox import orthanc
 from tests.conftest import free_port
@@ -28,9 +26,8 @@ from tests.dags.celery_deployment import CeleryDeployment, celery_deployment, po
 
 pytestmark = [pytest.mark.airflow, pytest.mark.postgres, pytest.mark.orthanc]
 
-DAG_ID = "pacsflow_extract"
+DAG_ID = DEMO_DAG_ID
 RUN_TIMEOUT_SECONDS = 300
-BATCH_SIZE = 5
 WORKER_CONCURRENCY = 3  # more than the pool allows, so the pool (not the worker) is what serializes
 
 
@@ -46,14 +43,6 @@ class DistributedRun:
     @property
     def run_key(self) -> str:
         return f"{DAG_ID}/{self.run_id}"
-
-
-def run_conf(data_root: Path, interval: tuple) -> dict:
-    conf = json.loads((REPO_ROOT / "include" / "config" / "demo_run.json").read_text())
-    start, end = interval
-    conf.update(data_root=str(data_root), interval_start=start.isoformat(), interval_end=end.isoformat(),
-                batch_size=BATCH_SIZE)
-    return conf
 
 
 @pytest.fixture(scope="module")
@@ -74,15 +63,16 @@ def _distributed_run(workdir: Path, postgres_url: str) -> Iterator[DistributedRu
           postgres_database(postgres_url, f"audit_{suffix}") as audit_url,
           redis_server(workdir / "redis") as broker_url):
         pacs.load(sorted(hospital.dicom_dir.rglob("*.dcm")))
-        connections = connection_environment(ris_url=hospital.ris_url, audit_url=audit_url,
-                                             pacs=replace(pacs.config, calling_ae="PACSFLOW"), receiver=receiver)
+        data_root = workdir / "data"
+        env = {**connection_environment(ris_url=hospital.ris_url, audit_url=audit_url,
+                                        pacs=replace(pacs.config, calling_ae="PACSFLOW"), receiver=receiver),
+               "PACSFLOW_DATA_ROOT": str(data_root)}
         with celery_deployment(workdir / "airflow", metadata_url=metadata_url, broker_url=broker_url,
                                pools={"pacs": 1}, worker_concurrency=WORKER_CONCURRENCY,
-                               extra_env=connections) as airflow:
+                               extra_env=env) as airflow:
             airflow.wait_for_dag(DAG_ID)
             airflow.unpause(DAG_ID)
-            data_root = workdir / "data"
-            run_id = airflow.trigger(DAG_ID, run_conf(data_root, hospital.interval))
+            run_id = airflow.trigger(DAG_ID, data_interval=hospital.interval)
             state = airflow.wait_for_run(DAG_ID, run_id, RUN_TIMEOUT_SECONDS)
             yield DistributedRun(airflow, run_id, state, data_root, audit_url,
                                  load_ground_truth(hospital.ground_truth_path))
@@ -113,14 +103,9 @@ def test_every_accession_ends_in_its_true_outcome(distributed_run):
 
 def test_the_pacs_pool_lets_one_retrieval_at_a_time(distributed_run):
     run = distributed_run
-    engine = create_engine(run.audit_url)
-    query = (select(stage_events.c.stage, stage_events.c.started_at, stage_events.c.finished_at)
-             .where(stage_events.c.run_key == run.run_key, stage_events.c.stage.startswith("retrieve["))
-             .order_by(stage_events.c.started_at))
-    with engine.connect() as conn:
-        events = conn.execute(query).all()
-    engine.dispose()
+    with AuditStore.connect(run.audit_url) as store:
+        events = sorted((a["started_at"], a["finished_at"], a["batch"]) for a in store.attempts(run.run_key)
+                        if a["stage"] == Stage.RETRIEVE)
     assert len(events) >= 3, run.airflow.logs()
-    overlapping = [(earlier.stage, later.stage) for earlier, later in zip(events, events[1:])
-                   if later.started_at < earlier.finished_at]
+    overlapping = [(earlier[2], later[2]) for earlier, later in zip(events, events[1:]) if later[0] < earlier[1]]
     assert overlapping == []

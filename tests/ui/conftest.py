@@ -1,6 +1,6 @@
 """A finished demo extraction in an audit database, and a real ``airflow api-server`` serving its audit pages.
 
-Two runs of ``pacsflow_extract`` go through the library (``run_extraction``) against Orthanc loaded with a demo
+Two runs of the demo extraction go through the library (``run_extraction``) against Orthanc loaded with a demo
 hospital: the first over half the cohort, the second over all of it, so a comparison has something to show.
 The api-server runs alone (SQLite metadata DB, LocalExecutor settings, simple auth manager) with two users:
 ``auditor`` (role viewer: may read every DAG) and ``outsider`` (no role: may read nothing); the DAG is
@@ -32,19 +32,18 @@ from pacsflow.core.dicom.config import ReceiverConfig
 from pacsflow.core.dicom.receiver import StoreReceiver
 from pacsflow.core.pipeline import ExtractionSettings, RunContext, run_extraction
 from pacsflow.core.privacy import Pseudonymizer
-from pacsflow.core.resolve import ResolutionSettings
 from pacsflow.core.ris import RisExam, load_template, query_cohort
-from pacsflow.core.series_rules import SeriesRules
+from pacsflow.core.settings import DATA_ROOT_ENV, load_definition
 from pacsflow.core.storage import StorageLayout
-from pacsflow.demo.environment import REPO_ROOT, airflow_environment
+from pacsflow.demo.deployment import service, wait_until
+from pacsflow.demo.environment import DEMO_DAG_ID, DEMO_DEFINITION, REPO_ROOT, airflow_environment
 from pacsflow.demo.hospital import build_hospital, load_ground_truth
 from pacsflow.demo.sandbox import orthanc
 from tests.conftest import free_port
-from tests.dags.celery_deployment import service, wait_until
 
-DAG_ID = "pacsflow_extract"
+DEMO = load_definition(DEMO_DEFINITION)
+DAG_ID = DEMO_DAG_ID
 RUN_IDS = ("manual__2026-12-01T08:00:00+00:00", "manual__2026-12-02T08:00:00+00:00")
-CONF = json.loads((REPO_ROOT / "include" / "config" / "demo_run.json").read_text())
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))
 USERS = {"auditor": "viewer", "outsider": "", "operator": "admin"}  # operator: only to create a DAG run
 STARTUP_SECONDS = 120
@@ -64,8 +63,8 @@ class DemoAudit:
 def _cohort(hospital) -> list[RisExam]:
     engine = create_engine(hospital.ris_url)
     start, end = (moment.replace(tzinfo=None) for moment in hospital.interval)
-    exams = list(query_cohort(engine, load_template(CONF["sql_template"], REPO_ROOT / "include" / "sql"),
-                              interval_start=start, interval_end=end, params=CONF["cohort_params"]))
+    exams = list(query_cohort(engine, load_template(DEMO.cohort.sql_template, REPO_ROOT / "include" / "sql"),
+                              interval_start=start, interval_end=end, params=DEMO.cohort.params))
     engine.dispose()
     return sorted(exams, key=lambda exam: exam.accession_number)
 
@@ -79,10 +78,9 @@ def demo_audit(tmp_path_factory) -> DemoAudit:
     audit_url = f"sqlite:///{data_root / 'audit.sqlite'}"
     layout = StorageLayout(data_root / "dicom")
     receiver = ReceiverConfig(ae_title="PACSFLOW", port=free_port())
-    settings = ExtractionSettings(resolution=ResolutionSettings.from_mapping(CONF["resolution"]),
-                                  rules=SeriesRules.from_mapping(CONF["series_rules"]), layout=layout,
+    settings = ExtractionSettings(resolution=DEMO.resolution_settings(), rules=DEMO.rules(), layout=layout,
                                   destination_ae=receiver.ae_title, metadata_dir=data_root / "metadata",
-                                  batch_size=CONF["batch_size"])
+                                  batch_size=DEMO.retrieval.batch_size)
     exams = _cohort(hospital)
     with orthanc(work / "orthanc", move_destinations={receiver.ae_title: (receiver.host, receiver.port)}) as pacs:
         pacs.load(sorted(hospital.dicom_dir.rglob("*.dcm")))
@@ -91,8 +89,7 @@ def demo_audit(tmp_path_factory) -> DemoAudit:
             with AuditStore.connect(audit_url) as store:
                 ctx = RunContext(store, f"{DAG_ID}/{run_id}",
                                  Pseudonymizer.from_environment(data_root / ".pacsflow-key"))
-                store.start_run(ctx.run_key, dag_id=DAG_ID, run_id=run_id,
-                                params={**CONF, "data_root": str(data_root)}, interval=hospital.interval,
+                store.start_run(ctx.run_key, dag_id=DAG_ID, run_id=run_id, params={}, interval=hospital.interval,
                                 run_type="manual", triggered_by="auditor")
                 summary = run_extraction(ctx, cohort, partial(PacsClient, config), settings,
                                          receiver=partial(StoreReceiver, receiver, layout))
@@ -159,6 +156,7 @@ def api_server(demo_audit, tmp_path_factory) -> Iterator[ApiServer]:
         "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
         "AIRFLOW_CONN_PACSFLOW_AUDIT": json.dumps({"conn_type": "generic",
                                                    "extra": {"sqlalchemy_url": demo_audit.audit_url}}),
+        DATA_ROOT_ENV: str(demo_audit.data_root),
     })
     subprocess.run([AIRFLOW, "db", "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
     subprocess.run([AIRFLOW, "dags", "reserialize"], env=env, check=True, stdout=subprocess.DEVNULL, cwd=home)

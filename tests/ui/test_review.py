@@ -10,7 +10,7 @@ import pytest
 
 from sqlalchemy import create_engine
 
-from pacsflow.core.audit import AuditStore, metadata
+from pacsflow.core.audit import AttemptState, AuditStore, Stage, metadata
 from pacsflow.core.privacy import Pseudonymizer
 from pacsflow.ui.review import AccessionFilter, AuditReview, Page, RunFilter, series_ref
 
@@ -23,6 +23,9 @@ def fill_run(store: AuditStore, run_id: str, found: set[int], partial: set[int],
     them received half their instances."""
     run_key = f"extract/{run_id}"
     store.start_run(run_key, dag_id="extract", run_id=run_id, params={}, interval=INTERVAL, run_type="manual")
+    for stage, batch in ((Stage.COHORT, None), (Stage.RESOLVE, None), (Stage.RETRIEVE, 0), (Stage.EXPORT, None)):
+        store.end_attempt(store.begin_attempt(run_key, stage, batch=batch, try_number=1), AttemptState.SUCCESS,
+                          counts={"bytes_fetched": 1000} if stage is Stage.RETRIEVE else {})
     numbers = [f"A{i:02d}" for i in range(size)]
     store.replace_cohort(run_key, [{"accession_number": n, "an_ref": KEY.ref(n), "modality": "CT"} for n in numbers])
     for i, number in enumerate(numbers):
@@ -68,8 +71,26 @@ def test_runs_are_listed_newest_first_for_the_readable_dags_only(review):
                                                                       "not_found": 5}, True)
     assert second.studies_retrieved == 22 and second.bytes == (22 * 10 + 3 * 5) * 1000
     assert review.runs(["other"], RunFilter(), Page()).total == 0
-    assert review.runs(["extract"], RunFilter(state="unfinished"), Page()).total == 0
+    assert (second.state, first_state(review)) == ("success", "success")
+    assert review.runs(["extract"], RunFilter(state="running"), Page()).total == 0
+    assert review.runs(["extract"], RunFilter(state="success"), Page.of(1, 25)).total == 2
+    assert review.runs(["extract"], RunFilter(state="failed"), Page()).total == 0
     assert review.runs(["extract"], RunFilter(started_to=datetime(2020, 1, 1).date()), Page()).total == 0
+
+
+def first_state(review: AuditReview) -> str:
+    return review.run("extract", "first").state
+
+
+def test_a_run_whose_retrieval_failed_is_listed_as_failed_with_the_stage(review):
+    store = review.store
+    store.end_attempt(store.begin_attempt("extract/first", Stage.RETRIEVE, batch=0, try_number=2),
+                      AttemptState.FAILED, error="the PACS looks unavailable")
+    failed = review.runs(["extract"], RunFilter(state="failed"), Page())
+    assert [row["run"].run_id for row in failed.rows] == ["first"]
+    assert failed.rows[0]["run"].failed_stage == "retrieve"
+    labels = [stage["label"] for stage in review.stages("extract/first")]
+    assert labels == ["cohort", "resolve", "retrieve[0]", "export", "retrieve[0] try 2"]
 
 
 def test_the_an_table_pages_and_filters_in_sql_and_shows_references_only(review):

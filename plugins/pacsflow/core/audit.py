@@ -26,7 +26,6 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    create_engine,
     delete,
     func,
     insert,
@@ -34,6 +33,8 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection, Engine
+
+from pacsflow.core.db import make_engine
 
 metadata = MetaData()
 
@@ -105,14 +106,20 @@ series = Table(
     Column("updated_at", DateTime(timezone=True)),
 )
 
-stage_events = Table(
-    "pacsflow_stage_events",
+# One row per attempt of a stage (a task try): when it ran, how it ended and what it counted. The run's verdict
+# and the reasons of unfinished ANs are derived from these rows, so the audit needs nothing from Airflow.
+stage_attempts = Table(
+    "pacsflow_stage_attempts",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("run_key", String(250), nullable=False, index=True),
-    Column("stage", String(64), nullable=False),
+    Column("stage", String(32), nullable=False),
+    Column("batch", Integer),
+    Column("try_number", Integer),
     Column("started_at", DateTime(timezone=True), nullable=False),
-    Column("finished_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True)),
+    Column("state", String(16), nullable=False),
+    Column("error", Text),
     Column("counts", JSON),
 )
 
@@ -132,13 +139,41 @@ class SeriesStatus(StrEnum):
     FAILED = "failed"
 
 
-NOT_RESOLVED = "not resolved (run interrupted before resolution)"
-RETRIEVAL_UNFINISHED = "retrieval not finished"
-UNFINISHED_REASONS = (NOT_RESOLVED, RETRIEVAL_UNFINISHED)
+class Stage(StrEnum):
+    """The stages of a run, in pipeline order."""
+
+    COHORT = "cohort"
+    RESOLVE = "resolve"
+    RETRIEVE = "retrieve"  # one attempt row per batch
+    EXPORT = "export"
+
+
+class AttemptState(StrEnum):
+    RUNNING = "running"  # still so after the run: the attempt's process died (killed, out of memory)
+    SUCCESS = "success"
+    FAILED = "failed"
+
+
+# Why an AN has no final outcome: the work was cut short, not a verdict on the AN (resumable).
+RESOLUTION_NEVER_RAN = "resolution never ran"
+RESOLUTION_FAILED = "resolution task failed"
+RETRIEVAL_NEVER_RAN = "retrieval never ran"
+RETRIEVAL_FAILED = "retrieval task failed"
+UNFINISHED_REASONS = (RESOLUTION_NEVER_RAN, RESOLUTION_FAILED, RETRIEVAL_NEVER_RAN, RETRIEVAL_FAILED)
 
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How a run ended: ``running`` until it is settled, then ``success`` only if every stage's last attempt
+    succeeded; otherwise ``failed`` with the first stage that did not and why."""
+
+    state: str
+    failed_stage: str | None = None
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -150,6 +185,8 @@ class RunSummary:
     series: dict[str, int]
     instances: int
     bytes: int
+    verdict: Verdict
+    cohort_recorded: bool = True
 
     @property
     def unfinished(self) -> int:
@@ -158,13 +195,31 @@ class RunSummary:
 
     @property
     def reconciled(self) -> bool:
-        return self.cohort == sum(self.outcomes.get(o.value, 0) for o in Outcome)
+        """Every AN of a recorded cohort has exactly one outcome (a run without its cohort never reconciles)."""
+        return self.cohort_recorded and self.cohort == sum(self.outcomes.get(o.value, 0) for o in Outcome)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.verdict.state == AttemptState.SUCCESS and self.reconciled and not self.unfinished
+
+    def failure_message(self) -> str:
+        """Why the run did not succeed, for the task log and the UI (counts and stage names only)."""
+        parts = []
+        if self.verdict.failed_stage:
+            parts.append(f"the run failed at stage {self.verdict.failed_stage}: {self.verdict.reason}")
+        if self.unfinished:
+            parts.append(f"{self.unfinished} of {self.cohort} ANs are unfinished; clear the failed tasks (with "
+                         "their downstream tasks) to resume: nothing already on disk is fetched again")
+        if not self.reconciled and self.cohort_recorded:
+            parts.append("the audit does not reconcile: some ANs have no outcome")
+        return "; ".join(parts) or "the run did not succeed"
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "run_key": self.run_key, "cohort": self.cohort, "outcomes": self.outcomes, "reasons": self.reasons,
-            "series": self.series, "instances": self.instances, "bytes": self.bytes, "reconciled": self.reconciled,
-            "unfinished": self.unfinished,
+            "run_key": self.run_key, "state": self.verdict.state, "failed_stage": self.verdict.failed_stage,
+            "failure_reason": self.verdict.reason, "cohort": self.cohort, "outcomes": self.outcomes,
+            "reasons": self.reasons, "series": self.series, "instances": self.instances, "bytes": self.bytes,
+            "reconciled": self.reconciled, "unfinished": self.unfinished,
         }
 
 
@@ -179,7 +234,7 @@ class AuditStore:
 
     @classmethod
     def connect(cls, url: str) -> "AuditStore":
-        return cls(create_engine(url, future=True))
+        return cls(make_engine(url))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -197,7 +252,7 @@ class AuditStore:
 
     # -- runs -----------------------------------------------------------------------------------------
     def start_run(self, run_key: str, *, dag_id: str, run_id: str, params: Mapping[str, Any],
-                  interval: tuple[datetime, datetime], run_type: str | None = None,
+                  interval: tuple[datetime | None, datetime | None], run_type: str | None = None,
                   triggered_by: str | None = None) -> None:
         """Record who ran what: the DAG run, how it was triggered and by whom, its params and interval."""
         values = dict(dag_id=dag_id, run_id=run_id, run_type=run_type, triggered_by=triggered_by,
@@ -221,10 +276,37 @@ class AuditStore:
         with self.transaction() as conn:
             conn.execute(update(runs).where(runs.c.run_key == run_key).values(finished_at=utcnow()))
 
-    def record_stage(self, run_key: str, stage: str, started_at: datetime, counts: Mapping[str, Any]) -> None:
+    def run_row(self, run_key: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(runs).where(runs.c.run_key == run_key)).mappings().first()
+        return dict(row) if row else None
+
+    # -- stage attempts -------------------------------------------------------------------------------
+    def begin_attempt(self, run_key: str, stage: Stage, *, batch: int | None = None,
+                      try_number: int | None = None) -> int:
+        """Record that a stage attempt started; a run the store has not seen yet (the library called without
+        :meth:`start_run`) is recorded with what its key tells."""
         with self.transaction() as conn:
-            conn.execute(insert(stage_events).values(run_key=run_key, stage=stage, started_at=started_at,
-                                                     finished_at=utcnow(), counts=dict(counts)))
+            if conn.execute(select(runs.c.run_key).where(runs.c.run_key == run_key)).first() is None:
+                dag_id, _, run_id = run_key.rpartition("/")
+                conn.execute(insert(runs).values(run_key=run_key, dag_id=dag_id or None, run_id=run_id,
+                                                 started_at=utcnow()))
+            return int(conn.execute(insert(stage_attempts).values(
+                run_key=run_key, stage=stage.value, batch=batch, try_number=try_number, started_at=utcnow(),
+                state=AttemptState.RUNNING.value)).inserted_primary_key[0])
+
+    def end_attempt(self, attempt_id: int, state: AttemptState, *, error: str | None = None,
+                    counts: Mapping[str, Any] | None = None) -> None:
+        with self.transaction() as conn:
+            conn.execute(update(stage_attempts).where(stage_attempts.c.id == attempt_id).values(
+                state=state.value, finished_at=utcnow(), error=error,
+                counts=dict(counts) if counts is not None else None))
+
+    def attempts(self, run_key: str) -> list[dict[str, Any]]:
+        """Every stage attempt of the run, oldest first."""
+        query = select(stage_attempts).where(stage_attempts.c.run_key == run_key).order_by(stage_attempts.c.id)
+        with self.engine.connect() as conn:
+            return [dict(row) for row in conn.execute(query).mappings()]
 
     # -- accessions -----------------------------------------------------------------------------------
     def replace_cohort(self, run_key: str, rows: Iterable[Mapping[str, Any]]) -> None:
@@ -322,17 +404,29 @@ class AuditStore:
 
     # -- outcomes -------------------------------------------------------------------------------------
     def settle_outcomes(self, run_key: str) -> None:
-        """Derive every AN's final outcome from its resolution and its series (idempotent)."""
+        """Derive every AN's final outcome from its resolution, its series and the stage attempts (idempotent)."""
+        book = StageBook(self.attempts(run_key))
         with self.transaction() as conn:
             for row in conn.execute(select(accessions).where(accessions.c.run_key == run_key)).mappings().all():
-                outcome, reason = _outcome(conn, run_key, row)
+                outcome, reason = _outcome(conn, run_key, row, book)
                 conn.execute(
                     update(accessions)
                     .where(accessions.c.run_key == run_key, accessions.c.accession_number == row["accession_number"])
                     .values(outcome=outcome, outcome_reason=reason, updated_at=utcnow())
                 )
 
+    def verdict(self, run_key: str) -> Verdict:
+        run = self.run_row(run_key)
+        if run is None:
+            raise LookupError("no such run in the audit database")
+        if run["finished_at"] is None:
+            return Verdict(AttemptState.RUNNING.value)
+        return StageBook(self.attempts(run_key)).verdict(self.study_batches(run_key))
+
     def summary(self, run_key: str) -> RunSummary:
+        """The run's counts and verdict; :class:`LookupError` for a run the audit never saw."""
+        verdict = self.verdict(run_key)
+        cohort_recorded = StageBook(self.attempts(run_key)).succeeded(Stage.COHORT)
         with self.engine.connect() as conn:
             where = accessions.c.run_key == run_key
             cohort = conn.execute(select(func.count()).select_from(accessions).where(where)).scalar_one()
@@ -347,8 +441,9 @@ class AuditStore:
             instances, size = conn.execute(
                 select(func.coalesce(func.sum(series.c.received), 0), func.coalesce(func.sum(series.c.bytes), 0))
                 .where(series_where, series.c.drop_reason.is_(None))).one()
-        return RunSummary(run_key, cohort, {str(k): v for k, v in outcomes.items()}, reasons,
-                          {str(k): v for k, v in series_counts.items()}, int(instances), int(size))
+        return RunSummary(run_key, cohort, {str(k): v for k, v in outcomes.items() if k is not None}, reasons,
+                          {str(k): v for k, v in series_counts.items()}, int(instances), int(size), verdict,
+                          cohort_recorded)
 
     def accession_outcomes(self, run_key: str) -> dict[str, dict[str, Any]]:
         """Every AN of a run with its resolution and outcome (for reviewers and tests)."""
@@ -357,33 +452,76 @@ class AuditStore:
             return {row["accession_number"]: dict(row) for row in rows}
 
 
-def _outcome(conn: Connection, run_key: str, accession: Mapping[str, Any]) -> tuple[str, str | None]:
+class StageBook:
+    """The last attempt of every stage (and retrieval batch) of a run: what ran, what failed, what never ran."""
+
+    def __init__(self, attempts: Iterable[Mapping[str, Any]]) -> None:
+        self.last: dict[tuple[str, int | None], Mapping[str, Any]] = {}
+        for attempt in attempts:  # oldest first: a later try replaces an earlier one
+            self.last[(attempt["stage"], attempt["batch"])] = attempt
+
+    def state(self, stage: Stage, batch: int | None = None) -> str | None:
+        attempt = self.last.get((stage.value, batch))
+        return attempt["state"] if attempt else None
+
+    def succeeded(self, stage: Stage, batch: int | None = None) -> bool:
+        return self.state(stage, batch) == AttemptState.SUCCESS
+
+    def verdict(self, batches: Iterable[int]) -> Verdict:
+        expected = [(Stage.COHORT, None), (Stage.RESOLVE, None), *((Stage.RETRIEVE, b) for b in batches),
+                    (Stage.EXPORT, None)]
+        problems = [(stage, batch) for stage, batch in expected if not self.succeeded(stage, batch)]
+        if not problems:
+            return Verdict(AttemptState.SUCCESS.value)
+        stage, batch = problems[0]
+        attempt = self.last.get((stage.value, batch))
+        if attempt is None:
+            why = "never ran"
+        elif attempt["state"] == AttemptState.RUNNING:
+            why = "interrupted: its process ended without reporting (killed, out of memory or timed out)"
+        else:
+            why = attempt["error"] or "failed"
+        failed_batches = sum(1 for s, _ in problems if s is Stage.RETRIEVE)
+        if stage is Stage.RETRIEVE:
+            return Verdict(AttemptState.FAILED.value, stage.value,
+                           f"{failed_batches} retrieval batch(es) did not finish; batch {batch}: {why}")
+        return Verdict(AttemptState.FAILED.value, stage.value, why)
+
+
+def _outcome(conn: Connection, run_key: str, accession: Mapping[str, Any],
+             book: StageBook) -> tuple[str, str | None]:
     resolution = accession["resolution"]
     if resolution is None:
-        return Outcome.FAILED, NOT_RESOLVED
+        return Outcome.FAILED, RESOLUTION_FAILED if book.state(Stage.RESOLVE) else RESOLUTION_NEVER_RAN
     if resolution == "not_found":
         return Outcome.NOT_FOUND, None
     if resolution != "resolved":
         return Outcome.FAILED, f"resolution {resolution}"
     study_rows = conn.execute(select(studies).where(
         studies.c.run_key == run_key, studies.c.accession_number == accession["accession_number"])).mappings().all()
-    if any(not row["listed"] for row in study_rows):
-        return Outcome.FAILED, "series listing failed"
     statuses = [row[0] for row in conn.execute(select(series.c.status).where(
         series.c.run_key == run_key, series.c.study_uid.in_([r["study_uid"] for r in study_rows])))]
     kept = [s for s in statuses if s != SeriesStatus.DROPPED]
-    if not kept:
+    all_listed = all(row["listed"] for row in study_rows)
+    if all_listed and not kept:
         return Outcome.FILTERED, "every series dropped by the series rules"
-    if all(s == SeriesStatus.COMPLETE for s in kept):
+    if all_listed and all(s == SeriesStatus.COMPLETE for s in kept):
         return Outcome.RETRIEVED, None
-    if SeriesStatus.PENDING in kept:
-        return Outcome.FAILED, RETRIEVAL_UNFINISHED
-    worst = SeriesStatus.FAILED if SeriesStatus.FAILED in kept else SeriesStatus.PARTIAL
-    return Outcome.FAILED, f"series {worst}"
+    if any(row["error"] for row in study_rows):
+        return Outcome.FAILED, "series listing failed"
+    if SeriesStatus.FAILED in kept:
+        return Outcome.FAILED, "series failed"
+    if SeriesStatus.PARTIAL in kept and all_listed and SeriesStatus.PENDING not in kept:
+        return Outcome.FAILED, "series partial"
+    # Work on this AN was cut short: say whether its batch never ran or its task failed.
+    batches = {row["batch"] for row in study_rows}
+    if any(book.state(Stage.RETRIEVE, b) is None for b in batches):
+        return Outcome.FAILED, RETRIEVAL_NEVER_RAN
+    return Outcome.FAILED, RETRIEVAL_FAILED
 
 
 AUDIT_TABLES = {"runs": runs, "accessions": accessions, "studies": studies, "series": series,
-                "stage_events": stage_events}
+                "stage_attempts": stage_attempts}
 
 
 def export_run_audit(store: AuditStore, run_key: str, directory: Path) -> dict[str, Path]:

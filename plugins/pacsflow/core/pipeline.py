@@ -8,17 +8,20 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from collections import Counter
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from pydicom import dcmread
 
-from pacsflow.core.audit import AuditStore, RunSummary, SeriesStatus, utcnow
+from pacsflow.core.audit import AttemptState, AuditStore, RunSummary, SeriesStatus, Stage
 from pacsflow.core.dicom.errors import PacsConfigurationError, PacsItemError, PacsTransientError
 from pacsflow.core.export import export_instances
 from pacsflow.core.dicom.results import FindResult, QueryLevel, RetrieveReport
+from pacsflow.core.errors import ConfigurationError, describe_error
+from pacsflow.core.progress import Progress
 from pacsflow.core.privacy import Pseudonymizer
 from pacsflow.core.resolve import Resolution, ResolutionSettings, resolve_accession
 from pacsflow.core.retry import RetryPolicy
@@ -56,32 +59,61 @@ class RunContext:
     run_key: str
     pseudonymizer: Pseudonymizer
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    try_number: int | None = None
+
+
+@contextmanager
+def stage_attempt(ctx: RunContext, stage: Stage, *, batch: int | None = None) -> Iterator[dict[str, Any]]:
+    """Record one attempt of a stage: started, then success with the counts the body fills in, or failed with
+    a reason free of patient data. The run's verdict is derived from these records."""
+    attempt = ctx.store.begin_attempt(ctx.run_key, stage, batch=batch, try_number=ctx.try_number)
+    counts: dict[str, Any] = {}
+    try:
+        yield counts
+    except BaseException as error:
+        try:
+            ctx.store.end_attempt(attempt, AttemptState.FAILED, error=describe_error(error), counts=counts)
+        except Exception:  # the audit database itself may be what failed; keep the original error
+            log.warning("could not record the failed %s attempt in the audit database", stage.value)
+        raise
+    ctx.store.end_attempt(attempt, AttemptState.SUCCESS, counts=counts)
 
 
 # -- stage 1: cohort ----------------------------------------------------------------------------------
-def extract_cohort(ctx: RunContext, exams: Iterable[RisExam], batch_size: int) -> dict[str, int]:
-    """Store the de-duplicated cohort and assign each AN to a batch. Returns counts only."""
-    unique: dict[str, dict[str, Any]] = {}
-    rows = 0
-    for exam in exams:
-        rows += 1
-        known = unique.get(exam.accession_number)
-        if known:
-            known["occurrences"] += 1
-            continue
-        unique[exam.accession_number] = {
-            "accession_number": exam.accession_number,
-            "an_ref": ctx.pseudonymizer.ref(exam.accession_number),
-            "patient_id": exam.patient_id,
-            "ris_study_uid": exam.study_instance_uid,
-            "exam_datetime": exam.exam_datetime.replace(tzinfo=None) if exam.exam_datetime else None,
-            "modality": exam.modality,
-            "occurrences": 1,
-        }
-    ctx.store.replace_cohort(ctx.run_key, unique.values())
-    counts = {"ris_rows": rows, "accessions": len(unique), "duplicates": rows - len(unique),
-              "batches": math.ceil(len(unique) / effective_batch_size(len(unique), batch_size)) if unique else 0}
-    log.info("cohort: %(ris_rows)d RIS rows, %(accessions)d distinct ANs, %(duplicates)d duplicates", counts)
+def extract_cohort(ctx: RunContext, exams: Callable[[], Iterable[RisExam]], batch_size: int, *,
+                   max_size: int | None = None) -> dict[str, int]:
+    """Store the de-duplicated cohort and assign each AN to a batch. Returns counts only. ``exams`` is called
+    inside the stage's attempt, so a RIS that cannot be reached or a template that cannot be read is recorded."""
+    with stage_attempt(ctx, Stage.COHORT) as counts:
+        unique: dict[str, dict[str, Any]] = {}
+        rows = 0
+        for exam in exams():
+            rows += 1
+            known = unique.get(exam.accession_number)
+            if known:
+                known["occurrences"] += 1
+                continue
+            if max_size is not None and len(unique) >= max_size:
+                raise ConfigurationError(
+                    f"the cohort has more than {max_size} distinct ANs (cohort.max_size): check the template and "
+                    "the run's data interval, or raise the limit")
+            unique[exam.accession_number] = {
+                "accession_number": exam.accession_number,
+                "an_ref": ctx.pseudonymizer.ref(exam.accession_number),
+                "patient_id": exam.patient_id,
+                "ris_study_uid": exam.study_instance_uid,
+                "exam_datetime": exam.exam_datetime.replace(tzinfo=None) if exam.exam_datetime else None,
+                "modality": exam.modality,
+                "occurrences": 1,
+            }
+        ctx.store.replace_cohort(ctx.run_key, unique.values())
+        batches = math.ceil(len(unique) / effective_batch_size(len(unique), batch_size)) if unique else 0
+        counts.update(ris_rows=rows, accessions=len(unique), duplicates=rows - len(unique), batches=batches)
+    log.info("cohort: %(ris_rows)d RIS rows, %(accessions)d distinct ANs (%(duplicates)d duplicate rows), "
+             "%(batches)d retrieval batches", counts)
+    if not unique:
+        log.warning("the cohort is empty: if this interval should hold exams, check the template's date "
+                    "comparison (bound values and their types are logged above)")
     return counts
 
 
@@ -94,36 +126,44 @@ def effective_batch_size(cohort_size: int, batch_size: int) -> int:
 def resolve_cohort(ctx: RunContext, connect: ClientFactory, settings: ResolutionSettings,
                    batch_size: int) -> list[int]:
     """Resolve every AN not yet resolved; returns the batch numbers that hold studies to retrieve."""
-    cohort = ctx.store.cohort_order(ctx.run_key)
-    size = effective_batch_size(len(cohort), batch_size)
-    batch_of_an = {an: index // size for index, an in enumerate(cohort)}
-    pending = ctx.store.unresolved_accessions(ctx.run_key)
-    counts: dict[str, int] = {}
-    started = utcnow()
-    health = _PacsHealth()
-    with connect() as client:
-        for row in pending:
-            exam = _exam_from_row(row)
-            try:
-                result = ctx.retry.call(lambda: resolve_accession(client, exam, settings))
-                health.ok()
-            except PacsTransientError as error:
-                health.failed(error)
-                result_values = dict(resolution=Resolution.PACS_ERROR.value, resolved_by=None,
-                                     detail=str(error), rules_tried=[], study_uids=())
-            else:
-                result_values = dict(resolution=result.resolution.value,
-                                     resolved_by=result.rule.value if result.rule else None,
-                                     detail=result.detail, rules_tried=list(result.attempts),
-                                     study_uids=result.study_uids if result.resolution is Resolution.RESOLVED else ())
-            batch = batch_of_an[exam.accession_number]
-            ctx.store.record_resolution(ctx.run_key, exam.accession_number, batch_of=lambda _uid: batch,
-                                        **result_values)
-            counts[result_values["resolution"]] = counts.get(result_values["resolution"], 0) + 1
-            log.info("resolved %s: %s", row["an_ref"], result_values["resolution"])
-    ctx.store.record_stage(ctx.run_key, "resolve", started, counts)
-    log.info("resolution: %s", counts)
+    with stage_attempt(ctx, Stage.RESOLVE) as counts:
+        cohort = ctx.store.cohort_order(ctx.run_key)
+        size = effective_batch_size(len(cohort), batch_size)
+        batch_of_an = {an: index // size for index, an in enumerate(cohort)}
+        pending = ctx.store.unresolved_accessions(ctx.run_key)
+        health = _PacsHealth()
+        progress = Progress("resolution", len(pending), "ANs")
+        with connect() as client:
+            for row in pending:
+                values = _resolve_one(ctx, client, _exam_from_row(row), settings, health)
+                batch = batch_of_an[row["accession_number"]]
+                ctx.store.record_resolution(ctx.run_key, row["accession_number"], batch_of=lambda _uid: batch,
+                                            **values)
+                key = values["resolution"] + (f" by {values['resolved_by']}" if values["resolved_by"] else "")
+                counts[key] = counts.get(key, 0) + 1
+                log.debug("resolved %s: %s", row["an_ref"], key)
+                progress.advance(detail=counts)
+        counts["already resolved"] = len(cohort) - len(pending)
+    log.info("resolution of %d ANs done: %s", len(cohort), _readable(counts))
     return ctx.store.study_batches(ctx.run_key)
+
+
+def _resolve_one(ctx: RunContext, client: PacsClientLike, exam: RisExam, settings: ResolutionSettings,
+                 health: "_PacsHealth") -> dict[str, Any]:
+    try:
+        result = ctx.retry.call(lambda: resolve_accession(client, exam, settings))
+        health.ok()
+    except PacsTransientError as error:
+        health.failed(error)
+        return dict(resolution=Resolution.PACS_ERROR.value, resolved_by=None, detail=str(error), rules_tried=[],
+                    study_uids=())
+    return dict(resolution=result.resolution.value, resolved_by=result.rule.value if result.rule else None,
+                detail=result.detail, rules_tried=list(result.attempts),
+                study_uids=result.study_uids if result.resolution is Resolution.RESOLVED else ())
+
+
+def _readable(counts: dict[str, Any]) -> str:
+    return ", ".join(f"{key} {value}" for key, value in sorted(counts.items()) if value) or "nothing to do"
 
 
 def _exam_from_row(row: dict[str, Any]) -> RisExam:
@@ -190,27 +230,42 @@ def retrieve_batch(ctx: RunContext, batch: int, connect: ClientFactory, *, rules
                    receiver: Callable[[], AbstractContextManager[Any]] = nullcontext) -> dict[str, int]:
     """List, filter and retrieve every study of one batch, verifying each series instance by instance."""
     counts = BatchCounts()
-    started = utcnow()
-    layout.root.mkdir(parents=True, exist_ok=True)
-    health = _PacsHealth()
-    with receiver() as incoming, connect() as client:
-        destination = Destination(destination_ae) if incoming is None else Destination(destination_ae, incoming.settle)
-        for study in ctx.store.studies_in_batch(ctx.run_key, batch):
-            counts.studies += 1
-            if not study["listed"]:
-                _list_series(ctx, client, study, rules, health)
-            for series_row in ctx.store.series_of_study(ctx.run_key, study["study_uid"]):
-                if series_row["status"] == SeriesStatus.DROPPED:
-                    counts.series_dropped += 1
-                    continue
-                counts.series_kept += 1
-                if series_row["status"] != SeriesStatus.COMPLETE:
-                    _retrieve_series(ctx, client, series_row, rules, layout, destination, health, counts)
-                else:
-                    counts.complete += 1
-    ctx.store.record_stage(ctx.run_key, f"retrieve[{batch}]", started, counts.as_dict())
-    log.info("batch %d: %s", batch, counts.as_dict())
+    with stage_attempt(ctx, Stage.RETRIEVE, batch=batch) as recorded:
+        layout.root.mkdir(parents=True, exist_ok=True)
+        health = _PacsHealth()
+        studies = ctx.store.studies_in_batch(ctx.run_key, batch)
+        progress = Progress(f"batch {batch}", len(studies), "studies")
+        with receiver() as incoming, connect() as client:
+            destination = Destination(destination_ae) if incoming is None else Destination(destination_ae,
+                                                                                           incoming.settle)
+            for study in studies:
+                size_before = counts.bytes_fetched
+                _retrieve_study(ctx, client, study, rules, layout, destination, health, counts)
+                progress.advance(size=counts.bytes_fetched - size_before,
+                                 detail=f"series complete {counts.complete}, partial {counts.partial}, "
+                                        f"failed {counts.failed}, dropped {counts.series_dropped}")
+        recorded.update(counts.as_dict())
+    log.info("batch %d done: %s", batch, _readable(counts.as_dict()))
     return counts.as_dict()
+
+
+def _retrieve_study(ctx: RunContext, client: PacsClientLike, study: dict[str, Any], rules: SeriesRules,
+                    layout: StorageLayout, destination: Destination, health: "_PacsHealth",
+                    counts: BatchCounts) -> None:
+    counts.studies += 1
+    if not study["listed"]:
+        _list_series(ctx, client, study, rules, health)
+    for series_row in ctx.store.series_of_study(ctx.run_key, study["study_uid"]):
+        if series_row["status"] == SeriesStatus.DROPPED:
+            counts.series_dropped += 1
+            continue
+        counts.series_kept += 1
+        if series_row["status"] == SeriesStatus.COMPLETE:
+            counts.complete += 1
+            continue
+        # Runs that overlap on one data root take turns per series, so none deletes what another counted.
+        with layout.series_lock(series_row["series_uid"]):
+            _retrieve_series(ctx, client, series_row, rules, layout, destination, health, counts)
 
 
 def _list_series(ctx: RunContext, client: PacsClientLike, study: dict[str, Any], rules: SeriesRules,
@@ -273,6 +328,7 @@ def _retrieve_series(ctx: RunContext, client: PacsClientLike, row: dict[str, Any
         if reason:  # the PACS's answer hid what the rules needed; the header shows the series is not wanted
             for uid in fetched:
                 layout.instance_path(study_uid, series_uid, uid).unlink(missing_ok=True)
+            layout.remove_empty_dirs(study_uid, series_uid)
             counts.series_kept -= 1
             counts.series_dropped += 1
             ctx.store.update_series(ctx.run_key, study_uid, series_uid, status=SeriesStatus.DROPPED,
@@ -362,13 +418,22 @@ def retrieved_files(ctx: RunContext, layout: StorageLayout) -> Iterator[Path]:
             yield layout.instance_path(row["study_uid"], row["series_uid"], sop_uid)
 
 
+def export_metadata(ctx: RunContext, layout: StorageLayout, metadata_dir: Path, run_id: str) -> dict[str, Any]:
+    """Stage 5: the Parquet metadata of the run's retrieved instances (a re-run replaces the run's rows)."""
+    with stage_attempt(ctx, Stage.EXPORT) as counts:
+        report = export_instances(retrieved_files(ctx, layout), metadata_dir, run_id)
+        counts.update(instances=report.instances, series=report.series, studies=report.studies,
+                      rejected=len(report.rejected))
+    for reason, count in Counter(reason for _, reason in report.rejected).items():
+        log.warning("export skipped %d file(s): %s", count, reason)
+    return counts
+
+
 def settle_run(ctx: RunContext) -> RunSummary:
-    """Derive every AN's outcome, close the run and return its reconciled summary."""
+    """Derive every AN's outcome, close the run and return its summary and verdict."""
     ctx.store.settle_outcomes(ctx.run_key)
     ctx.store.finish_run(ctx.run_key)
-    summary = ctx.store.summary(ctx.run_key)
-    log.info("summary: %s", summary.as_dict())
-    return summary
+    return ctx.store.summary(ctx.run_key)
 
 
 @dataclass(frozen=True)
@@ -386,9 +451,9 @@ class ExtractionSettings:
 def run_extraction(ctx: RunContext, exams: Iterable[RisExam], connect: ClientFactory, settings: ExtractionSettings,
                    receiver: Callable[[], AbstractContextManager[Any]] = nullcontext) -> RunSummary:
     """Every stage in one process, in the DAG's order (for scripts and for measuring Airflow's overhead)."""
-    extract_cohort(ctx, exams, settings.batch_size)
+    extract_cohort(ctx, lambda: exams, settings.batch_size)
     for batch in resolve_cohort(ctx, connect, settings.resolution, settings.batch_size):
         retrieve_batch(ctx, batch, connect, rules=settings.rules, layout=settings.layout,
                        destination_ae=settings.destination_ae, receiver=receiver)
-    export_instances(retrieved_files(ctx, settings.layout), settings.metadata_dir, ctx.run_key)
+    export_metadata(ctx, settings.layout, settings.metadata_dir, ctx.run_key)
     return settle_run(ctx)

@@ -7,8 +7,11 @@ from pacsflow.core.audit import Outcome, RunSummary
 
 def format_summary(summary: RunSummary) -> str:
     outcome = summary.outcomes
+    verdict = summary.verdict
+    state = verdict.state + (f" at stage {verdict.failed_stage}: {verdict.reason}" if verdict.failed_stage else "")
     lines = [
         f"run {summary.run_key}",
+        f"  state          {state}",
         f"  cohort ANs     {summary.cohort}",
         *(f"  {o.value:<14} {outcome.get(o.value, 0)}" for o in Outcome),
         f"  reconciled     {'yes' if summary.reconciled else 'NO'}",

@@ -22,6 +22,7 @@ from pacsflow.core.dicom.errors import PacsItemError
 from pacsflow.core.dicom.results import FindResult, QueryLevel
 from pacsflow.core.ris import RisExam
 from pacsflow.core.uids import accession_problem, is_valid_uid
+from pacsflow.core.errors import ConfigurationError
 
 STUDY_RETURN_KEYS = ("StudyInstanceUID", "AccessionNumber", "PatientID", "StudyDate", "ModalitiesInStudy")
 
@@ -46,7 +47,7 @@ class Finder(Protocol):
     def find(self, level: QueryLevel, query: Mapping[str, str]) -> FindResult: ...
 
 
-class ResolutionSettingsError(ValueError):
+class ResolutionSettingsError(ConfigurationError):
     """The resolution settings are malformed; the message names the key to fix."""
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import DateTime, bindparam, text
 from sqlalchemy.engine import Engine
+from pacsflow.core.errors import ConfigurationError
 
 _TEMPLATE_NAME = re.compile(r"[A-Za-z0-9_-]+\.sql")
 _PARAM_NAME = re.compile(r"[a-z_][a-z0-9_]*")
@@ -23,7 +24,7 @@ RESERVED_PARAMS = ("interval_start", "interval_end")
 Scalar = str | int | float | bool | date | datetime | None
 
 
-class CohortQueryError(ValueError):
+class CohortQueryError(ConfigurationError):
     """The cohort template or its parameters are unusable; the message says how to fix it."""
 
 

@@ -5,11 +5,13 @@ PACS queries cannot select an exam type, so filtering happens here, on the serie
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
+
+import re2
+from pacsflow.core.errors import ConfigurationError
 
 
 class DropReason(StrEnum):
@@ -25,7 +27,7 @@ _RULE_KEYS = frozenset(
 )
 
 
-class SeriesRulesError(ValueError):
+class SeriesRulesError(ConfigurationError):
     """The series rules configuration is malformed; the message names the key to fix."""
 
 
@@ -33,8 +35,8 @@ class SeriesRulesError(ValueError):
 class SeriesRules:
     include_modalities: frozenset[str] = frozenset()  # empty: any modality
     exclude_modalities: frozenset[str] = frozenset()
-    include_descriptions: tuple[re.Pattern[str], ...] = ()  # empty: any description
-    exclude_descriptions: tuple[re.Pattern[str], ...] = ()
+    include_descriptions: tuple[Any, ...] = ()  # compiled RE2 patterns; empty: any description
+    exclude_descriptions: tuple[Any, ...] = ()
     include_body_parts: frozenset[str] = frozenset()  # empty: any body part
     min_instances: int = 1
 
@@ -79,13 +81,20 @@ def _upper_set(config: Mapping[str, Any], key: str) -> frozenset[str]:
     return frozenset(value.upper() for value in _strings(config, key))
 
 
-def _patterns(config: Mapping[str, Any], key: str) -> tuple[re.Pattern[str], ...]:
+def _patterns(config: Mapping[str, Any], key: str) -> tuple[Any, ...]:
+    """Case-insensitive patterns compiled by RE2, whose matching time is linear in the text: a pattern such as
+    ``^(a+)+$`` cannot stall a retrieval task on a long SeriesDescription (backtracking engines can). RE2 has
+    no look-around or back-references; such a pattern is refused here, when the definition is loaded."""
+    options = re2.Options()
+    options.case_sensitive = False
+    options.log_errors = False
     compiled = []
     for pattern in _strings(config, key):
         try:
-            compiled.append(re.compile(pattern, re.IGNORECASE))
-        except re.error as error:
-            raise SeriesRulesError(f"{key}: invalid regular expression {pattern!r}: {error}") from None
+            compiled.append(re2.compile(pattern, options))
+        except re2.error as error:
+            detail = error.args[0].decode() if error.args and isinstance(error.args[0], bytes) else error
+            raise SeriesRulesError(f"{key}: invalid regular expression {pattern!r}: {detail}") from None
     return tuple(compiled)
 
 

@@ -7,9 +7,12 @@ A file only ever appears at its final path by atomic rename after fsync, so "pre
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +20,8 @@ from pacsflow.core.uids import require_uid
 
 SUFFIX = ".dcm"
 TEMP_PREFIX = ".incoming-"
+LOCK_DIR = ".locks"  # readers of the layout skip dot entries
+LOCK_STRIPES = 256  # series share lock files by hash: no UID in a file name, a bounded number of files
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -54,6 +59,25 @@ class StorageLayout:
             raise
         fsync_path(final.parent)
         return final
+
+    def remove_empty_dirs(self, study_uid: str, series_uid: str) -> None:
+        """Remove a series directory and its study directory if nothing is left in them."""
+        series_dir = self.series_dir(study_uid, series_uid)
+        for directory in (series_dir, series_dir.parent):
+            try:
+                directory.rmdir()
+            except OSError:  # not empty (or already gone): leave it
+                return
+
+    @contextmanager
+    def series_lock(self, series_uid: str) -> Iterator[None]:
+        """Exclusive use of a series' directory across processes (runs overlapping on one data root)."""
+        stripe = int(hashlib.sha256(require_uid(series_uid, "SeriesInstanceUID").encode()).hexdigest(), 16)
+        path = self.root / LOCK_DIR / f"{stripe % LOCK_STRIPES:03d}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o600), "r+b") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
 
     def sweep_temp_files(self) -> int:
         """Remove temp files left by an interrupted receive (they may hold patient data). Returns the count."""

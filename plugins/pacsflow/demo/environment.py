@@ -11,6 +11,8 @@ from pathlib import Path
 from pacsflow.core.dicom.config import PacsConfig, ReceiverConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
+DEMO_DEFINITION = REPO_ROOT / "include" / "extractions" / "demo.yaml"
+DEMO_DAG_ID = "pacsflow__demo"
 
 
 def airflow_environment(airflow_home: Path) -> dict[str, str]:
@@ -39,7 +41,7 @@ def connection_environment(*, ris_url: str, audit_url: str, pacs: PacsConfig, re
             "receiver_ae": receiver.ae_title,
             "receiver_host": receiver.host,
             "receiver_port": receiver.port,
-            "receiver_embedded": receiver.embedded,
+            "receiver_mode": receiver.mode,
             "allowed_calling_aes": ",".join(receiver.allowed_calling_aes),
             **({"result_cap": pacs.result_cap} if pacs.result_cap else {}),
         },

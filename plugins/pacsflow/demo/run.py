@@ -1,47 +1,28 @@
-"""``make demo``: build a demo hospital, serve it from a sandbox PACS, run the DAG through Airflow, report.
+"""``make demo``: build a demo hospital, serve it from a sandbox PACS, run the demo extraction through a real
+Airflow (api-server, scheduler, dag-processor; LocalExecutor; the README's ``pacs`` pool of 4), report.
 
-Everything lives under ``var/demo`` in the repository; the sandbox PACS is stopped on the way out.
+Everything lives under ``var/demo`` in the repository; the sandbox PACS and Airflow are stopped on the way out.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import signal
-import socket
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 from pacsflow.core.audit import AuditStore
 from pacsflow.core.dicom.config import ReceiverConfig
-from pacsflow.core.processes import stop_process
 from pacsflow.core.report import format_summary
-from pacsflow.demo.environment import REPO_ROOT, airflow_environment, connection_environment
+from pacsflow.demo.deployment import free_port, local_deployment
+from pacsflow.demo.environment import DEMO_DAG_ID, REPO_ROOT, connection_environment
 from pacsflow.demo.hospital import build_hospital
 from pacsflow.demo.sandbox import qrscp
 
-DAG_ID = "pacsflow_extract"
 RECEIVER_AE = "PACSFLOW"
 PACS_AE = "QRSCP"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def airflow(env: dict[str, str], *args: str, log: Path | None = None) -> None:
-    command = [str(Path(sys.executable).with_name("airflow")), *args]
-    if log is None:
-        subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
-        return
-    with log.open("w") as handle:
-        completed = subprocess.run(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
-    if completed.returncode:
-        raise SystemExit(f"airflow {' '.join(args[:2])} failed (exit {completed.returncode}); see {log}")
+PACS_POOL_SLOTS = 4
+RUN_TIMEOUT_SECONDS = 900
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,14 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accessions", type=int, default=60, help="cohort size of the demo hospital")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--workdir", type=Path, default=REPO_ROOT / "var" / "demo")
-    parser.add_argument("--serve", type=int, metavar="PORT",
-                        help="afterwards, serve the Airflow UI with the audit pages on 127.0.0.1:PORT until Ctrl-C")
     args = parser.parse_args(argv)
 
     workdir: Path = args.workdir.resolve()
-    data_root, airflow_home = workdir / "data", workdir / "airflow"
-    for directory in (data_root, airflow_home):
-        directory.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(workdir / "airflow", ignore_errors=True)  # a fresh Airflow each time; the data root stays
+    data_root = workdir / "data"
+    data_root.mkdir(parents=True, exist_ok=True, mode=0o700)
     print(f"building the demo hospital ({args.accessions} ANs, seed {args.seed}) ...", flush=True)
     hospital = build_hospital(workdir / "hospital", accessions=args.accessions, seed=args.seed)
     audit_url = f"sqlite:///{data_root / 'audit.sqlite'}"
@@ -66,50 +45,31 @@ def main(argv: list[str] | None = None) -> int:
                ae_title=PACS_AE) as pacs:
         loaded = pacs.load(sorted(hospital.dicom_dir.rglob("*.dcm")))
         print(f"sandbox PACS (pynetdicom qrscp) on port {pacs.config.port}: {loaded} instances loaded", flush=True)
-        env = {
-            **os.environ,
-            **airflow_environment(airflow_home),
-            **connection_environment(ris_url=hospital.ris_url, audit_url=audit_url, pacs=pacs.config,
-                                     receiver=receiver),
-            "PACSFLOW_DATA_ROOT": str(data_root),
-        }
-        airflow(env, "db", "migrate")
-        airflow(env, "pools", "set", "pacs", "4", "Concurrent associations to the PACS")
-        conf = json.loads((REPO_ROOT / "include" / "config" / "demo_run.json").read_text())
-        conf["data_root"] = str(data_root)
-        print("running the DAG with `airflow dags test` ...", flush=True)
-        airflow(env, "dags", "test", DAG_ID, "--conf", json.dumps(conf), log=workdir / "dag_test.log")
+        env = {**connection_environment(ris_url=hospital.ris_url, audit_url=audit_url, pacs=pacs.config,
+                                        receiver=receiver),
+               "PACSFLOW_DATA_ROOT": str(data_root)}
+        print("starting Airflow (api-server, scheduler, dag-processor; LocalExecutor) ...", flush=True)
+        with local_deployment(workdir / "airflow", pools={"pacs": PACS_POOL_SLOTS}, extra_env=env) as airflow:
+            airflow.wait_for_dag(DEMO_DAG_ID)
+            airflow.unpause(DEMO_DAG_ID)
+            start, end = hospital.interval
+            print(f"triggering {DEMO_DAG_ID} over {start:%Y-%m-%d} .. {end:%Y-%m-%d} (UI: {airflow.api_url}) ...",
+                  flush=True)
+            run_id = airflow.trigger(DEMO_DAG_ID, data_interval=hospital.interval)
+            state = airflow.wait_for_run(DEMO_DAG_ID, run_id, RUN_TIMEOUT_SECONDS, fail_on_retry=False)
 
     with AuditStore.connect(audit_url) as store:
-        run_key = store.latest_run_key(DAG_ID)
-        summary = store.summary(run_key)
+        summary = store.summary(f"{DEMO_DAG_ID}/{run_id}")
     print(format_summary(summary))
+    print(f"  Airflow run    {state}")
     print(f"  DICOM files    {data_root / 'dicom'}")
     print(f"  Parquet        {data_root / 'metadata'}")
     print(f"  audit          {audit_url}")
     print(f"  ground truth   {hospital.ground_truth_path}")
-    print(f"  Airflow log    {workdir / 'dag_test.log'}")
-    if args.serve:
-        serve_ui(env, args.serve, workdir)
-    return 0 if summary.reconciled else 1
-
-
-def serve_ui(env: dict[str, str], port: int, workdir: Path) -> None:
-    """The Airflow UI of the demo (every visitor is admin: loopback only) with the "Extraction audit" pages."""
-    ui_env = {**env, "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
-              "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}"}
-    print(f"Airflow UI on http://127.0.0.1:{port} (Browse > Extraction audit, or the run's Extraction audit tab); "
-          f"Ctrl-C stops it. Log: {workdir / 'api-server.log'}", flush=True)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the api-server on SIGTERM as on Ctrl-C
-    with (workdir / "api-server.log").open("w") as log:
-        process = subprocess.Popen([str(Path(sys.executable).with_name("airflow")), "api-server", "--host",
-                                    "127.0.0.1", "--port", str(port), "--workers", "1"], env=ui_env, stdout=log,
-                                   stderr=subprocess.STDOUT)
-        try:
-            process.wait()
-        except KeyboardInterrupt:
-            stop_process(process)
+    print(f"  Airflow logs   {workdir / 'airflow' / 'home' / 'logs'}")
+    return 0 if state == "success" and summary.succeeded else 1
 
 
 if __name__ == "__main__":
+    os.umask(0o077)  # the demo's files hold (synthetic) patient data: service account only
     raise SystemExit(main())

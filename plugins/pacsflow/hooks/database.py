@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from airflow.sdk import BaseHook
-from sqlalchemy import create_engine
 from sqlalchemy.engine import URL, Engine, make_url
+
+from pacsflow.core.db import make_engine
 
 # Airflow connection types -> SQLAlchemy dialects for connections given as fields, not as a URL.
 _DIALECTS = {
@@ -35,7 +36,7 @@ class DatabaseHook(BaseHook):
         return connection_url(self.get_connection(self.database_conn_id))
 
     def get_conn(self) -> Engine:
-        return create_engine(self.sqlalchemy_url(), pool_pre_ping=True)
+        return make_engine(self.sqlalchemy_url())
 
 
 def connection_url(conn: Any) -> URL:

@@ -71,7 +71,7 @@ class DicomHook(BaseHook):
             host=self._option("receiver_host", "127.0.0.1"),
             port=int(self._option("receiver_port", 11113)),
             allowed_calling_aes=tuple(allowed),
-            embedded=bool(self._option("receiver_embedded", True)),
+            mode=self._option("receiver_mode", "shared"),
             backend=self._option("receiver_backend", "pynetdicom"),
         )
 

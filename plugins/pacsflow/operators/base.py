@@ -1,4 +1,5 @@
-"""What every pacsflow operator shares: the run's key, its audit store and the pseudonymizer for logs."""
+"""What every pacsflow operator shares: the run's key, its audit store, the log pseudonymizer, and the rule
+that configuration errors fail the task at once (no retry can fix them) while transient errors are retried."""
 
 from __future__ import annotations
 
@@ -8,38 +9,50 @@ from pathlib import Path
 from typing import Any
 
 from airflow.sdk import BaseOperator, Context
+from airflow.sdk.exceptions import AirflowFailException
 
 from pacsflow.core.audit import AuditStore
+from pacsflow.core.dicom.errors import PacsConfigurationError
+from pacsflow.core.errors import ConfigurationError
 from pacsflow.core.pipeline import RunContext
 from pacsflow.core.privacy import Pseudonymizer
+from pacsflow.core.settings import data_root
 from pacsflow.core.storage import StorageLayout
 from pacsflow.hooks.database import DatabaseHook
 
 KEY_FILE = ".pacsflow-key"
+CONFIGURATION_ERRORS = (ConfigurationError, PacsConfigurationError)
 
 
 class PacsflowOperator(BaseOperator):
-    """Base of the pacsflow stage operators. ``data_root`` holds DICOM files, metadata and the log key."""
+    """Base of the pacsflow stage operators; subclasses implement :meth:`run_stage`.
 
-    template_fields = ("data_root",)
+    The data root (DICOM files, metadata, the log key) is a deployment setting (``$PACSFLOW_DATA_ROOT``), read
+    where the task runs, never a run parameter."""
 
-    def __init__(self, *, data_root: str, audit_conn_id: str = "pacsflow_audit", **kwargs: Any) -> None:
+    def __init__(self, *, audit_conn_id: str = "pacsflow_audit", **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.data_root = data_root
         self.audit_conn_id = audit_conn_id
 
     @property
     def root(self) -> Path:
-        if not self.data_root:
-            raise ValueError("data_root is empty: set the data_root param or $PACSFLOW_DATA_ROOT")
-        return Path(self.data_root)
+        return data_root()
 
     def layout(self) -> StorageLayout:
         return StorageLayout(self.root / "dicom")
+
+    def execute(self, context: Context) -> Any:
+        try:
+            return self.run_stage(context)
+        except CONFIGURATION_ERRORS as error:
+            raise AirflowFailException(str(error)) from error
+
+    def run_stage(self, context: Context) -> Any:
+        raise NotImplementedError
 
     @contextmanager
     def run_context(self, context: Context) -> Iterator[RunContext]:
         run_key = f"{context['dag'].dag_id}/{context['run_id']}"
         with AuditStore(DatabaseHook(self.audit_conn_id).get_conn()) as store:
-            yield RunContext(store=store, run_key=run_key,
+            yield RunContext(store=store, run_key=run_key, try_number=context["ti"].try_number,
                              pseudonymizer=Pseudonymizer.from_environment(self.root / KEY_FILE))

@@ -5,26 +5,25 @@ from __future__ import annotations
 from typing import Any
 
 from airflow.sdk import Context
+from airflow.sdk.exceptions import AirflowSkipException
 
-from pacsflow.core.audit import utcnow
-from pacsflow.core.export import export_instances
-from pacsflow.core.pipeline import retrieved_files
+from pacsflow.core.audit import Stage, StageBook
+from pacsflow.core.pipeline import export_metadata
 from pacsflow.operators.base import PacsflowOperator
 
 METADATA_DIR = "metadata"
 
 
 class ExportMetadataOperator(PacsflowOperator):
-    """Writes ``<data_root>/metadata`` (Hive-partitioned by study date); re-running a run replaces its rows."""
+    """Writes ``<data_root>/metadata/<dag_id>`` (Hive-partitioned by study date); re-running a run replaces its
+    rows (extractions keep their own folders: two DAGs' runs can share a run id).
+    Runs once every retrieval attempt has ended (also when one failed: what was retrieved is exported); skipped
+    when the run has no cohort."""
 
-    def execute(self, context: Context) -> dict[str, Any]:
+    def run_stage(self, context: Context) -> dict[str, Any]:
         with self.run_context(context) as ctx:
-            started = utcnow()
-            report = export_instances(retrieved_files(ctx, self.layout()), self.root / METADATA_DIR,
-                                      context["run_id"])
-            counts = {"instances": report.instances, "series": report.series, "studies": report.studies,
-                      "rejected": len(report.rejected)}
-            ctx.store.record_stage(ctx.run_key, "export", started, counts)
-        for path, reason in report.rejected:
-            self.log.warning("export skipped %s: %s", path.name, reason)
-        return {**counts, "path": str(self.root / METADATA_DIR)}
+            if not StageBook(ctx.store.attempts(ctx.run_key)).succeeded(Stage.COHORT):
+                raise AirflowSkipException("the run has no cohort: nothing to export")
+            directory = self.root / METADATA_DIR / context["dag"].dag_id
+            counts = export_metadata(ctx, self.layout(), directory, context["run_id"])
+        return {**counts, "path": str(directory)}

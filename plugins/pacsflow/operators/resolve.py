@@ -16,8 +16,6 @@ class ResolveAccessionsOperator(PacsflowOperator):
     """Resolves the run's unresolved ANs on one association; returns the batch numbers to retrieve
     (a small list, the input of the mapped retrieval)."""
 
-    template_fields = (*PacsflowOperator.template_fields, "resolution", "batch_size")
-
     def __init__(self, *, dicom_conn_id: str = "pacsflow_pacs", resolution: dict[str, Any] | None = None,
                  batch_size: int = 50, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -25,8 +23,8 @@ class ResolveAccessionsOperator(PacsflowOperator):
         self.resolution = resolution or {}
         self.batch_size = batch_size
 
-    def execute(self, context: Context) -> list[int]:
+    def run_stage(self, context: Context) -> list[int]:
         settings = ResolutionSettings.from_mapping(self.resolution)
         hook = DicomHook(self.dicom_conn_id)
         with self.run_context(context) as ctx:
-            return resolve_cohort(ctx, hook.get_conn, settings, int(self.batch_size))
+            return resolve_cohort(ctx, hook.get_conn, settings, self.batch_size)

@@ -1,10 +1,11 @@
-"""Stage 6: settle every AN's outcome and report the reconciled run summary."""
+"""Stage 6: settle every AN's outcome, record the run's verdict and report the reconciled summary."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from airflow.sdk import Context
+from airflow.sdk.exceptions import AirflowFailException
 
 from pacsflow.core.audit import export_run_audit
 from pacsflow.core.pipeline import settle_run
@@ -14,18 +15,21 @@ from pacsflow.operators.base import PacsflowOperator
 
 
 class AuditSummaryOperator(PacsflowOperator):
-    """Settles outcomes, exports the run's audit rows to ``<data_root>/audit/<run>/*.parquet`` and logs the
-    summary. Fails if the accounting does not reconcile (cohort = retrieved + filtered + not found + failed)
-    or if work was left unfinished by a failed upstream task, so the run shows as failed and can be resumed."""
+    """The run's only leaf, so its state is the run's state. It runs once every other task has ended (retries
+    included), settles outcomes from the audit, exports the run's audit rows to
+    ``<data_root>/audit/<dag_id>/<run>/*.parquet`` and fails, with the stage and reason, unless every stage succeeded
+    and every AN is accounted for."""
 
-    def execute(self, context: Context) -> dict[str, Any]:
+    def run_stage(self, context: Context) -> dict[str, Any]:
         with self.run_context(context) as ctx:
+            if ctx.store.run_row(ctx.run_key) is None:
+                raise AirflowFailException("the run never reached the audit database: its first task failed "
+                                           "before recording it (see the ris_cohort task log)")
             summary = settle_run(ctx)
-            export_run_audit(ctx.store, ctx.run_key, self.root / "audit" / run_token(context["run_id"]))
+            export_run_audit(ctx.store, ctx.run_key,
+                             self.root / "audit" / context["dag"].dag_id / run_token(context["run_id"]))
         for line in format_summary(summary).splitlines():
             self.log.info("%s", line)
-        if not summary.reconciled:
-            raise RuntimeError("audit does not reconcile: some ANs have no outcome; see the audit database")
-        if summary.unfinished:
-            raise RuntimeError(f"{summary.unfinished} ANs are unfinished; clear the failed tasks to resume the run")
+        if not summary.succeeded:
+            raise AirflowFailException(summary.failure_message())
         return summary.as_dict()

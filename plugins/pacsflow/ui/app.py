@@ -22,21 +22,22 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Depends, FastAPI, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.templating import Jinja2Templates
-from sqlalchemy import create_engine
-
 from pacsflow.core.audit import AuditStore, Outcome, SeriesStatus
+from pacsflow.core.db import make_engine
+from pacsflow.core.privacy import Pseudonymizer
+from pacsflow.core.settings import data_root
 from pacsflow.core.storage import run_token
 from pacsflow.ui import charts
 from pacsflow.ui.preview import NoPreview, preview_png
 from pacsflow.ui.review import (
     PAGE_SIZES,
+    RUN_STATES,
     AccessionFilter,
     AuditReview,
     Page,
     RunFilter,
     RunRow,
     SeriesRef,
-    key_for,
     layout_of,
     series_ref,
 )
@@ -98,12 +99,20 @@ def review_of(request: Request) -> AuditReview:
         except (AirflowNotFoundException, ValueError) as error:
             raise HTTPException(503, f"the audit database is not configured: connection {conn_id!r} "
                                      f"([{CONFIG_SECTION}] audit_conn_id): {error}") from None
-        review = AuditReview(AuditStore(create_engine(url, hide_parameters=True, pool_pre_ping=True)))
+        review = AuditReview(AuditStore(make_engine(url)))
         request.app.state.review = review
     return review
 
 
 ReviewDep = Annotated[AuditReview, Depends(review_of)]
+
+
+def deployment_key() -> Pseudonymizer | None:
+    """The deployment key the references were made with: ``$PACSFLOW_LOG_KEY``, else the key file the operators
+    keep in the data root (``$PACSFLOW_DATA_ROOT``, which the api-server shares with the workers)."""
+    from pacsflow.operators.base import KEY_FILE
+
+    return Pseudonymizer.existing(data_root() / KEY_FILE)
 
 
 def run_or_404(review: AuditReview, dag_id: str, run_id: str, *, with_counts: bool = False) -> RunRow:
@@ -173,7 +182,7 @@ def create_app() -> FastAPI:
         listing = review.runs(readable, filters, Page.of(page, size))
         query = {"dag_id": dag_id, "state": state, "date_from": date_from, "date_to": date_to, "size": size}
         return render(request, "runs.html", dag_ids=readable, filters=filters, listing=listing, query=query,
-                      states=("running", "success", "failed", "finished", "unfinished"), page_sizes=PAGE_SIZES)
+                      states=RUN_STATES, page_sizes=PAGE_SIZES)
 
     @run_pages.get("/dags/{dag_id}/runs/{run_id}", name="run", response_class=HTMLResponse)
     def run_page(request: Request, review: ReviewDep, dag_id: str, run_id: str, outcome: str | None = None,
@@ -185,7 +194,7 @@ def create_app() -> FastAPI:
         rules = review.resolution_rules(run.run_key)
         drops = review.drop_reasons(run.run_key)
         stages = review.stages(run.run_key)
-        key = key_for(run)
+        key = deployment_key()
         an_filter = AccessionFilter(outcome=outcome or None, resolution=resolution or None, reason=reason or None)
         ans = review.accessions(run.run_key, an_filter, Page.of(page, size))
         kept_series = review.series_rows(run.run_key, series_status or None, Page.of(series_page, 50))
@@ -209,11 +218,11 @@ def create_app() -> FastAPI:
     def search(request: Request, review: ReviewDep, dag_id: str, run_id: str,
                accession_number: Annotated[str, Form(max_length=64)]) -> Response:
         run = run_or_404(review, dag_id, run_id)
-        key = key_for(run)
+        key = deployment_key()
         if key is None:
             return render(request, "message.html", status_code=409, title="Search unavailable",
-                          message="No deployment key was found ($PACSFLOW_LOG_KEY or the key file in the run's "
-                                  "data root), so a clear AN cannot be matched to its reference.", run=run)
+                          message="No deployment key was found ($PACSFLOW_LOG_KEY, or the key file in "
+                                  "$PACSFLOW_DATA_ROOT), so a clear AN cannot be matched to its reference.", run=run)
         found = review.accession(run.run_key, key.ref(accession_number.strip()))
         if found is None:
             return render(request, "message.html", status_code=404, title="AN not in this run",
@@ -229,7 +238,7 @@ def create_app() -> FastAPI:
         row = review.accession(run.run_key, an_ref)
         if row is None:
             raise HTTPException(404, "no AN with this reference in this run")
-        key = key_for(run)
+        key = deployment_key()
         for item in row["series"]:
             item["ref"] = series_ref(key, item.pop("study_uid"), item.pop("series_uid")) if key else None
         return render(request, "accession.html", run=run, an=row)
@@ -247,7 +256,7 @@ def create_app() -> FastAPI:
             preview_error = "dropped by the series rules: not retrieved"
         else:
             try:
-                _preview(run, target, detail["modality"])
+                _preview(target, detail["modality"])
             except NoPreview as error:
                 preview_error = str(error)
         return render(request, "series.html", run=run, series=detail, ref=ref, preview_error=preview_error)
@@ -257,7 +266,7 @@ def create_app() -> FastAPI:
         run, target = _series_target(review, dag_id, run_id, ref)
         detail = review.series_detail(run.run_key, target)
         try:
-            png = _preview(run, target, detail["modality"] if detail else None)
+            png = _preview(target, detail["modality"] if detail else None)
         except NoPreview as error:
             raise HTTPException(404, f"no preview: {error}") from None
         return Response(png, media_type="image/png", headers=PRIVATE_HEADERS)
@@ -313,18 +322,15 @@ def create_app() -> FastAPI:
 
 def _series_target(review: AuditReview, dag_id: str, run_id: str, ref: str) -> tuple[RunRow, SeriesRef]:
     run = run_or_404(review, dag_id, run_id)
-    key = key_for(run)
+    key = deployment_key()
     target = review.series_by_ref(run.run_key, key, ref) if key else None
     if target is None:
         raise HTTPException(404, "no series with this reference in this run")
     return run, target
 
 
-def _preview(run: RunRow, target: SeriesRef, modality: str | None) -> bytes:
-    layout = layout_of(run)
-    if layout is None:
-        raise NoPreview("the run records no data root")
-    return preview_png(layout.series_dir(target.study_uid, target.series_uid), modality)
+def _preview(target: SeriesRef, modality: str | None) -> bytes:
+    return preview_png(layout_of(data_root()).series_dir(target.study_uid, target.series_uid), modality)
 
 
 def _flat(row: dict[str, Any]) -> dict[str, Any]:

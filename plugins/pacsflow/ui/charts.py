@@ -14,6 +14,7 @@ from markupsafe import Markup
 PALETTE = {"retrieved": "#2f7d32", "filtered": "#8c8c8c", "not_found": "#c77c02", "failed": "#c62828",
            "complete": "#2f7d32", "partial": "#c77c02", "dropped": "#8c8c8c", "pending": "#5c6bc0"}
 DEFAULT_COLOUR = "#3f6fb5"
+STATE_COLOURS = {"success": DEFAULT_COLOUR, "failed": "#c62828", "running": "#c77c02"}
 WIDTH = 560
 BAR_HEIGHT = 22
 LABEL_WIDTH = 190
@@ -43,8 +44,8 @@ def bar_chart(values: Mapping[str, int | float], *, title: str, unit: str = "") 
 
 
 def timeline(stages: Sequence[Mapping[str, Any]], *, title: str) -> Markup:
-    """A Gantt chart of the run's stages (one row each, in start order) and, under it, the throughput of each
-    retrieval batch (MB/s over its duration) on the same time axis."""
+    """A Gantt chart of the run's stage attempts (one row each, in start order, coloured by how they ended) and,
+    under it, the throughput of each retrieval attempt (MB/s over its duration) on the same time axis."""
     if not stages:
         return Markup('<p class="muted">No stage events recorded.</p>')
     start = min(s["started_at"] for s in stages)
@@ -68,9 +69,10 @@ def timeline(stages: Sequence[Mapping[str, Any]], *, title: str) -> Markup:
         seconds = (stage["finished_at"] - stage["started_at"]).total_seconds()
         parts.append(Markup(
             '<text x="{lx}" y="{ty}" text-anchor="end" class="chart-label">{name}</text>'
-            '<rect x="{x:.1f}" y="{y}" width="{wd:.1f}" height="14" fill="{c}"><title>{name}: {s:.1f} s</title></rect>'
-        ).format(lx=LABEL_WIDTH - 8, ty=y + 11, name=stage["stage"], x=left, y=y, wd=max(right - left, 1.5),
-                 c=DEFAULT_COLOUR, s=seconds))
+            '<rect x="{x:.1f}" y="{y}" width="{wd:.1f}" height="14" fill="{c}"><title>{name}: {state}, {s:.1f} s'
+            '</title></rect>'
+        ).format(lx=LABEL_WIDTH - 8, ty=y + 11, name=stage["label"], x=left, y=y, wd=max(right - left, 1.5),
+                 c=STATE_COLOURS.get(stage.get("state"), DEFAULT_COLOUR), state=stage.get("state"), s=seconds))
     rates = [(stage, _rate(stage)) for stage in stages if _rate(stage) is not None]
     base = gantt_height + rate_height
     top_rate = max((r for _, r in rates), default=0) or 1
@@ -86,7 +88,7 @@ def timeline(stages: Sequence[Mapping[str, Any]], *, title: str) -> Markup:
         bar = (rate_height - 10) * rate / top_rate
         parts.append(Markup('<rect x="{x:.1f}" y="{y:.1f}" width="{wd:.1f}" height="{h:.1f}" fill="#2f7d32" '
                             'opacity="0.7"><title>{name}: {r:.2f} MB/s</title></rect>').format(
-            x=left, y=base - bar, wd=max(right - left, 1.5), h=bar, name=stage["stage"], r=rate))
+            x=left, y=base - bar, wd=max(right - left, 1.5), h=bar, name=stage["label"], r=rate))
     parts.append(Markup("</svg>"))
     return Markup("").join(parts)
 

@@ -17,18 +17,26 @@ from typing import Any
 from sqlalchemy import Select, and_, case, func, literal, or_, select
 from sqlalchemy.engine import Engine
 
-from pacsflow.core.audit import AuditStore, Outcome, RunSummary, SeriesStatus, accessions, runs, series, stage_events
+from pacsflow.core.audit import (
+    AuditStore,
+    Outcome,
+    RunSummary,
+    SeriesStatus,
+    Stage,
+    StageBook,
+    accessions,
+    runs,
+    series,
+    stage_attempts,
+)
 from pacsflow.core.audit import studies as study_table
 from pacsflow.core.privacy import Pseudonymizer
 from pacsflow.core.storage import StorageLayout
 
 PAGE_SIZES = (25, 50, 100, 200)
-KEY_FILE = ".pacsflow-key"  # where the operators keep the deployment key in the data root
 SERIES_REF_KIND = "series"
 REF_CACHE_RUNS = 8  # runs whose series references are kept in memory
-
-# Optional run-state columns (added to ``pacsflow_runs`` by later versions of the audit store).
-_STATE = getattr(runs.c, "state", None)
+RUN_STATES = ("running", "success", "failed")
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,7 @@ class Paged:
 @dataclass(frozen=True)
 class RunFilter:
     dag_id: str | None = None
-    state: str | None = None  # running, success, failed (or finished/unfinished without run-state columns)
+    state: str | None = None  # running, success, failed: the audit's verdict
     started_from: date | None = None
     started_to: date | None = None  # inclusive
 
@@ -74,10 +82,10 @@ class RunRow:
     interval_end: datetime | None
     started_at: datetime | None
     finished_at: datetime | None
-    state: str
+    state: str = "running"
     failed_stage: str | None = None
     failure_reason: str | None = None
-    params: Mapping[str, Any] = field(default_factory=dict)
+    cohort_recorded: bool = False
     cohort: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
     studies_retrieved: int = 0
@@ -89,7 +97,8 @@ class RunRow:
 
     @property
     def reconciled(self) -> bool:
-        return self.cohort == sum(self.outcomes.get(o.value, 0) for o in Outcome)
+        """As the audit summary says it: a recorded cohort, every AN with exactly one outcome."""
+        return self.cohort_recorded and self.cohort == sum(self.outcomes.get(o.value, 0) for o in Outcome)
 
     @property
     def duration(self) -> timedelta | None:
@@ -101,11 +110,6 @@ class RunRow:
     def studies_per_hour(self) -> float | None:
         seconds = self.duration.total_seconds() if self.duration else 0
         return self.studies_retrieved * 3600 / seconds if seconds > 0 else None
-
-    @property
-    def data_root(self) -> Path | None:
-        root = (self.params or {}).get("data_root")
-        return Path(root) if root else None
 
 
 def _aware(moment: datetime) -> datetime:
@@ -144,7 +148,9 @@ class AuditReview:
             return [d for d in conn.execute(select(runs.c.dag_id).distinct().order_by(runs.c.dag_id)).scalars() if d]
 
     def runs(self, dag_ids: Iterable[str], filters: RunFilter, page: Page) -> Paged:
-        """Runs of the given DAGs (the caller passes only those the user may read), newest first."""
+        """Runs of the given DAGs (the caller passes only those the user may read), newest first, each with its
+        verdict and counts. A success/failed filter needs the verdicts of the finished candidates (computed
+        from their stage attempts); every other filter is SQL."""
         query = select(runs).where(runs.c.dag_id.in_(list(dag_ids)))
         if filters.dag_id:
             query = query.where(runs.c.dag_id == filters.dag_id)
@@ -153,15 +159,29 @@ class AuditReview:
         if filters.started_to:
             end = datetime.combine(filters.started_to + timedelta(days=1), time.min, timezone.utc)
             query = query.where(runs.c.started_at < end)
-        if filters.state:
-            query = query.where(_state_clause(filters.state))
+        if filters.state == "running":
+            query = query.where(runs.c.finished_at.is_(None))
+        elif filters.state in ("success", "failed"):
+            query = query.where(runs.c.finished_at.is_not(None))
+        query = query.order_by(runs.c.started_at.desc(), runs.c.run_key)
         with self.engine.connect() as conn:
-            total = conn.execute(select(func.count()).select_from(query.subquery())).scalar_one()
-            rows = conn.execute(query.order_by(runs.c.started_at.desc(), runs.c.run_key)
-                                .limit(page.size).offset(page.offset)).mappings().all()
-            result = [_run_row(row) for row in rows]
+            if filters.state in ("success", "failed"):
+                candidates = [self._judged(_run_row(row)) for row in conn.execute(query).mappings()]
+                matching = [run for run in candidates if run.state == filters.state]
+                total, result = len(matching), matching[page.offset:page.offset + page.size]
+            else:
+                total = conn.execute(select(func.count()).select_from(query.subquery())).scalar_one()
+                rows = conn.execute(query.limit(page.size).offset(page.offset)).mappings().all()
+                result = [self._judged(_run_row(row)) for row in rows]
             self._add_counts(conn, result)
         return Paged([{"run": r} for r in result], total, page)
+
+    def _judged(self, run: RunRow) -> RunRow:
+        """The run with the audit's verdict (running until settled) and whether its cohort was recorded."""
+        verdict = self.store.verdict(run.run_key)
+        run.state, run.failed_stage, run.failure_reason = verdict.state, verdict.failed_stage, verdict.reason
+        run.cohort_recorded = StageBook(self.store.attempts(run.run_key)).succeeded(Stage.COHORT)
+        return run
 
     def run(self, dag_id: str, run_id: str, *, with_counts: bool = True) -> RunRow | None:
         """One run; ``with_counts=False`` leaves out the per-run counts (the run page takes them from the
@@ -170,7 +190,7 @@ class AuditReview:
             row = conn.execute(select(runs).where(runs.c.run_key == f"{dag_id}/{run_id}")).mappings().first()
             if row is None:
                 return None
-            result = _run_row(row)
+            result = self._judged(_run_row(row))
             if with_counts:
                 self._add_counts(conn, [result])
         return result
@@ -281,12 +301,15 @@ class AuditReview:
             return {str(status): count for status, count in conn.execute(query)}
 
     def stages(self, run_key: str) -> list[dict[str, Any]]:
-        query = select(stage_events).where(stage_events.c.run_key == run_key).order_by(stage_events.c.started_at,
-                                                                                      stage_events.c.id)
+        """Every stage attempt of the run in start order, labelled ``stage[batch] try n``; an attempt still
+        running (or whose process died) is drawn up to now."""
+        query = select(stage_attempts).where(stage_attempts.c.run_key == run_key).order_by(
+            stage_attempts.c.started_at, stage_attempts.c.id)
         with self.engine.connect() as conn:
             rows = [dict(r) for r in conn.execute(query).mappings()]
-        for row in rows:  # a stage still running (a start event without a finish) is drawn up to now
-            row["running"] = row["finished_at"] is None
+        for row in rows:
+            row["label"] = row["stage"] + (f"[{row['batch']}]" if row["batch"] is not None else "") + (
+                f" try {row['try_number']}" if (row["try_number"] or 1) > 1 else "")
             row["started_at"] = _aware(row["started_at"])
             row["finished_at"] = _aware(row["finished_at"]) if row["finished_at"] else datetime.now(timezone.utc)
         return rows
@@ -400,27 +423,11 @@ def series_ref(pseudonymizer: Pseudonymizer, study_uid: str, series_uid: str) ->
     return pseudonymizer.ref(f"{study_uid}/{series_uid}", SERIES_REF_KIND).split(":", 1)[1]
 
 
-def layout_of(run: RunRow) -> StorageLayout | None:
-    return StorageLayout(run.data_root / "dicom") if run.data_root else None
-
-
-def key_for(run: RunRow) -> Pseudonymizer | None:
-    """The deployment key the run's references were made with ($PACSFLOW_LOG_KEY or the data root's key file)."""
-    return Pseudonymizer.existing(run.data_root / KEY_FILE if run.data_root else None)
-
-
-def _state_clause(state: str) -> Any:
-    if _STATE is not None and state in ("running", "success", "failed"):
-        return _STATE == state
-    if state in ("running", "unfinished"):
-        return runs.c.finished_at.is_(None)
-    return runs.c.finished_at.is_not(None)
+def layout_of(data_root: Path) -> StorageLayout:
+    return StorageLayout(data_root / "dicom")
 
 
 def _run_row(row: Mapping[str, Any]) -> RunRow:
-    state = row.get("state") or ("finished" if row["finished_at"] else "unfinished")
     return RunRow(dag_id=row["dag_id"], run_id=row["run_id"], run_type=row["run_type"],
                   triggered_by=row["triggered_by"], interval_start=row["interval_start"],
-                  interval_end=row["interval_end"], started_at=row["started_at"], finished_at=row["finished_at"],
-                  state=str(state), failed_stage=row.get("failed_stage"), failure_reason=row.get("failure_reason"),
-                  params=row["params"] or {})
+                  interval_end=row["interval_end"], started_at=row["started_at"], finished_at=row["finished_at"])

@@ -30,11 +30,17 @@ from pacsflow.core.dicom.receiver import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, St
 from pacsflow.core.dicom.transport import client_tls
 from pacsflow.core.dicom.dcmtk_receiver import STAGING_DIR
 from pacsflow.core.storage import TEMP_PREFIX, StorageLayout
+from pacsflow.core.dicom.sharing import RECEIVER_LOCK
 from tests.conftest import free_port
 from tests.core.dicom.conftest import RECEIVER_AE
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
+
+
+def written_files(root: Path) -> list[Path]:
+    """Files under ``root`` other than the receiver's lock (which holds no data)."""
+    return [p for p in root.rglob("*") if p.is_file() and p.name != RECEIVER_LOCK]
 
 def sender(calling_ae: str = "SENDER") -> AE:
     ae = AE(ae_title=calling_ae)
@@ -86,7 +92,7 @@ def test_a_hostile_sop_instance_uid_is_refused_and_nothing_is_written(files, rec
     if backend == "pynetdicom":
         assert status == CANNOT_UNDERSTAND
     assert receiver.stats.stored == 0 and receiver.stats.rejected_reasons == {"invalid UID": 1}
-    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+    assert written_files(tmp_path) == []
 
 
 @BACKENDS
@@ -120,10 +126,10 @@ def test_a_sender_aborting_in_the_middle_of_an_instance_leaves_no_file(files, re
         for fragment in itertools.islice(fragments, 8):  # the command and the start of the dataset
             assoc.dul.send_pdu(fragment)
         # Streamed: the partial instance is on disk, inside the root (not in memory, not in the system temp).
-        assert _eventually(lambda: any(p.is_file() for p in layout.root.rglob("*"))), "nothing streamed to disk"
+        assert _eventually(lambda: written_files(layout.root)), "nothing streamed to disk"
         assoc.abort()
         # Gone while the receiver runs (a standalone service may run for months), not only at its next sweep.
-        assert _eventually(lambda: not [p for p in layout.root.rglob("*") if p.is_file()]), "a partial file stayed"
+        assert _eventually(lambda: not written_files(layout.root)), "a partial file stayed"
     assert sum(1 for _ in fragments) > 0, "the whole instance was sent; make it larger"
     assert receiver.stats.stored == receiver.stats.rejected == 0
 
@@ -208,7 +214,7 @@ def test_a_full_disk_answers_out_of_resources_and_leaves_no_partial_file(files, 
     with StoreReceiver(receiver_config, StorageLayout(tiny_filesystem)) as receiver:
         assert send(receiver_config.port, dataset) == OUT_OF_RESOURCES
     assert receiver.stats.rejected_reasons == {"disk full": 1}
-    assert [p for p in tiny_filesystem.rglob("*") if p.is_file()] == []
+    assert written_files(tiny_filesystem) == []
 
 
 @BACKENDS

@@ -8,6 +8,9 @@ from typing import Literal, get_args
 RetrieveMethod = Literal["c-move", "c-get"]
 # pynetdicom: pure Python, TLS. dcmtk: DCMTK storescp per association (faster; Linux, no TLS).
 ReceiverBackend = Literal["pynetdicom", "dcmtk"]
+# shared: the host's receiver, started by the first retrieval task that needs it and stopped when none does;
+# embedded: inside the task (one retrieval task at a time per data root); service: started by the operator.
+ReceiverMode = Literal["shared", "embedded", "service"]
 
 
 @dataclass(frozen=True)
@@ -48,10 +51,12 @@ class ReceiverConfig:
     allowed_calling_aes: tuple[str, ...] = ()
     allowed_addresses: tuple[str, ...] = ("127.0.0.1", "::1")
     max_associations: int = 10
-    embedded: bool = True  # start inside the retrieval task; False when a standalone service listens
+    mode: ReceiverMode = "shared"
     tls: TlsConfig | None = field(default=None)
     backend: ReceiverBackend = "pynetdicom"
 
     def __post_init__(self) -> None:
         if self.backend not in get_args(ReceiverBackend):
             raise ValueError(f"unknown receiver backend {self.backend!r}: use one of {get_args(ReceiverBackend)}")
+        if self.mode not in get_args(ReceiverMode):
+            raise ValueError(f"unknown receiver_mode {self.mode!r}: use one of {get_args(ReceiverMode)}")

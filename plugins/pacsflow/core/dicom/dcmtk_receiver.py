@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from pacsflow.core.dicom.config import ReceiverConfig
 from pacsflow.core.dicom.errors import PacsConfigurationError
 from pacsflow.core.dicom.header import file_uids
 from pacsflow.core.dicom.results import ReceiverStats
+from pacsflow.core.dicom.sharing import port_unavailable, receiver_lock
 from pacsflow.core.processes import stop_process
 from pacsflow.core.storage import StorageLayout, fsync_path, write_failure_reason
 
@@ -79,6 +81,7 @@ class DcmtkStoreReceiver:
         self._listener: socket.socket | None = None
         self._associations: list[_Association] = []
         self._lock = threading.Lock()  # guards _associations
+        self._root_lock = ExitStack()
         self._ingest_lock = threading.Lock()  # one ingest pass at a time (it alone writes self.stats)
         self._pool: ThreadPoolExecutor | None = None
         self._stop = threading.Event()
@@ -104,10 +107,22 @@ class DcmtkStoreReceiver:
             raise PacsConfigurationError(f"{self._executable} (DCMTK) is not installed; install dcmtk")
         self._executable = binary
         self.layout.root.mkdir(parents=True, exist_ok=True)
+        self._root_lock.enter_context(receiver_lock(self.layout.root))  # before touching another receiver's files
+        try:
+            self._start()
+        except BaseException:
+            self._root_lock.close()
+            raise
+        return self
+
+    def _start(self) -> None:
         self.layout.sweep_temp_files()
         shutil.rmtree(self.staging_root, ignore_errors=True)  # leftovers may be partial: the PACS re-sends them
         self.staging_root.mkdir()
-        self._listener = socket.create_server((self.config.host, self.config.port))
+        try:
+            self._listener = socket.create_server((self.config.host, self.config.port))
+        except OSError as error:
+            raise port_unavailable(self.config, error) from None
         self._listener.settimeout(0.2)
         self._stop.clear()
         self._pool = ThreadPoolExecutor(INGEST_THREADS, thread_name_prefix="dcmtk-ingest")
@@ -115,7 +130,6 @@ class DcmtkStoreReceiver:
                          for loop in (self._accept_loop, self._ingest_loop)]
         for thread in self._threads:
             thread.start()
-        return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
@@ -134,6 +148,7 @@ class DcmtkStoreReceiver:
             self._pool = None
         shutil.rmtree(self.staging_root, ignore_errors=True)
         self.layout.sweep_temp_files()
+        self._root_lock.close()
 
     def settle(self) -> None:
         """Ingest every staged file that is complete now (all of them once their C-STOREs are answered)."""

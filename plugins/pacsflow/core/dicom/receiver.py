@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from pacsflow.core.dicom.config import ReceiverConfig
 from pacsflow.core.dicom.dcmtk_receiver import DcmtkStoreReceiver
 from pacsflow.core.dicom.header import HeaderProblem, file_uids
 from pacsflow.core.dicom.results import ReceiverStats
+from pacsflow.core.dicom.sharing import port_unavailable, receiver_lock
 from pacsflow.core.dicom.transport import (discard_unfinished_stream, server_tls, stream_error, stream_to,
                                           tune_for_latency)
 from pacsflow.core.storage import StorageLayout, write_failure_reason
@@ -94,6 +96,7 @@ class StoreReceiver:
         self.drain_seconds = drain_seconds  # on stop: how long transfers in progress may finish
         self._handler = store_handler(layout, self.stats)
         self._server: Any = None
+        self._lock = ExitStack()
 
     @property
     def port(self) -> int:
@@ -104,16 +107,27 @@ class StoreReceiver:
 
     def __enter__(self) -> "StoreReceiver":
         self.layout.root.mkdir(parents=True, exist_ok=True)
+        self._lock.enter_context(receiver_lock(self.layout.root))  # before touching another receiver's files
+        try:
+            self._start()
+        except BaseException:
+            self._lock.close()
+            raise
+        return self
+
+    def _start(self) -> None:
         self.layout.sweep_temp_files()
         handlers = [(evt.EVT_C_STORE, self._handler), (evt.EVT_CONN_OPEN, self._on_connection),
                     (evt.EVT_CONN_CLOSE, _on_connection_closed)]
-        self._server = self._application_entity().start_server(
-            (self.config.host, self.config.port), block=False, evt_handlers=handlers,
-            ssl_context=server_tls(self.config.tls))
+        try:
+            self._server = self._application_entity().start_server(
+                (self.config.host, self.config.port), block=False, evt_handlers=handlers,
+                ssl_context=server_tls(self.config.tls))
+        except OSError as error:
+            raise port_unavailable(self.config, error) from None
         allowed = set(self.config.allowed_addresses)
         if allowed:  # socketserver closes connections for which verify_request is False, before any PDU
             self._server.verify_request = lambda request, address: address[0] in allowed
-        return self
 
     def _application_entity(self) -> AE:
         ae = AE(ae_title=self.config.ae_title)
@@ -140,6 +154,7 @@ class StoreReceiver:
         server.shutdown()  # no new associations
         _drain(server.active_associations, self.drain_seconds)
         self.layout.sweep_temp_files()
+        self._lock.close()
 
 
 def _drain(associations: list[Any], seconds: float) -> None:

@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 
 from pacsflow.demo.hospital.dicom_files import write_exams
 from pacsflow.demo.hospital.plan import (
     COHORT_MODALITIES,
+    FIRST_DAY,
     INTERVAL,
+    LAST_DAY,
     SERIES_RULES,
     SITE_PREFIX,
     PlannedExam,
     Quirk,
     plan_hospital,
     quirk_counts,
+    span_interval,
 )
 from pacsflow.demo.hospital.ris import exams_table, write_ris
 from pacsflow.demo.hospital.truth import (
@@ -32,13 +35,14 @@ from pacsflow.demo.hospital.truth import (
     expected_outcomes,
     ground_truth,
     load_ground_truth,
+    within,
     write_ground_truth,
 )
 
 __all__ = [
     "COHORT_MODALITIES", "INTERVAL", "SERIES_RULES", "SITE_PREFIX", "Hospital", "Quirk", "build_hospital",
     "dropped_series", "exams_table", "expected_instances", "expected_outcomes", "load_ground_truth",
-    "plan_hospital", "quirk_counts",
+    "plan_hospital", "quirk_counts", "within",
 ]
 
 MAX_IMAGE_SIZE = 1024
@@ -54,7 +58,7 @@ class Hospital:
 
 
 def build_hospital(out_dir: Path, *, accessions: int = 60, seed: int = 7, image_size: int = 32,
-                   ris_url: str | None = None) -> Hospital:
+                   ris_url: str | None = None, first_day: date = FIRST_DAY, last_day: date = LAST_DAY) -> Hospital:
     """Build (or rebuild from scratch) the hospital in ``out_dir``; the RIS defaults to SQLite in it."""
     if not isinstance(accessions, int) or accessions < 1:
         raise ValueError("accessions must be a whole number >= 1")
@@ -69,10 +73,11 @@ def build_hospital(out_dir: Path, *, accessions: int = 60, seed: int = 7, image_
     dicom_dir.mkdir()
     url = ris_url or f"sqlite:///{out_dir / 'ris.sqlite'}"
 
-    exams: list[PlannedExam] = plan_hospital(accessions, seed)
+    exams: list[PlannedExam] = plan_hospital(accessions, seed, first_day, last_day)
     write_ris(url, exams)
     files = write_exams(exams, dicom_dir, image_size)
     truth_path = out_dir / "ground_truth.json"
     write_ground_truth(truth_path, ground_truth(exams, seed))
-    return Hospital(ris_url=url, dicom_dir=dicom_dir, ground_truth_path=truth_path, interval=INTERVAL,
+    return Hospital(ris_url=url, dicom_dir=dicom_dir, ground_truth_path=truth_path,
+                    interval=span_interval(first_day, last_day),
                     files_written=files)

@@ -16,6 +16,13 @@ UID_ROOT = "1.2.826.0.1.3680043.10.1234."
 FIRST_DAY = date(2020, 1, 1)
 LAST_DAY = date(2024, 12, 31)
 INTERVAL = (datetime(2020, 1, 1, tzinfo=timezone.utc), datetime(2025, 1, 1, tzinfo=timezone.utc))
+
+
+def span_interval(first_day: date, last_day: date) -> tuple[datetime, datetime]:
+    """The half-open UTC interval holding every exam of a hospital whose exams fall on these days."""
+    start = datetime(first_day.year, first_day.month, first_day.day, tzinfo=timezone.utc)
+    end = datetime(last_day.year, last_day.month, last_day.day, tzinfo=timezone.utc) + timedelta(days=1)
+    return start, end
 COHORT_MODALITIES = ("CT", "MG")
 SERIES_RULES = {
     "include_modalities": list(COHORT_MODALITIES),
@@ -192,7 +199,8 @@ def quirk_counts(accessions: int) -> dict[Quirk, int]:
 
 
 class _Planner:
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, first_day: date = FIRST_DAY, last_day: date = LAST_DAY) -> None:
+        self.first_day, self.last_day = first_day, last_day
         self.rng = random.Random(seed)
         self.uids = _Uids(seed)
         self.patients: list[Patient] = []
@@ -207,7 +215,7 @@ class _Planner:
         return [self._exam(index, quirk, moment) for index, (quirk, moment) in enumerate(zip(quirks, moments))]
 
     def _exam_datetime(self) -> datetime:
-        day = FIRST_DAY + timedelta(days=self.rng.randrange((LAST_DAY - FIRST_DAY).days + 1))
+        day = self.first_day + timedelta(days=self.rng.randrange((self.last_day - self.first_day).days + 1))
         minute = self.rng.randrange(7 * 60, 20 * 60)  # opening hours of the radiology department
         return datetime(day.year, day.month, day.day) + timedelta(minutes=minute)
 
@@ -374,6 +382,9 @@ _STUDIES: dict[Quirk, Callable[[_Planner, ExamType, str, datetime], StudyPlan]] 
 }
 
 
-def plan_hospital(accessions: int, seed: int) -> list[PlannedExam]:
-    """Every exam of the hospital, sorted by AN (the RIS's spelling)."""
-    return sorted(_Planner(seed).exams(accessions), key=lambda exam: exam.accession_number)
+def plan_hospital(accessions: int, seed: int, first_day: date = FIRST_DAY,
+                  last_day: date = LAST_DAY) -> list[PlannedExam]:
+    """Every exam of the hospital (on days from ``first_day`` to ``last_day``), sorted by AN (the RIS's spelling)."""
+    if last_day < first_day:
+        raise ValueError("last_day must not be before first_day")
+    return sorted(_Planner(seed, first_day, last_day).exams(accessions), key=lambda exam: exam.accession_number)

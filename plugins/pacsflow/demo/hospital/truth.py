@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,14 @@ def write_ground_truth(path: Path, truth: dict[str, Any]) -> None:
 
 def load_ground_truth(path: Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def within(truth: dict[str, Any], start: datetime, end: datetime) -> dict[str, Any]:
+    """The ground truth of the exams in ``[start, end)`` (aware UTC): what a run over that interval extracts."""
+    def inside(accession: dict[str, Any]) -> bool:
+        moment = datetime.fromisoformat(accession["exam_datetime"]).replace(tzinfo=timezone.utc)
+        return start <= moment < end
+    return {**truth, "accessions": [a for a in truth["accessions"] if inside(a)]}
 
 
 def _cohort_series(truth: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
