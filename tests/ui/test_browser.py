@@ -111,6 +111,7 @@ def test_an_auditor_follows_a_run_down_to_the_images(browser, api_server, demo_a
     for reason, count in summary.reasons.items():
         assert int(browser.find_element(By.CSS_SELECTOR, f'#reasons [data-reason="{reason}"]').text) == count
     assert len(browser.find_elements(By.CSS_SELECTOR, "svg.chart")) == 4
+    browser.find_element(By.CSS_SELECTOR, "figure.wide").screenshot(str(tmp_path / "run_timeline.png"))
 
     # the AN search: a clear AN typed in, its story found by reference
     known = next(an for an, row in sorted(stories.items()) if row["outcome"] == Outcome.RETRIEVED
@@ -170,7 +171,7 @@ def test_an_auditor_follows_a_run_down_to_the_images(browser, api_server, demo_a
     assert_no_identifier(pages.html, demo_audit)
     if os.environ.get("PACSFLOW_DOCS_SCREENSHOTS") == "1":
         DOCS.mkdir(exist_ok=True)
-        for name in ("airflow_nav", "runs", "run", "accession", "series", "compare"):
+        for name in ("airflow_nav", "runs", "run", "run_timeline", "accession", "series", "compare"):
             shutil.copyfile(tmp_path / f"{name}.png", DOCS / f"audit-{name.replace('_', '-')}.png")
 
 

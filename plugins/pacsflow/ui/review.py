@@ -8,6 +8,7 @@ reference computed with the same deployment key.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
@@ -137,6 +138,7 @@ class AuditReview:
     def __init__(self, store: AuditStore) -> None:
         self.store = store
         self._refs: dict[tuple[str, int, str], dict[str, SeriesRef]] = {}
+        self._refs_lock = threading.Lock()  # requests run in the api-server's thread pool
 
     @property
     def engine(self) -> Engine:
@@ -348,9 +350,10 @@ class AuditReview:
                 for study_uid, series_uid in pairs:
                     reference = series_ref(pseudonymizer, study_uid, series_uid)
                     refs[reference] = SeriesRef(reference, study_uid, series_uid)
-                if len(self._refs) >= REF_CACHE_RUNS:
-                    self._refs.pop(next(iter(self._refs)))
-                self._refs[cache_key] = refs
+                with self._refs_lock:
+                    if len(self._refs) >= REF_CACHE_RUNS:
+                        self._refs.pop(next(iter(self._refs)))
+                    self._refs[cache_key] = refs
         return refs.get(ref)
 
     def series_detail(self, run_key: str, ref: SeriesRef) -> dict[str, Any] | None:
