@@ -13,6 +13,9 @@ $(INSTALLED): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -e .
+	@# The editable build leaves pacsflow.egg-info in plugins/, which Airflow puts on sys.path: every entry point
+	@# (the provider, the UI plugin) would be found twice. The installed dist-info is the one to keep.
+	rm -rf plugins/pacsflow.egg-info
 	@touch $@
 
 venv: $(INSTALLED)

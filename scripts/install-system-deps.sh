@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Debian packages the tests and benchmarks need: a real PACS (Orthanc), DCMTK, PostgreSQL, Redis, and
-# docker-compose (its `config` validates docker-compose.yaml without a container engine).
+# docker-compose (its `config` validates docker-compose.yaml without a container engine), and Chromium with
+# its WebDriver for the browser tests of the audit pages.
 # Idempotent: does nothing when every tool is already there.
 set -euo pipefail
 
@@ -10,6 +11,8 @@ command -v findscu >/dev/null 2>&1 || missing+=(dcmtk)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 sudo=""

@@ -38,3 +38,17 @@ class Pseudonymizer:
             key = secrets.token_bytes(32)
             handle.write(key)
         return cls(key)
+
+    @classmethod
+    def existing(cls, key_file: Path | None) -> "Pseudonymizer | None":
+        """The deployment's key if there is one (``$PACSFLOW_LOG_KEY`` or ``key_file``); never creates a key, so
+        a reader (the audit pages) cannot silently hash with a key the extraction did not use."""
+        env_key = os.environ.get(KEY_ENV)
+        if env_key:
+            return cls(env_key.encode("utf-8"))
+        if key_file is None:
+            return None
+        try:
+            return cls(key_file.read_bytes())
+        except FileNotFoundError:
+            return None

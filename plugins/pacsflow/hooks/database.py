@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from airflow.sdk import BaseHook
 from sqlalchemy.engine import URL, Engine, make_url
 
@@ -31,18 +33,22 @@ class DatabaseHook(BaseHook):
         self.database_conn_id = database_conn_id
 
     def sqlalchemy_url(self) -> URL:
-        conn = self.get_connection(self.database_conn_id)
-        explicit = conn.extra_dejson.get("sqlalchemy_url")
-        if explicit:
-            return make_url(explicit)
-        dialect = _DIALECTS.get(conn.conn_type or "")
-        if dialect is None:
-            raise ValueError(
-                f"connection {self.database_conn_id!r}: set extra.sqlalchemy_url, or use one of the conn types "
-                f"{sorted(_DIALECTS)}"
-            )
-        return URL.create(dialect, username=conn.login or None, password=conn.password or None,
-                          host=conn.host or None, port=conn.port or None, database=conn.schema or None)
+        return connection_url(self.get_connection(self.database_conn_id))
 
     def get_conn(self) -> Engine:
         return make_engine(self.sqlalchemy_url())
+
+
+def connection_url(conn: Any) -> URL:
+    """The SQLAlchemy URL of an Airflow connection (task SDK or core model): ``extra.sqlalchemy_url``, else its
+    fields with a known ``conn_type``."""
+    explicit = conn.extra_dejson.get("sqlalchemy_url")
+    if explicit:
+        return make_url(explicit)
+    dialect = _DIALECTS.get(conn.conn_type or "")
+    if dialect is None:
+        raise ValueError(
+            f"connection {conn.conn_id!r}: set extra.sqlalchemy_url, or use one of the conn types {sorted(_DIALECTS)}"
+        )
+    return URL.create(dialect, username=conn.login or None, password=conn.password or None,
+                      host=conn.host or None, port=conn.port or None, database=conn.schema or None)
