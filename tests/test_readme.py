@@ -16,7 +16,6 @@ import shlex
 import subprocess
 from dataclasses import replace
 from datetime import date, datetime, timezone
-from pathlib import Path
 
 import pytest
 import yaml

@@ -15,22 +15,33 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine
-
 from pacsflow.core.audit import AuditStore
 from pacsflow.core.dicom.client import PacsClient
 from pacsflow.core.dicom.config import ReceiverConfig
 from pacsflow.core.dicom.errors import PacsConfigurationError
 from pacsflow.core.dicom.receiver import StoreReceiver, open_receiver
-from pacsflow.core.pipeline import RunContext, extract_cohort, resolve_cohort, retrieve_batch, settle_run
+from pacsflow.core.pipeline import (
+    RunContext,
+    extract_cohort,
+    resolve_cohort,
+    retrieve_batch,
+    settle_run,
+)
 from pacsflow.core.privacy import Pseudonymizer
 from pacsflow.core.resolve import Resolution, ResolutionSettings, resolve_accession
-from pacsflow.core.ris import RisExam, load_template, query_cohort
-from pacsflow.core.storage import TEMP_PREFIX, StorageLayout
+from pacsflow.core.ris import RisExam
 from pacsflow.core.settings import load_definition
-from pacsflow.demo.environment import DEMO_DEFINITION, REPO_ROOT
-from pacsflow.demo.hospital import Quirk, build_hospital, expected_instances, expected_outcomes, load_ground_truth
+from pacsflow.core.storage import TEMP_PREFIX, StorageLayout
+from pacsflow.demo.environment import DEMO_DEFINITION, demo_cohort
+from pacsflow.demo.hospital import (
+    Quirk,
+    build_hospital,
+    expected_instances,
+    expected_outcomes,
+    load_ground_truth,
+)
 from pacsflow.demo.sandbox import orthanc
+
 from tests.conftest import free_port
 
 DEMO = load_definition(DEMO_DEFINITION)
@@ -60,20 +71,12 @@ def pacs(hospital, receiver, tmp_path_factory) -> Iterator:
         yield sandbox
 
 
-def cohort(hospital) -> list[RisExam]:
-    engine = create_engine(hospital.ris_url)
-    start, end = (moment.replace(tzinfo=None) for moment in hospital.interval)
-    exams = list(query_cohort(engine, load_template(DEMO.cohort.sql_template, REPO_ROOT / "include" / "sql"),
-                              interval_start=start, interval_end=end, params=DEMO.cohort.params))
-    engine.dispose()
-    return exams
-
 
 def test_each_quirk_resolves_by_its_rule(pacs, hospital, truth):
     settings = DEMO.resolution_settings()
     by_an = {a["accession_number"]: a for a in truth["accessions"] if a["in_cohort"]}
     with PacsClient(pacs.config) as client:
-        results = {exam.accession_number: resolve_accession(client, exam, settings) for exam in cohort(hospital)}
+        results = {exam.accession_number: resolve_accession(client, exam, settings) for exam in demo_cohort(hospital)}
     assert set(results) == set(by_an)
     for an, result in results.items():
         expected = by_an[an]
@@ -128,7 +131,7 @@ def test_a_run_killed_mid_retrieval_resumes_without_refetching(pacs, hospital, t
     connect = partial(PacsClient, pacs.config)
     with AuditStore.connect(audit_url) as store:
         ctx = RunContext(store, RUN_KEY, Pseudonymizer(b"0123456789abcdef"))
-        extract_cohort(ctx, lambda: cohort(hospital), batch_size=100)
+        extract_cohort(ctx, lambda: demo_cohort(hospital), batch_size=100)
         batches = resolve_cohort(ctx, connect, DEMO.resolution_settings(), 100)
     wanted = expected_instances(truth)
 
@@ -168,7 +171,7 @@ def test_a_pacs_that_cannot_reach_the_receiver_fails_the_task_with_the_fix(pacs,
     connect = partial(PacsClient, pacs.config)
     with AuditStore.connect(f"sqlite:///{tmp_path / 'audit.sqlite'}") as store:
         ctx = RunContext(store, "library/unknown-destination", Pseudonymizer(b"0123456789abcdef"))
-        extract_cohort(ctx, lambda: cohort(hospital), batch_size=100)
+        extract_cohort(ctx, lambda: demo_cohort(hospital), batch_size=100)
         batches = resolve_cohort(ctx, connect, DEMO.resolution_settings(), 100)
         with pytest.raises(PacsConfigurationError, match="move destination"):
             retrieve_batch(ctx, batches[0], connect, rules=DEMO.rules(),
@@ -181,7 +184,7 @@ def test_the_dcmtk_receiver_backend_retrieves_the_cohort_verified(pacs, hospital
     incoming = partial(open_receiver, replace(receiver, backend="dcmtk"), layout)
     with AuditStore.connect(f"sqlite:///{tmp_path / 'audit.sqlite'}") as store:
         ctx = RunContext(store, "library/dcmtk-backend", Pseudonymizer(b"0123456789abcdef"))
-        extract_cohort(ctx, lambda: cohort(hospital), batch_size=100)
+        extract_cohort(ctx, lambda: demo_cohort(hospital), batch_size=100)
         batches = resolve_cohort(ctx, connect, DEMO.resolution_settings(), 100)
         counts = [retrieve_batch(ctx, batch, connect, rules=DEMO.rules(),
                                  layout=layout, destination_ae=receiver.ae_title, receiver=incoming)

@@ -9,20 +9,29 @@ from dataclasses import replace
 from functools import partial
 
 import pytest
-from sqlalchemy import create_engine
-
 from pacsflow.core.audit import AuditStore, SeriesStatus
 from pacsflow.core.dicom.client import PacsClient
 from pacsflow.core.dicom.config import ReceiverConfig
 from pacsflow.core.dicom.receiver import open_receiver
-from pacsflow.core.pipeline import RunContext, extract_cohort, resolve_cohort, retrieve_batch, settle_run
+from pacsflow.core.pipeline import (
+    RunContext,
+    extract_cohort,
+    resolve_cohort,
+    retrieve_batch,
+    settle_run,
+)
 from pacsflow.core.privacy import Pseudonymizer
-from pacsflow.core.ris import RisExam, load_template, query_cohort
 from pacsflow.core.settings import load_definition
 from pacsflow.core.storage import TEMP_PREFIX, StorageLayout
-from pacsflow.demo.environment import DEMO_DEFINITION, REPO_ROOT
-from pacsflow.demo.hospital import build_hospital, expected_instances, expected_outcomes, load_ground_truth
+from pacsflow.demo.environment import DEMO_DEFINITION, demo_cohort
+from pacsflow.demo.hospital import (
+    build_hospital,
+    expected_instances,
+    expected_outcomes,
+    load_ground_truth,
+)
 from pacsflow.demo.sandbox import orthanc
+
 from tests.conftest import free_port
 from tests.faults.proxy import Fault, FaultProxy
 
@@ -54,14 +63,6 @@ def pacs(hospital, proxy_port, tmp_path_factory) -> Iterator:
         yield box
 
 
-def cohort(hospital) -> list[RisExam]:
-    engine = create_engine(hospital.ris_url)
-    start, end = (moment.replace(tzinfo=None) for moment in hospital.interval)
-    exams = list(query_cohort(engine, load_template(DEMO.cohort.sql_template, REPO_ROOT / "include" / "sql"),
-                              interval_start=start, interval_end=end, params=DEMO.cohort.params))
-    engine.dispose()
-    return exams
-
 
 class _Listening(FaultProxy):
     """The proxy on a port chosen before Orthanc started (Orthanc's move destination names it)."""
@@ -83,7 +84,7 @@ def test_a_cut_c_store_stream_is_finished_in_the_same_task(pacs, hospital, recei
     with (AuditStore.connect(f"sqlite:///{tmp_path / 'audit.sqlite'}") as store,
           _Listening(proxy_port, target=(receiver.host, receiver.port), fault=fault) as proxy):
         ctx = RunContext(store, "library/faults", Pseudonymizer(b"0123456789abcdef"))
-        extract_cohort(ctx, lambda: cohort(hospital), batch_size=100)
+        extract_cohort(ctx, lambda: demo_cohort(hospital), batch_size=100)
         counts = [retrieve_batch(ctx, batch, connect, rules=DEMO.rules(), layout=layout,
                                  destination_ae=receiver.ae_title, receiver=partial(open_receiver, receiver, layout))
                   for batch in resolve_cohort(ctx, connect, DEMO.resolution_settings(), 100)]

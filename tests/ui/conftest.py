@@ -23,22 +23,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydicom import dcmread
-from sqlalchemy import create_engine
-
 from pacsflow.core.audit import AuditStore
 from pacsflow.core.dicom.client import PacsClient
 from pacsflow.core.dicom.config import ReceiverConfig
 from pacsflow.core.dicom.receiver import StoreReceiver
 from pacsflow.core.pipeline import ExtractionSettings, RunContext, run_extraction
 from pacsflow.core.privacy import Pseudonymizer
-from pacsflow.core.ris import RisExam, load_template, query_cohort
 from pacsflow.core.settings import DATA_ROOT_ENV, load_definition
 from pacsflow.core.storage import StorageLayout
 from pacsflow.demo.deployment import service, wait_until
-from pacsflow.demo.environment import DEMO_DAG_ID, DEMO_DEFINITION, REPO_ROOT, airflow_environment
+from pacsflow.demo.environment import (
+    DEMO_DAG_ID,
+    DEMO_DEFINITION,
+    airflow_environment,
+    demo_cohort,
+)
 from pacsflow.demo.hospital import build_hospital, load_ground_truth
 from pacsflow.demo.sandbox import orthanc
+from pydicom import dcmread
+
 from tests.conftest import free_port
 
 DEMO = load_definition(DEMO_DEFINITION)
@@ -60,14 +63,6 @@ class DemoAudit:
         return f"{DAG_ID}/{RUN_IDS[index]}"
 
 
-def _cohort(hospital) -> list[RisExam]:
-    engine = create_engine(hospital.ris_url)
-    start, end = (moment.replace(tzinfo=None) for moment in hospital.interval)
-    exams = list(query_cohort(engine, load_template(DEMO.cohort.sql_template, REPO_ROOT / "include" / "sql"),
-                              interval_start=start, interval_end=end, params=DEMO.cohort.params))
-    engine.dispose()
-    return sorted(exams, key=lambda exam: exam.accession_number)
-
 
 @pytest.fixture(scope="session")
 def demo_audit(tmp_path_factory) -> DemoAudit:
@@ -81,7 +76,7 @@ def demo_audit(tmp_path_factory) -> DemoAudit:
     settings = ExtractionSettings(resolution=DEMO.resolution_settings(), rules=DEMO.rules(), layout=layout,
                                   destination_ae=receiver.ae_title, metadata_dir=data_root / "metadata",
                                   batch_size=DEMO.retrieval.batch_size)
-    exams = _cohort(hospital)
+    exams = demo_cohort(hospital)
     with orthanc(work / "orthanc", move_destinations={receiver.ae_title: (receiver.host, receiver.port)}) as pacs:
         pacs.load(sorted(hospital.dicom_dir.rglob("*.dcm")))
         config = replace(pacs.config, calling_ae="PACSFLOW")

@@ -7,8 +7,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pacsflow.core.dicom.config import PacsConfig, ReceiverConfig
+
+if TYPE_CHECKING:
+    from pacsflow.core.ris import RisExam
+    from pacsflow.demo.hospital import Hospital
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DEMO_DEFINITION = REPO_ROOT / "include" / "extractions" / "demo.yaml"
@@ -51,3 +56,21 @@ def connection_environment(*, ris_url: str, audit_url: str, pacs: PacsConfig, re
         "AIRFLOW_CONN_PACSFLOW_AUDIT": json.dumps({"conn_type": "generic", "extra": {"sqlalchemy_url": audit_url}}),
         "AIRFLOW_CONN_PACSFLOW_PACS": json.dumps(dicom),
     }
+
+
+def demo_cohort(hospital: "Hospital") -> list["RisExam"]:
+    """The demo definition's cohort of ``hospital`` over its whole span, as the cohort stage reads it."""
+    from sqlalchemy import create_engine
+
+    from pacsflow.core.ris import load_template, query_cohort
+    from pacsflow.core.settings import load_definition
+
+    demo = load_definition(DEMO_DEFINITION)
+    engine = create_engine(hospital.ris_url)
+    start, end = (moment.replace(tzinfo=None) for moment in hospital.interval)
+    try:
+        exams = list(query_cohort(engine, load_template(demo.cohort.sql_template, REPO_ROOT / "include" / "sql"),
+                                  interval_start=start, interval_end=end, params=demo.cohort.params))
+    finally:
+        engine.dispose()
+    return sorted(exams, key=lambda exam: exam.accession_number)
