@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 from pacsflow.cli import main
@@ -28,6 +29,7 @@ def test_the_dry_run_counts_the_cohort_of_an_interval_without_retrieving(tmp_pat
 
 def test_the_dry_run_names_a_broken_definition(tmp_path, capsys):
     broken = tmp_path / "broken.yaml"
-    broken.write_text(DEMO_DEFINITION.read_text().replace("id: demo", "id: broken").replace("@weekly", "@often"))
+    text = re.sub(r"(?m)^schedule: .*$", 'schedule: "@often"', DEMO_DEFINITION.read_text())
+    broken.write_text(text.replace("id: demo", "id: broken"))
     assert main(["cohort", str(broken), "--ris-url", "sqlite://", "--start", "2021-01-01", "--end", "2021-02-01"]) == 1
     assert "broken.yaml: schedule" in capsys.readouterr().err
