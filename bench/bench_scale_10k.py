@@ -137,7 +137,7 @@ def _library_run(hospital: Hospital, pacs: PacsConfig, receiver: ReceiverConfig,
     started = time.perf_counter()
     layout = StorageLayout(data_root / "dicom")
     settings = ExtractionSettings(
-        resolution=demo.resolution_settings(), rules=demo.rules(), layout=layout,
+        resolution=demo.resolution, rules=demo.series_rules, layout=layout,
         destination_ae=receiver.ae_title, batch_size=demo.retrieval.batch_size, metadata_dir=data_root / "metadata")
     ris = create_engine(hospital.ris_url)
     sql = load_template(demo.cohort.sql_template, REPO_ROOT / "include" / "sql")

@@ -86,11 +86,11 @@ def build_dag(definition: ExtractionDefinition, include_dir: Path) -> DAG:
         )
         resolve = ResolveAccessionsOperator(
             task_id="resolve_accessions", pool=definition.retrieval.pool, dicom_conn_id=connections.pacs,
-            resolution=dict(definition.resolution), batch_size=definition.retrieval.batch_size,
+            resolution=definition.resolution.model_dump(mode="json"), batch_size=definition.retrieval.batch_size,
         )
         retrieve = RetrieveStudiesOperator.partial(
             task_id="retrieve_batch", pool=definition.retrieval.pool, dicom_conn_id=connections.pacs,
-            series_rules=dict(definition.series_rules),
+            series_rules=definition.series_rules.model_dump(mode="json"),
         ).expand(batch=resolve.output)
         # Both wait for every retrieval attempt (retries included) to end: the export takes what arrived,
         # the summary settles only when nothing is still running, and as the only leaf it decides the run.

@@ -73,7 +73,7 @@ def pacs(hospital, receiver, tmp_path_factory) -> Iterator:
 
 
 def test_each_quirk_resolves_by_its_rule(pacs, hospital, truth):
-    settings = DEMO.resolution_settings()
+    settings = DEMO.resolution
     by_an = {a["accession_number"]: a for a in truth["accessions"] if a["in_cohort"]}
     with PacsClient(pacs.config) as client:
         results = {exam.accession_number: resolve_accession(client, exam, settings) for exam in demo_cohort(hospital)}
@@ -114,7 +114,7 @@ with AuditStore.connect(args["audit_url"]) as store:
     ctx = RunContext(store, args["run_key"], Pseudonymizer(b"0123456789abcdef"))
     for batch in args["batches"]:
         retrieve_batch(ctx, batch, partial(PacsClient, PacsConfig(**args["pacs"])),
-                       rules=SeriesRules.from_mapping(args["rules"]), layout=layout,
+                       rules=SeriesRules.parse(args["rules"]), layout=layout,
                        destination_ae=receiver.ae_title, receiver=partial(StoreReceiver, receiver, layout))
 """
 
@@ -127,16 +127,16 @@ def _stored_files(layout: StorageLayout) -> list[Path]:
 def test_a_run_killed_mid_retrieval_resumes_without_refetching(pacs, hospital, truth, receiver, tmp_path):
     layout = StorageLayout(tmp_path / "dicom")
     audit_url = f"sqlite:///{tmp_path / 'audit.sqlite'}"
-    rules = DEMO.rules()
+    rules = DEMO.series_rules
     connect = partial(PacsClient, pacs.config)
     with AuditStore.connect(audit_url) as store:
         ctx = RunContext(store, RUN_KEY, Pseudonymizer(b"0123456789abcdef"))
         extract_cohort(ctx, lambda: demo_cohort(hospital), batch_size=100)
-        batches = resolve_cohort(ctx, connect, DEMO.resolution_settings(), 100)
+        batches = resolve_cohort(ctx, connect, DEMO.resolution, 100)
     wanted = expected_instances(truth)
 
     args = {"root": str(layout.root), "audit_url": audit_url, "run_key": RUN_KEY, "batches": batches,
-            "rules": DEMO.series_rules, "receiver": {"ae_title": receiver.ae_title, "port": receiver.port},
+            "rules": DEMO.series_rules.model_dump(mode="json"), "receiver": {"ae_title": receiver.ae_title, "port": receiver.port},
             "pacs": {"host": pacs.config.host, "port": pacs.config.port, "called_ae": pacs.config.called_ae}}
     child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)],
                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
@@ -172,9 +172,9 @@ def test_a_pacs_that_cannot_reach_the_receiver_fails_the_task_with_the_fix(pacs,
     with AuditStore.connect(f"sqlite:///{tmp_path / 'audit.sqlite'}") as store:
         ctx = RunContext(store, "library/unknown-destination", Pseudonymizer(b"0123456789abcdef"))
         extract_cohort(ctx, lambda: demo_cohort(hospital), batch_size=100)
-        batches = resolve_cohort(ctx, connect, DEMO.resolution_settings(), 100)
+        batches = resolve_cohort(ctx, connect, DEMO.resolution, 100)
         with pytest.raises(PacsConfigurationError, match="move destination"):
-            retrieve_batch(ctx, batches[0], connect, rules=DEMO.rules(),
+            retrieve_batch(ctx, batches[0], connect, rules=DEMO.series_rules,
                            layout=layout, destination_ae="NOBODY")
 
 
@@ -185,8 +185,8 @@ def test_the_dcmtk_receiver_backend_retrieves_the_cohort_verified(pacs, hospital
     with AuditStore.connect(f"sqlite:///{tmp_path / 'audit.sqlite'}") as store:
         ctx = RunContext(store, "library/dcmtk-backend", Pseudonymizer(b"0123456789abcdef"))
         extract_cohort(ctx, lambda: demo_cohort(hospital), batch_size=100)
-        batches = resolve_cohort(ctx, connect, DEMO.resolution_settings(), 100)
-        counts = [retrieve_batch(ctx, batch, connect, rules=DEMO.rules(),
+        batches = resolve_cohort(ctx, connect, DEMO.resolution, 100)
+        counts = [retrieve_batch(ctx, batch, connect, rules=DEMO.series_rules,
                                  layout=layout, destination_ae=receiver.ae_title, receiver=incoming)
                   for batch in batches]
         summary = settle_run(ctx)

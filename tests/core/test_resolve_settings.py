@@ -12,7 +12,7 @@ class RefusingFinder:
 
 
 def test_variants_strip_zeros_and_add_or_remove_site_prefixes():
-    settings = ResolutionSettings.from_mapping({"site_prefixes": ["SITEA"]})
+    settings = ResolutionSettings.parse({"site_prefixes": ["SITEA"]})
     assert settings.normalized_variants("000123") == ["123", "SITEA000123"]
     assert settings.normalized_variants("SITEA77") == ["SITEASITEA77", "77"]
     assert settings.normalized_variants("123") == ["SITEA123"]
@@ -21,13 +21,13 @@ def test_variants_strip_zeros_and_add_or_remove_site_prefixes():
 def test_rules_are_ordered_and_validated():
     assert ResolutionSettings().rules == (Rule.ACCESSION_NUMBER, Rule.RIS_STUDY_UID, Rule.NORMALIZED_ACCESSION,
                                           Rule.PATIENT_DATE)
-    assert ResolutionSettings.from_mapping({"rules": ["ris_study_uid"]}).rules == (Rule.RIS_STUDY_UID,)
+    assert ResolutionSettings.parse({"rules": ["ris_study_uid"]}).rules == (Rule.RIS_STUDY_UID,)
     with pytest.raises(ResolutionSettingsError, match="rules"):
-        ResolutionSettings.from_mapping({"rules": ["guess"]})
-    with pytest.raises(ResolutionSettingsError, match="unknown"):
-        ResolutionSettings.from_mapping({"site_prefix": "X"})
+        ResolutionSettings.parse({"rules": ["guess"]})
+    with pytest.raises(ResolutionSettingsError, match="site_prefix: Extra inputs are not permitted"):
+        ResolutionSettings.parse({"site_prefix": "X"})
     with pytest.raises(ResolutionSettingsError, match="wildcards"):
-        ResolutionSettings.from_mapping({"site_prefixes": ["S*"]})
+        ResolutionSettings.parse({"site_prefixes": ["S*"]})
 
 
 @pytest.mark.parametrize("an", ["", "  ", "12*", "1?3", "A\\B", "X" * 17])

@@ -234,7 +234,7 @@ def test_series_sizes_are_realistic(truth):
 
 
 def test_the_default_rules_applied_to_the_headers_give_the_truths_drop_reasons(headers, truth):
-    rules = SeriesRules.from_mapping(truth["series_rules"])
+    rules = SeriesRules.parse(truth["series_rules"])
     by_series: dict[str, list[pydicom.Dataset]] = defaultdict(list)
     for ds in headers.values():
         by_series[ds.SeriesInstanceUID].append(ds)

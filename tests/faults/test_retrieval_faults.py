@@ -85,9 +85,9 @@ def test_a_cut_c_store_stream_is_finished_in_the_same_task(pacs, hospital, recei
           _Listening(proxy_port, target=(receiver.host, receiver.port), fault=fault) as proxy):
         ctx = RunContext(store, "library/faults", Pseudonymizer(b"0123456789abcdef"))
         extract_cohort(ctx, lambda: demo_cohort(hospital), batch_size=100)
-        counts = [retrieve_batch(ctx, batch, connect, rules=DEMO.rules(), layout=layout,
+        counts = [retrieve_batch(ctx, batch, connect, rules=DEMO.series_rules, layout=layout,
                                  destination_ae=receiver.ae_title, receiver=partial(open_receiver, receiver, layout))
-                  for batch in resolve_cohort(ctx, connect, DEMO.resolution_settings(), 100)]
+                  for batch in resolve_cohort(ctx, connect, DEMO.resolution, 100)]
         summary = settle_run(ctx)
         series = store.series_rows(ctx.run_key, kept=True)
         outcomes = {an: row["outcome"] for an, row in store.accession_outcomes(ctx.run_key).items()}

@@ -111,6 +111,7 @@ def site(tmp_path_factory) -> Iterator[Site]:
     definition(definitions, "pooled", schedule=None, start_date=start_date, retrieval={"batch_size": 3}, run=fast)
     definition(definitions, "ris_down", schedule=None, start_date=start_date, connections={"ris": "ris_down"},
                run={**fast, "alert_conn_id": "pacsflow_alerts"})
+    definition(definitions, "over_limit", schedule=None, start_date=start_date, cohort={"max_size": 3}, run=fast)
     definition(definitions, "failing_batch", schedule=None, start_date=start_date,
                connections={"ris": "ris_failing", "pacs": "pacs_failing"}, retrieval={"batch_size": 6}, run=fast)
 
@@ -141,7 +142,7 @@ def site(tmp_path_factory) -> Iterator[Site]:
             }
             with local_deployment(workdir / "airflow", data_root=data_root, pool_slots=POOL_SLOTS,
                                   extra_env=env) as airflow:
-                for extraction in ("weekly", "backfilled", "pooled", "ris_down", "failing_batch"):
+                for extraction in ("weekly", "backfilled", "pooled", "ris_down", "over_limit", "failing_batch"):
                     airflow.wait_for_dag(f"pacsflow__{extraction}")
                 yield Site(airflow, hospital, failing, data_root, audit_url, start, _AlertSink.received, workdir)
     finally:
@@ -248,6 +249,19 @@ def test_a_run_whose_ris_is_down_fails_and_its_audit_says_where(site):
     wait_until(lambda: any(a["dag_id"] == dag_id for a in site.alerts), "the failure alert", 120)
     alert = next(a for a in site.alerts if a["dag_id"] == dag_id)
     assert alert["run_id"] == run_id and alert["event"] == "pacsflow.run_failed"
+
+
+def test_a_configuration_mistake_fails_once_with_what_to_change(site):
+    """A cohort over its definition's limit (an interval typo, not a cohort): no retry, the setting named."""
+    dag_id = "pacsflow__over_limit"
+    site.airflow.unpause(dag_id)
+    run_id = site.airflow.trigger(dag_id, data_interval=(site.start, site.start + 3 * WEEK))
+    assert site.airflow.wait_for_run(dag_id, run_id, RUN_SECONDS, fail_on_retry=False) == "failed"
+    cohort = next(ti for ti in site.airflow.task_instances(dag_id, run_id) if ti["task_id"] == "ris_cohort")
+    assert (cohort["state"], cohort["try_number"]) == ("failed", 1)
+    with site.audit() as store:
+        verdict = store.summary(f"{dag_id}/{run_id}").verdict
+    assert verdict.failed_stage == "cohort" and "cohort.max_size" in verdict.reason
 
 
 def test_a_batch_that_fails_for_good_fails_the_run_and_the_rest_is_complete(site):

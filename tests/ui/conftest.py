@@ -73,7 +73,7 @@ def demo_audit(tmp_path_factory) -> DemoAudit:
     audit_url = f"sqlite:///{data_root / 'audit.sqlite'}"
     layout = StorageLayout(data_root / "dicom")
     receiver = ReceiverConfig(ae_title="PACSFLOW", port=free_port())
-    settings = ExtractionSettings(resolution=DEMO.resolution_settings(), rules=DEMO.rules(), layout=layout,
+    settings = ExtractionSettings(resolution=DEMO.resolution, rules=DEMO.series_rules, layout=layout,
                                   destination_ae=receiver.ae_title, metadata_dir=data_root / "metadata",
                                   batch_size=DEMO.retrieval.batch_size)
     exams = demo_cohort(hospital)

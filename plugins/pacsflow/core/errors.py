@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from typing import Any
 
 
 class ConfigurationError(ValueError):
@@ -19,3 +20,9 @@ def describe_error(error: BaseException) -> str:
     if isinstance(error, OSError) and error.errno:
         name += f" [{errno.errorcode.get(error.errno, error.errno)}]"
     return f"{name}: see the task log"
+
+
+def validation_problems(error: Any) -> str:
+    """A pydantic ValidationError as one line naming each key and its problem (values are not repeated)."""
+    return "; ".join(f"{'.'.join(str(part) for part in item['loc']) or '(top)'}: "
+                     f"{item['msg'].removeprefix('Value error, ')}" for item in error.errors())

@@ -18,11 +18,22 @@ from datetime import timedelta
 from enum import StrEnum
 from typing import Any, Protocol
 
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
+
 from pacsflow.core.dicom.errors import PacsItemError
 from pacsflow.core.dicom.results import FindResult, QueryLevel
+from pacsflow.core.errors import ConfigurationError, validation_problems
 from pacsflow.core.ris import RisExam
 from pacsflow.core.uids import accession_problem, is_valid_uid
-from pacsflow.core.errors import ConfigurationError
 
 STUDY_RETURN_KEYS = ("StudyInstanceUID", "AccessionNumber", "PatientID", "StudyDate", "ModalitiesInStudy")
 
@@ -51,34 +62,38 @@ class ResolutionSettingsError(ConfigurationError):
     """The resolution settings are malformed; the message names the key to fix."""
 
 
-@dataclass(frozen=True)
-class ResolutionSettings:
-    strip_leading_zeros: bool = True
-    site_prefixes: tuple[str, ...] = ()  # tried both added to and removed from the AN
-    patient_date_window_days: int = 1
-    patient_date_match_modality: bool = True
+class ResolutionSettings(BaseModel):
+    """The AN fallback chain's settings. Strict types: ``"false"`` is not a boolean, ``"AB"`` is not a list."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    strip_leading_zeros: StrictBool = True
+    site_prefixes: tuple[StrictStr, ...] = ()  # tried both added to and removed from the AN
+    patient_date_window_days: StrictInt = Field(1, ge=0, le=366)
+    patient_date_match_modality: StrictBool = True
     rules: tuple[Rule, ...] = tuple(Rule)
 
+    @field_validator("site_prefixes", mode="before")
     @classmethod
-    def from_mapping(cls, config: Mapping[str, Any]) -> "ResolutionSettings":
-        known = {"strip_leading_zeros", "site_prefixes", "patient_date_window_days", "patient_date_match_modality", "rules"}
-        unknown = set(config) - known
-        if unknown:
-            raise ResolutionSettingsError(f"unknown resolution keys {sorted(unknown)}; allowed: {sorted(known)}")
-        try:
-            rules = tuple(Rule(name) for name in config.get("rules", [r.value for r in Rule]))
-        except ValueError:
-            raise ResolutionSettingsError(f"rules must be names among {[r.value for r in Rule]}") from None
-        prefixes = tuple(config.get("site_prefixes", ()))
+    def _a_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            raise ValueError("must be a list of prefixes, not one text")
+        return value
+
+    @field_validator("site_prefixes")
+    @classmethod
+    def _plain_text(cls, prefixes: tuple[str, ...]) -> tuple[str, ...]:
         if any(accession_problem(prefix) for prefix in prefixes):
-            raise ResolutionSettingsError("site_prefixes must be plain text without wildcards")
-        return cls(
-            strip_leading_zeros=bool(config.get("strip_leading_zeros", True)),
-            site_prefixes=prefixes,
-            patient_date_window_days=int(config.get("patient_date_window_days", 1)),
-            patient_date_match_modality=bool(config.get("patient_date_match_modality", True)),
-            rules=rules,
-        )
+            raise ValueError("site prefixes must be plain text without wildcards")
+        return prefixes
+
+    @classmethod
+    def parse(cls, config: Mapping[str, Any]) -> "ResolutionSettings":
+        """Validate plain configuration; a :class:`ResolutionSettingsError` names each key at fault."""
+        try:
+            return cls.model_validate(config)
+        except ValidationError as error:
+            raise ResolutionSettingsError(f"resolution: {validation_problems(error)}") from None
 
     def normalized_variants(self, accession_number: str) -> list[str]:
         """Other spellings of the AN a PACS may hold, in a stable order, without the original."""

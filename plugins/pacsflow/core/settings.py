@@ -13,15 +13,14 @@ import os
 import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from pacsflow.core.errors import ConfigurationError, validation_problems
 from pacsflow.core.resolve import ResolutionSettings
 from pacsflow.core.ris import RESERVED_PARAMS
 from pacsflow.core.series_rules import SeriesRules
-from pacsflow.core.errors import ConfigurationError
 
 DEFINITIONS_ENV = "PACSFLOW_EXTRACTIONS_DIR"
 DATA_ROOT_ENV = "PACSFLOW_DATA_ROOT"
@@ -84,8 +83,8 @@ class ExtractionDefinition(_Model):
     catchup: bool = False
     tags: tuple[str, ...] = ()
     cohort: CohortSettings
-    resolution: dict[str, Any] = Field(default_factory=dict)
-    series_rules: dict[str, Any] = Field(default_factory=dict)
+    resolution: ResolutionSettings = ResolutionSettings()
+    series_rules: SeriesRules = SeriesRules()
     retrieval: RetrievalSettings = RetrievalSettings()
     connections: ConnectionIds = ConnectionIds()
     run: RunSettings = RunSettings()
@@ -104,25 +103,14 @@ class ExtractionDefinition(_Model):
     def _valid_schedule(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        from croniter import croniter  # installed with Airflow; the scheduler's own cron parser
+        from croniter import (
+            croniter,  # installed with Airflow; the scheduler's own cron parser
+        )
 
         presets = {"@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly"}
         if value not in presets and not croniter.is_valid(value):
             raise ValueError(f"{value!r} is neither a cron expression nor one of {sorted(presets)}")
         return value
-
-    @model_validator(mode="after")
-    def _rules_parse(self) -> "ExtractionDefinition":
-        # The two rule sets keep their own parsers; calling them here makes a bad rule fail at load time.
-        self.resolution_settings()
-        self.rules()
-        return self
-
-    def resolution_settings(self) -> ResolutionSettings:
-        return ResolutionSettings.from_mapping(self.resolution)
-
-    def rules(self) -> SeriesRules:
-        return SeriesRules.from_mapping(self.series_rules)
 
     @property
     def retry_delay(self) -> timedelta:
@@ -140,10 +128,7 @@ def load_definition(path: Path) -> ExtractionDefinition:
     try:
         definition = ExtractionDefinition.model_validate(raw)
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in error.errors())
-        raise DefinitionError(f"{path.name}: {problems}") from None
-    except ValueError as error:  # the rule parsers name the key themselves
-        raise DefinitionError(f"{path.name}: {error}") from None
+        raise DefinitionError(f"{path.name}: {validation_problems(error)}") from None
     if definition.id != path.stem:
         raise DefinitionError(f"{path.name}: id {definition.id!r} must equal the file name without .yaml")
     return definition

@@ -24,7 +24,7 @@ class ResolveAccessionsOperator(PacsflowOperator):
         self.batch_size = batch_size
 
     def run_stage(self, context: Context) -> list[int]:
-        settings = ResolutionSettings.from_mapping(self.resolution)
+        settings = ResolutionSettings.parse(self.resolution)
         hook = DicomHook(self.dicom_conn_id)
         with self.run_context(context) as ctx:
             return resolve_cohort(ctx, hook.get_conn, settings, self.batch_size)

@@ -30,7 +30,7 @@ class RetrieveStudiesOperator(PacsflowOperator):
         self.series_rules = series_rules or {}
 
     def run_stage(self, context: Context) -> dict[str, int]:
-        rules = SeriesRules.from_mapping(self.series_rules)
+        rules = SeriesRules.parse(self.series_rules)
         hook = DicomHook(self.dicom_conn_id)
         config = hook.receiver_config()
         layout = self.layout()
