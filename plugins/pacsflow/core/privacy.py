@@ -1,22 +1,31 @@
-"""Keyed pseudonyms for patient identifiers, so logs and errors can refer to an AN without revealing it."""
+"""Keyed pseudonyms for patient identifiers, so logs and errors can refer to an AN without revealing it;
+secret key files written so that a crash never leaves a partial key behind."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
+import re
 import secrets
+import tempfile
 from pathlib import Path
 
 KEY_ENV = "PACSFLOW_LOG_KEY"
+MIN_KEY_BYTES = 16
+KEY_BYTES = 32
+PRIVATE_UMASK = 0o077  # files 0600, directories 0700: patient data is for the service account only
+# A DICOM UID (or a longer dotted number) anywhere in a log message.
+_UID_IN_TEXT = re.compile(r"(?<![0-9.])[0-9]+(?:\.[0-9]+){3,}(?![0-9.])")
 
 
 class Pseudonymizer:
     """HMAC-SHA256 of an identifier under a secret key, shortened for log lines (``an:3f9a...``)."""
 
     def __init__(self, key: bytes) -> None:
-        if len(key) < 16:
-            raise ValueError("the pseudonym key must be at least 16 bytes")
+        if len(key) < MIN_KEY_BYTES:
+            raise ValueError(f"the pseudonym key must be at least {MIN_KEY_BYTES} bytes")
         self._key = key
 
     def ref(self, identifier: str, kind: str = "an") -> str:
@@ -29,12 +38,71 @@ class Pseudonymizer:
         env_key = os.environ.get(KEY_ENV)
         if env_key:
             return cls(env_key.encode("utf-8"))
-        key_file.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return cls(key_file.read_bytes())
+        return cls(load_or_create_key(key_file))
+
+
+def load_or_create_key(path: Path) -> bytes:
+    """The secret in ``path``; on first use a new random one, written atomically with mode 0600: a temp file
+    in the same directory is written and fsynced, then hard-linked to ``path`` (which fails if another
+    process got there first: its key wins), so ``path`` never exists incomplete."""
+    try:
+        return _read_key(path)
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # mode 0600
+    try:
         with os.fdopen(fd, "wb") as handle:
-            key = secrets.token_bytes(32)
-            handle.write(key)
-        return cls(key)
+            handle.write(secrets.token_bytes(KEY_BYTES))
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            pass
+    finally:
+        Path(temp).unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return _read_key(path)
+
+
+def _read_key(path: Path) -> bytes:
+    key = path.read_bytes()
+    if len(key) < MIN_KEY_BYTES:
+        raise ValueError(f"key file {path} holds fewer than {MIN_KEY_BYTES} bytes: restore it from a backup "
+                         "(pseudonyms depend on it) or delete it to start a new key")
+    return key
+
+
+def use_private_umask() -> int:
+    """Make every file this process creates from now on 0600 and every directory 0700 (entry points call it:
+    operators, the receiver service). Returns the previous umask."""
+    return os.umask(PRIVATE_UMASK)
+
+
+def make_private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) readable by the owner only; an existing directory is tightened to 0700."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o700)
+    return path
+
+
+class UidRedactingFilter(logging.Filter):
+    """Replaces every UID in a log record by a keyed reference (``uid:3f9a...``): libraries such as
+    pynetdicom put SOP Instance UIDs into their warnings. Install it on a handler or a library's logger."""
+
+    def __init__(self, pseudonymizer: Pseudonymizer) -> None:
+        super().__init__()
+        self._pseudonymizer = pseudonymizer
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = _UID_IN_TEXT.sub(lambda match: self._pseudonymizer.ref(match.group(0), "uid"), message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True

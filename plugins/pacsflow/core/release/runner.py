@@ -1,0 +1,138 @@
+"""Release files in worker processes: read, hold back or de-identify, write atomically into the release root.
+
+Each worker builds its de-identifier once; files travel in chunks and at most a few chunks are in flight,
+so memory stays flat whatever the number of files. Outcomes come back as small records without values.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+import warnings
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from pacsflow.core.export.reader import iter_chunks
+from pacsflow.core.processes import default_workers, worker_context
+from pacsflow.core.release.keys import ReleaseKeys
+from pacsflow.core.release.profile import Deidentifier, hold_back_reason
+from pacsflow.core.release.settings import ReleaseSettings
+from pacsflow.core.storage import TEMP_PREFIX, StorageLayout
+from pacsflow.core.uids import InvalidIdentifierError
+
+CHUNK_SIZE = 32
+_CHUNKS_IN_FLIGHT_PER_WORKER = 2
+
+
+class FileOutcome(StrEnum):
+    RELEASED = "released"
+    HELD_BACK = "held_back"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class FileResult:
+    """What happened to one source file; ``reason`` never holds a value read from the file."""
+
+    study_uid: str  # source UIDs: from the source layout's directory names (the audit DB is internal)
+    series_uid: str
+    outcome: FileOutcome
+    reason: str | None = None
+    released_study_uid: str | None = None
+    released_series_uid: str | None = None
+
+
+@dataclass(frozen=True)
+class ReleaseJob:
+    settings: ReleaseSettings
+    secret: bytes
+    out_root: Path  # released files go to <out_root>/<StudyUID>/<SeriesUID>/<SOPUID>.dcm (new UIDs)
+
+
+_worker: tuple[ReleaseJob, Deidentifier] | None = None
+
+
+def release_chunk(job: ReleaseJob, paths: list[str]) -> list[FileResult]:
+    """Release every file of ``paths`` (runs in a worker; the de-identifier is built once per process)."""
+    global _worker
+    if _worker is None or _worker[0] != job:
+        _worker = (job, Deidentifier(job.settings, ReleaseKeys(job.secret)))
+    deidentifier = _worker[1]
+    layout = StorageLayout(job.out_root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warnings can quote element values
+        return [release_file(Path(path), deidentifier, layout) for path in paths]
+
+
+def release_file(path: Path, deidentifier: Deidentifier, layout: StorageLayout) -> FileResult:
+    study_uid, series_uid = path.parent.parent.name, path.parent.name
+    try:
+        ds = pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, ValueError, EOFError) as error:
+        return FileResult(study_uid, series_uid, FileOutcome.FAILED, _read_failure(error))
+    reason = hold_back_reason(ds, deidentifier.settings)
+    if reason:
+        return FileResult(study_uid, series_uid, FileOutcome.HELD_BACK, reason)
+    try:
+        deidentifier.deidentify(ds)
+        new_study, new_series, new_sop = ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+        _write(ds, layout, new_study, new_series, new_sop)
+    except InvalidIdentifierError:
+        return FileResult(study_uid, series_uid, FileOutcome.FAILED, "missing or invalid UID after de-identification")
+    except OSError as error:
+        return FileResult(study_uid, series_uid, FileOutcome.FAILED,
+                          f"write failed ({errno.errorcode.get(error.errno or 0, 'I/O')})")
+    except (ValueError, TypeError, AttributeError, KeyError) as error:
+        return FileResult(study_uid, series_uid, FileOutcome.FAILED, f"cannot de-identify ({type(error).__name__})")
+    return FileResult(study_uid, series_uid, FileOutcome.RELEASED, None, new_study, new_series)
+
+
+def _write(ds: pydicom.Dataset, layout: StorageLayout, study_uid: str, series_uid: str, sop_uid: str) -> None:
+    directory = layout.series_dir(study_uid, series_uid)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".dcm", dir=directory)  # 0600
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            ds.save_as(handle, enforce_file_format=True)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    layout.commit(Path(temp), study_uid, series_uid, sop_uid)
+
+
+def _read_failure(error: BaseException) -> str:
+    if isinstance(error, InvalidDicomError):
+        return "not a DICOM file"
+    if isinstance(error, OSError):
+        return f"cannot read the file ({errno.errorcode.get(error.errno or 0, 'I/O')})"
+    return f"cannot parse the file ({type(error).__name__})"
+
+
+def release_files(files: Iterable[Path], job: ReleaseJob, *, workers: int | None = None) -> Iterator[FileResult]:
+    """Results for ``files`` (consumed lazily) in input order, released by ``workers`` processes (default: one
+    per core; 1 in a daemonic process, such as a Celery prefork worker, which may not start children)."""
+    workers = default_workers(workers)
+    chunks = iter_chunks(files, CHUNK_SIZE)
+    if workers <= 1:
+        for chunk in chunks:
+            yield from release_chunk(job, chunk)
+        return
+    pool = ProcessPoolExecutor(workers, mp_context=worker_context())
+    pending: deque[Future[list[FileResult]]] = deque()
+    try:
+        for chunk in chunks:
+            pending.append(pool.submit(release_chunk, job, chunk))
+            if len(pending) >= workers * _CHUNKS_IN_FLIGHT_PER_WORKER:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
