@@ -46,7 +46,7 @@ def run_library(hospital, pacs_config, receiver: ReceiverConfig, conf: dict, dat
         resolution=ResolutionSettings.from_mapping(conf["resolution"]),
         rules=SeriesRules.from_mapping(conf["series_rules"]), layout=layout,
         destination_ae=receiver.ae_title, batch_size=conf["batch_size"], metadata_dir=data_root / "metadata")
-    ris = create_engine(hospital.ris_url)
+    ris = create_engine(hospital.ris_url, hide_parameters=True)
     sql = load_template(conf["sql_template"], REPO_ROOT / "include" / "sql")
     start, end = (value.replace(tzinfo=None) for value in hospital.interval)
     exams = query_cohort(ris, sql, interval_start=start, interval_end=end, params=conf["cohort_params"])

@@ -16,6 +16,7 @@ from airflow.sdk import Asset, Param, dag
 
 from pacsflow.operators.cohort import RisCohortOperator
 from pacsflow.operators.export import ExportMetadataOperator
+from pacsflow.operators.release import ReleaseOperator
 from pacsflow.operators.resolve import ResolveAccessionsOperator
 from pacsflow.operators.retrieve import RetrieveStudiesOperator
 from pacsflow.operators.summary import AuditSummaryOperator
@@ -59,6 +60,8 @@ METADATA_ASSET = Asset(name="pacsflow_metadata", uri=f"file://{DATA_ROOT}/metada
                               type="object", description="Which series to keep."),
         "batch_size": Param(50, type="integer", minimum=1, description="ANs per retrieval task."),
         "data_root": Param(DATA_ROOT, type="string", description="Where DICOM files and metadata are written."),
+        "release": Param({"enabled": True, "project": "default"}, type="object",
+                         description="De-identified research release (README: Research release)."),
     },
 )
 def pacsflow_extract() -> None:
@@ -79,8 +82,9 @@ def pacsflow_extract() -> None:
         task_id="retrieve_batch", pool="pacs", series_rules="{{ params.series_rules }}",
     ).expand(batch=resolve.output)
     export = ExportMetadataOperator(task_id="export_metadata", trigger_rule="none_failed", outlets=[METADATA_ASSET])
+    release = ReleaseOperator(task_id="release", release="{{ params.release }}", trigger_rule="none_failed")
     summary = AuditSummaryOperator(task_id="audit_summary", trigger_rule="all_done", retries=0)
-    cohort >> resolve >> retrieve >> export >> summary
+    cohort >> resolve >> retrieve >> export >> release >> summary
 
 
 pacsflow_extract()

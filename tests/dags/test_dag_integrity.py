@@ -39,7 +39,7 @@ def test_pacs_facing_tasks_take_a_pacs_pool_slot(dagbag):
 
 def test_the_pipeline_order(dagbag):
     dag = dagbag.dags["pacsflow_extract"]
-    order = ["ris_cohort", "resolve_accessions", "retrieve_batch", "export_metadata", "audit_summary"]
+    order = ["ris_cohort", "resolve_accessions", "retrieve_batch", "export_metadata", "release", "audit_summary"]
     for upstream, downstream in zip(order, order[1:]):
         assert downstream in dag.get_task(upstream).downstream_task_ids
 

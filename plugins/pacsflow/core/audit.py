@@ -117,6 +117,11 @@ stage_events = Table(
 )
 
 
+def accession_column_length(name: str) -> int:
+    """The longest value the accessions table stores in column ``name`` (RIS values are checked against it)."""
+    return accessions.c[name].type.length
+
+
 class Outcome(StrEnum):
     RETRIEVED = "retrieved"
     FILTERED = "filtered"
@@ -179,7 +184,7 @@ class AuditStore:
 
     @classmethod
     def connect(cls, url: str) -> "AuditStore":
-        return cls(create_engine(url, future=True))
+        return cls(create_engine(url, hide_parameters=True))  # bound values stay out of errors
 
     def close(self) -> None:
         self.engine.dispose()
@@ -285,13 +290,10 @@ class AuditStore:
                               listed: Iterable[Mapping[str, Any]], error: str | None = None) -> None:
         """Store the series of a study with their keep/drop decision; keeps the state of series already known."""
         with self.transaction() as conn:
-            known = set(conn.execute(
-                select(series.c.series_uid).where(series.c.run_key == run_key, series.c.study_uid == study_uid)
-            ).scalars())
             rows = [{"run_key": run_key, "study_uid": study_uid, "accession_number": accession_number,
-                     "updated_at": utcnow(), **row} for row in listed if row["series_uid"] not in known]
-            if rows:
-                conn.execute(insert(series), rows)
+                     "updated_at": utcnow(), **row} for row in listed]
+            if rows:  # insert-or-ignore: two tasks listing the same study cannot collide
+                conn.execute(_insert_or_ignore(conn, series), rows)
             conn.execute(
                 update(studies)
                 .where(studies.c.run_key == run_key, studies.c.study_uid == study_uid,
@@ -355,6 +357,20 @@ class AuditStore:
         with self.engine.connect() as conn:
             rows = conn.execute(select(accessions).where(accessions.c.run_key == run_key)).mappings()
             return {row["accession_number"]: dict(row) for row in rows}
+
+
+def _insert_or_ignore(conn: Connection, table: Table) -> Any:
+    """An INSERT that skips rows whose primary key exists (SQLite and PostgreSQL; others: plain INSERT)."""
+    dialect = conn.dialect.name
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    elif dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    elif dialect in ("mysql", "mariadb"):
+        return insert(table).prefix_with("IGNORE")
+    else:
+        return insert(table)
+    return dialect_insert(table).on_conflict_do_nothing(index_elements=[c.name for c in table.primary_key])
 
 
 def _outcome(conn: Connection, run_key: str, accession: Mapping[str, Any]) -> tuple[str, str | None]:

@@ -92,6 +92,10 @@ def make_private_dir(path: Path) -> Path:
     return path
 
 
+# Libraries whose log records can quote UIDs of received or queried instances.
+LIBRARY_LOGGERS = ("pynetdicom", "pydicom")
+
+
 class UidRedactingFilter(logging.Filter):
     """Replaces every UID in a log record by a keyed reference (``uid:3f9a...``): libraries such as
     pynetdicom put SOP Instance UIDs into their warnings. Install it on a handler or a library's logger."""
@@ -106,3 +110,16 @@ class UidRedactingFilter(logging.Filter):
         if redacted != message:
             record.msg, record.args = redacted, None
         return True
+
+
+def redact_uids_in_library_logs(pseudonymizer: Pseudonymizer | None = None) -> None:
+    """Install :class:`UidRedactingFilter` on the loggers of :data:`LIBRARY_LOGGERS` (once per process).
+    Without a pseudonymizer the references use a key of this process: they correlate within its log only."""
+    redacting = UidRedactingFilter(pseudonymizer or Pseudonymizer(secrets.token_bytes(KEY_BYTES)))
+    # A logger's filters do not apply to its children (pynetdicom logs as pynetdicom.<module>): each one.
+    names = [name for name in list(logging.root.manager.loggerDict)
+             if any(name == lib or name.startswith(lib + ".") for lib in LIBRARY_LOGGERS)]
+    for name in {*LIBRARY_LOGGERS, *names}:
+        logger = logging.getLogger(name)
+        if not any(isinstance(existing, UidRedactingFilter) for existing in logger.filters):
+            logger.addFilter(redacting)

@@ -16,6 +16,7 @@ from pathlib import Path
 from pacsflow.core.uids import require_uid
 
 SUFFIX = ".dcm"
+PRIVATE_FILE_MODE, PRIVATE_DIR_MODE = 0o600, 0o700  # instances hold patient data: the service account only
 TEMP_PREFIX = ".incoming-"
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -46,8 +47,9 @@ class StorageLayout:
         directory. The temp file is gone afterwards, also when this fails."""
         final = self.instance_path(study_uid, series_uid, sop_uid)
         try:
+            os.chmod(temp, PRIVATE_FILE_MODE)  # whoever wrote it (storescp honours the umask only)
             fsync_path(temp)
-            final.parent.mkdir(parents=True, exist_ok=True)
+            final.parent.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
             os.replace(temp, final)
         except BaseException:
             temp.unlink(missing_ok=True)

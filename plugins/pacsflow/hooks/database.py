@@ -44,4 +44,5 @@ class DatabaseHook(BaseHook):
                           host=conn.host or None, port=conn.port or None, database=conn.schema or None)
 
     def get_conn(self) -> Engine:
-        return create_engine(self.sqlalchemy_url(), pool_pre_ping=True)
+        # hide_parameters: bound values (ANs, patient IDs) must never reach exception text or logs
+        return create_engine(self.sqlalchemy_url(), pool_pre_ping=True, hide_parameters=True)

@@ -11,7 +11,7 @@ from airflow.sdk import BaseOperator, Context
 
 from pacsflow.core.audit import AuditStore
 from pacsflow.core.pipeline import RunContext
-from pacsflow.core.privacy import Pseudonymizer
+from pacsflow.core.privacy import Pseudonymizer, make_private_dir, redact_uids_in_library_logs, use_private_umask
 from pacsflow.core.storage import StorageLayout
 from pacsflow.hooks.database import DatabaseHook
 
@@ -40,6 +40,9 @@ class PacsflowOperator(BaseOperator):
     @contextmanager
     def run_context(self, context: Context) -> Iterator[RunContext]:
         run_key = f"{context['dag'].dag_id}/{context['run_id']}"
+        use_private_umask()  # everything a stage writes (audit DB, Parquet, DICOM, keys) is for the service account
+        make_private_dir(self.root)
+        pseudonymizer = Pseudonymizer.from_environment(self.root / KEY_FILE)
+        redact_uids_in_library_logs(pseudonymizer)
         with AuditStore(DatabaseHook(self.audit_conn_id).get_conn()) as store:
-            yield RunContext(store=store, run_key=run_key,
-                             pseudonymizer=Pseudonymizer.from_environment(self.root / KEY_FILE))
+            yield RunContext(store=store, run_key=run_key, pseudonymizer=pseudonymizer)

@@ -25,6 +25,6 @@ class ExportMetadataOperator(PacsflowOperator):
             counts = {"instances": report.instances, "series": report.series, "studies": report.studies,
                       "rejected": len(report.rejected)}
             ctx.store.record_stage(ctx.run_key, "export", started, counts)
-        for path, reason in report.rejected:
-            self.log.warning("export skipped %s: %s", path.name, reason)
+            for path, reason in report.rejected:  # the file name is a SOP Instance UID: a keyed reference
+                self.log.warning("export skipped %s: %s", ctx.pseudonymizer.ref(path.stem, "sop"), reason)
         return {**counts, "path": str(self.root / METADATA_DIR)}

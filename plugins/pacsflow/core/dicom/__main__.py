@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pacsflow.core.dicom.config import ReceiverConfig, TlsConfig
 from pacsflow.core.dicom.receiver import open_receiver
+from pacsflow.core.privacy import use_private_umask
 from pacsflow.core.storage import StorageLayout
 
 log = logging.getLogger("pacsflow.receiver")
@@ -42,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    use_private_umask()  # received instances, staging files and directories: the service account only
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     config = ReceiverConfig(ae_title=args.ae_title, host=args.host, port=args.port,
                             allowed_calling_aes=tuple(args.allow_ae),

@@ -40,7 +40,14 @@ from pacsflow.core.dicom.errors import PacsConfigurationError
 from pacsflow.core.dicom.header import file_uids
 from pacsflow.core.dicom.results import ReceiverStats
 from pacsflow.core.processes import stop_process
-from pacsflow.core.storage import StorageLayout, fsync_path, write_failure_reason
+from pacsflow.core.privacy import make_private_dir, redact_uids_in_library_logs, use_private_umask
+from pacsflow.core.storage import (
+    PRIVATE_DIR_MODE,
+    PRIVATE_FILE_MODE,
+    StorageLayout,
+    fsync_path,
+    write_failure_reason,
+)
 
 log = logging.getLogger("pacsflow.receiver.dcmtk")
 
@@ -103,10 +110,12 @@ class DcmtkStoreReceiver:
         if binary is None:
             raise PacsConfigurationError(f"{self._executable} (DCMTK) is not installed; install dcmtk")
         self._executable = binary
-        self.layout.root.mkdir(parents=True, exist_ok=True)
+        use_private_umask()  # storescp inherits it: its files are 0600 from the first byte
+        redact_uids_in_library_logs()
+        make_private_dir(self.layout.root)
         self.layout.sweep_temp_files()
         shutil.rmtree(self.staging_root, ignore_errors=True)  # leftovers may be partial: the PACS re-sends them
-        self.staging_root.mkdir()
+        self.staging_root.mkdir(mode=0o700)
         self._listener = socket.create_server((self.config.host, self.config.port))
         self._listener.settimeout(0.2)
         self._stop.clear()
@@ -253,7 +262,8 @@ class DcmtkStoreReceiver:
             if fsync_error is not None:
                 raise fsync_error
             size = path.stat().st_size
-            final.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(path, PRIVATE_FILE_MODE)
+            final.parent.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
             os.replace(path, final)
         except OSError as error:
             reason = write_failure_reason(error)

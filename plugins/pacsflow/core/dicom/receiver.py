@@ -25,6 +25,7 @@ from pacsflow.core.dicom.header import HeaderProblem, file_uids
 from pacsflow.core.dicom.results import ReceiverStats
 from pacsflow.core.dicom.transport import (discard_unfinished_stream, server_tls, stream_error, stream_to,
                                           tune_for_latency)
+from pacsflow.core.privacy import make_private_dir, redact_uids_in_library_logs, use_private_umask
 from pacsflow.core.storage import StorageLayout, write_failure_reason
 
 log = logging.getLogger("pacsflow.receiver")
@@ -103,7 +104,9 @@ class StoreReceiver:
         return int(self._server.server_address[1])
 
     def __enter__(self) -> "StoreReceiver":
-        self.layout.root.mkdir(parents=True, exist_ok=True)
+        use_private_umask()
+        redact_uids_in_library_logs()  # pynetdicom's warnings quote SOP Instance UIDs
+        make_private_dir(self.layout.root)
         self.layout.sweep_temp_files()
         handlers = [(evt.EVT_C_STORE, self._handler), (evt.EVT_CONN_OPEN, self._on_connection),
                     (evt.EVT_CONN_CLOSE, _on_connection_closed)]
