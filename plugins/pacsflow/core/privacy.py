@@ -10,6 +10,8 @@ import os
 import re
 import secrets
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 KEY_ENV = "PACSFLOW_LOG_KEY"
@@ -123,3 +125,22 @@ def redact_uids_in_library_logs(pseudonymizer: Pseudonymizer | None = None) -> N
         logger = logging.getLogger(name)
         if not any(isinstance(existing, UidRedactingFilter) for existing in logger.filters):
             logger.addFilter(redacting)
+
+
+class DatabaseError(RuntimeError):
+    """A database error whose driver message was withheld (it may quote patient data)."""
+
+
+@contextmanager
+def database_errors_withheld() -> Iterator[None]:
+    """Re-raise a SQLAlchemy database error without its text: PostgreSQL's DETAIL quotes key values (ANs,
+    UIDs) even when the engine hides bound parameters. The error class and SQLSTATE stay for diagnosis."""
+    from sqlalchemy.exc import DBAPIError
+
+    try:
+        yield
+    except DBAPIError as error:
+        original = error.orig
+        code = getattr(original, "pgcode", None) or getattr(original, "sqlite_errorname", None) or ""
+        raise DatabaseError(f"database error {type(original).__name__} {code}".rstrip()
+                            + "; its details are withheld because they may quote patient data") from None

@@ -11,7 +11,13 @@ from airflow.sdk import BaseOperator, Context
 
 from pacsflow.core.audit import AuditStore
 from pacsflow.core.pipeline import RunContext
-from pacsflow.core.privacy import Pseudonymizer, make_private_dir, redact_uids_in_library_logs, use_private_umask
+from pacsflow.core.privacy import (
+    Pseudonymizer,
+    database_errors_withheld,
+    make_private_dir,
+    redact_uids_in_library_logs,
+    use_private_umask,
+)
 from pacsflow.core.storage import StorageLayout
 from pacsflow.hooks.database import DatabaseHook
 
@@ -44,5 +50,5 @@ class PacsflowOperator(BaseOperator):
         make_private_dir(self.root)
         pseudonymizer = Pseudonymizer.from_environment(self.root / KEY_FILE)
         redact_uids_in_library_logs(pseudonymizer)
-        with AuditStore(DatabaseHook(self.audit_conn_id).get_conn()) as store:
+        with database_errors_withheld(), AuditStore(DatabaseHook(self.audit_conn_id).get_conn()) as store:
             yield RunContext(store=store, run_key=run_key, pseudonymizer=pseudonymizer)
