@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Debian packages the tests and benchmarks need: a real PACS (Orthanc), DCMTK, PostgreSQL and Redis.
+# Debian packages the tests and benchmarks need: a real PACS (Orthanc), DCMTK, PostgreSQL, Redis, and
+# dicom3tools (dciodvfy checks that released files are as valid as their sources).
 # Idempotent: does nothing when every tool is already there.
 set -euo pipefail
 
@@ -8,6 +9,7 @@ command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || missing+=(orth
 command -v findscu >/dev/null 2>&1 || missing+=(dcmtk)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v dciodvfy >/dev/null 2>&1 || missing+=(dicom3tools)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 sudo=""

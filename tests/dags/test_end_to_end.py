@@ -31,6 +31,7 @@ from pacsflow.demo.hospital import (
     expected_outcomes,
     load_ground_truth,
 )
+from pacsflow.demo.hospital.plan import INSTITUTIONS, OPERATORS, REFERRING_PHYSICIANS
 from pacsflow.demo.sandbox import orthanc, qrscp
 from tests.conftest import free_port
 
@@ -128,9 +129,33 @@ def test_no_patient_identifier_reaches_the_logs(first_run, run_output, hospital,
     engine.dispose()
     identifiers = {value for row in rows for value in row if value}
     identifiers |= {part for row in rows for part in row.patient_name.split("^") if len(part) > 3}
+    truth = load_ground_truth(hospital.ground_truth_path)
+    identifiers |= {uid for _, series_uid, sop_uid in expected_instances(truth) for uid in (series_uid, sop_uid)}
+    identifiers |= {study["study_instance_uid"] for a in truth["accessions"] for study in a["studies"]}
+    identifiers |= {text for pair in INSTITUTIONS for text in pair}
+    identifiers |= {part for name in (*OPERATORS, *REFERRING_PHYSICIANS) for part in name.split("^")}
     leaked = {value for value in identifiers
-              if re.search(rf"(?<![0-9A-Za-z]){re.escape(value)}(?![0-9A-Za-z])", logs)}
+              if re.search(rf"(?<![0-9A-Za-z.]){re.escape(value)}(?![0-9A-Za-z]|\.[0-9])", logs)}
     assert leaked == set()
+
+
+def test_the_release_holds_every_retrieved_instance_de_identified(first_run, deployment, truth):
+    release = deployment["data_root"] / "release" / "default"
+    released = list((release / "dicom").glob("*/*/*.dcm"))
+    assert len(released) == len(expected_instances(truth))  # the default rules keep no ultrasound
+    source_uids = {uid for instance in expected_instances(truth) for uid in instance}
+    assert not {p.parent.parent.name for p in released} & source_uids
+    table = ds.dataset(release / "metadata" / "instances", format="parquet", partitioning="hive").to_table()
+    assert table.num_rows == len(released)
+    assert {(pid[:2], len(pid)) for pid in table["patient_id"].to_pylist()} == {("PF", 16)}
+
+
+def test_internal_data_is_readable_by_the_service_account_only(first_run, deployment):
+    root = deployment["data_root"]
+    files = [p for p in root.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".parquet" for p in files) and any(p.name == "audit.sqlite" for p in files)
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {"0o600"}
+    assert {oct(p.stat().st_mode & 0o777) for p in [root, *root.rglob("*")] if p.is_dir()} == {"0o700"}
 
 
 def test_the_audit_is_exported_per_run_as_parquet(first_run, deployment):
