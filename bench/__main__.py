@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-from bench import bench_dag_overhead, bench_export, bench_network
+from bench import bench_dag_overhead, bench_export, bench_network, bench_release
 from bench.results import RESULTS_PATH
 
-BENCHMARKS = (bench_export, bench_dag_overhead, bench_network)
+BENCHMARKS = (bench_export, bench_release, bench_dag_overhead, bench_network)
 
 
 def main() -> None:

@@ -65,7 +65,3 @@ class ReleaseKeys:
         span = MAX_SHIFT_DAYS - MIN_SHIFT_DAYS + 1
         days = MIN_SHIFT_DAYS + int.from_bytes(self._digest("date", patient_id)[:8], "big") % span
         return -timedelta(days=days)
-
-    def library_seed(self) -> str:
-        """Seed of dicognito's randomizer for whatever it replaces itself: secret and per project."""
-        return self._digest("dicognito-seed", "").hex()

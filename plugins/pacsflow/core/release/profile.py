@@ -1,24 +1,24 @@
 """De-identification of one data set: the DICOM PS3.15 Basic Application Level Confidentiality Profile with
 the options a research team chose, keyed so a project's releases stay consistent across runs.
 
-dicognito's ``Anonymizer`` walks the data set (file meta, every nested sequence) and shifts dates; pacsflow's
-handler runs in front of dicognito's own for every element and decides by a keep-list: an element is kept
-only when it is known to be safe (technical values, codes, numbers, pixel data), replaced when it carries
-identity (keyed pseudonyms and UIDs, shifted dates), and otherwise removed (or emptied where the IOD needs
-it present). Unknown free text is therefore removed, never kept by omission. Instances that may show
-identifiers in their pixels are held back before any of this (:func:`hold_back_reason`).
+Every element, of the data set and of each nested sequence item, is decided by a keep-list on its tag and
+VR before its value is parsed: kept when it is known to be safe (technical values, codes, numbers, pixel
+data: written back byte for byte), replaced when it carries identity (keyed pseudonyms and UIDs, dates
+shifted by dicognito's DA/DT/TM shifter with the patient's keyed offset), and otherwise removed (or emptied
+where the IOD needs it present). Unknown free text and private elements are therefore removed, never kept by
+omission. Instances that may show identifiers in their pixels are held back before any of this
+(:func:`hold_back_reason`). README "Research release" says why this, not dicognito's ``Anonymizer`` walk.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from enum import Enum
 
 import dicognito
-from dicognito.anonymizer import Anonymizer
 from dicognito.datetimeanonymizer import DateTimeAnonymizer
-from dicognito.element_anonymizer import ElementAnonymizer
-from pydicom.datadict import keyword_for_tag
+from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -70,6 +70,13 @@ REMOVED_NON_TEXT = frozenset({
     "DigitalSignaturesSequence", "EncryptedAttributesSequence", "MACParametersSequence", "ReferencedPatientSequence",
     "PatientAge",
 })
+# Top-level values cut out of descriptors when they occur there.
+IDENTIFYING_TEXT = (
+    "PatientName", "PatientID", "OtherPatientIDs", "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName",
+    "AccessionNumber", "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName", "RequestingPhysician",
+    "NameOfPhysiciansReadingStudy", "PhysiciansOfRecord", "InstitutionName", "InstitutionAddress",
+    "InstitutionalDepartmentName", "StationName",
+)
 TEXT_VRS = frozenset({"AE", "AS", "LO", "LT", "SH", "ST", "UC", "UR", "UT", "UN", "PN"})
 _LONG_NUMBER = re.compile(r"\d{5,}")
 _FILE_META_GROUP = 0x0002
@@ -89,18 +96,14 @@ def hold_back_reason(ds: Dataset, settings: ReleaseSettings) -> str | None:
 
 
 class Deidentifier:
-    """De-identifies data sets in place for one project and one set of options (reuse it: building is slow)."""
+    """De-identifies data sets in place for one project and one set of options (reuse it)."""
 
     def __init__(self, settings: ReleaseSettings, keys: ReleaseKeys) -> None:
         self.settings = settings
-        self._dates = DateTimeAnonymizer(0)
-        self._profile = _ProfileHandler(settings, keys, self._dates)
-        self._anonymizer = Anonymizer(seed=keys.library_seed())
-        self._anonymizer.add_element_handler(self._profile)  # runs before dicognito's own handlers
+        self._profile = _Profile(settings, keys)
 
     def deidentify(self, ds: Dataset) -> None:
-        self._profile.begin(ds)
-        self._anonymizer.anonymize(ds)
+        self._profile.apply(ds)
         self._mark(ds)
 
     def _mark(self, ds: Dataset) -> None:
@@ -129,117 +132,138 @@ def _code(value: str, meaning: str) -> Dataset:
     return item
 
 
-class _ProfileHandler(ElementAnonymizer):
-    """Decides every element (returns True: dicognito's default handlers never see it); dates go to
-    dicognito's shifter, set to this patient's keyed offset."""
+class _Action(Enum):
+    KEEP = "keep"  # left as read: a raw element is written back byte for byte, never parsed
+    REMOVE = "remove"
+    DESCEND = "descend"  # a sequence: the rules apply again in each item
+    CHANGE = "change"  # parsed and replaced (pseudonym, new UID, shifted date, emptied, cleaned)
 
-    def __init__(self, settings: ReleaseSettings, keys: ReleaseKeys, dates: DateTimeAnonymizer) -> None:
+
+class _Profile:
+    """The keep-list, applied to every element of a data set and of its nested sequences. Elements are
+    triaged on their tag and VR before any value is parsed: only what changes is parsed."""
+
+    def __init__(self, settings: ReleaseSettings, keys: ReleaseKeys) -> None:
         self.settings = settings
         self.keys = keys
-        self.dates = dates
-        self._allowed_private = {(tag.group, tag.creator): set() for tag in settings.private_tag_allowlist}
+        self.dates = DateTimeAnonymizer(0)  # dicognito's DA/DT shifter (it shifts the paired TM too)
+        self._allowed_private: dict[tuple[int, str], set[int]] = {}
         for tag in settings.private_tag_allowlist:
-            self._allowed_private[(tag.group, tag.creator)].add(tag.element)
+            self._allowed_private.setdefault((tag.group, tag.creator), set()).add(tag.element)
         self._patient_id = ""
         self._identifiers: list[str] = []
 
-    def begin(self, ds: Dataset) -> None:
-        """Per-data-set state: the patient's keyed date offset and the identifiers to cut out of descriptors."""
+    def apply(self, ds: Dataset) -> None:
+        self._begin(ds)
+        meta = getattr(ds, "file_meta", None)
+        if meta is not None and "MediaStorageSOPInstanceUID" in meta:
+            self._remap_uids(meta["MediaStorageSOPInstanceUID"])
+        self._walk(ds)
+
+    def _begin(self, ds: Dataset) -> None:
+        """Per-data-set state: the patient's keyed date offset and the identifiers to cut out of descriptors
+        (names, IDs and the institution at the top level; dates and other long numbers go by pattern)."""
         self._patient_id = str(ds.get(PATIENT_ID, "") or "")
         self.dates.offset = self.keys.date_shift(self._patient_id)
-        found = set()
-        for element in ds.iterall():
-            if element.VR in ("PN", "DA", "DT") or element.keyword in KEYED_IDS or element.keyword == PATIENT_ID:
-                for value in _values(element):
+        found: set[str] = set()
+        for keyword in IDENTIFYING_TEXT:
+            if keyword in ds:
+                for value in _values(ds[keyword]):
                     found.update(part for part in re.split(r"[\^= ,]+", str(value)) if len(part) >= 2)
-        found.update(str(ds.get(keyword, "")) for keyword in ("InstitutionName", "InstitutionAddress"))
+                    found.add(str(value))
         self._identifiers = sorted((item for item in found if item), key=len, reverse=True)
 
-    def __call__(self, dataset: Dataset, element: DataElement) -> bool:
-        tag = element.tag
-        if tag.group == _FILE_META_GROUP:
-            if element.VR == "UI":
-                self._remap_uids(element)
-            return True
-        if tag.is_private:
-            if not self._private_allowed(dataset, tag):
-                del dataset[tag]
-            return True
-        if tag.group & 0xFF00 in _OVERLAY_CURVE_GROUPS:  # overlays and curves can carry burned-in text
-            del dataset[tag]
-            return True
-        keyword = element.keyword or keyword_for_tag(tag)
-        if keyword in REMOVED_NON_TEXT:
-            del dataset[tag]
-            return True
-        vr = element.VR
-        if vr == "SQ":
-            return True  # dicognito's walk descends into the items, where these rules apply again
-        if vr == "UI":
-            if not (keyword in DEVICE_IDENTITY and self.settings.retain_device_identity):
-                self._remap_uids(element)
-            return True
-        if vr in ("DA", "DT"):
-            return self._date(dataset, element, keyword)
-        if keyword == PATIENT_ID:
-            element.value = self.keys.patient_pseudonym(self._patient_id) if element.value else ""
-            return True
-        if keyword == "PatientName":
-            element.value = self.keys.patient_pseudonym(self._patient_id)
-            return True
-        if keyword in KEYED_IDS:
-            element.value = [self.keys.identifier(keyword, str(v)) for v in _values(element)] if element.value else ""
-            return True
-        if vr in TEXT_VRS:
-            self._text(dataset, element, keyword)
-        return True  # CS, TM and every numeric or binary value: kept
+    def _walk(self, ds: Dataset) -> None:
+        for tag in list(ds.keys()):
+            raw = ds.get_item(tag)  # not parsed
+            keyword = keyword_for_tag(tag)
+            vr = raw.VR or _dictionary_vr(tag)
+            action = self._action(ds, tag, vr, keyword)
+            if action is _Action.KEEP:
+                continue
+            if action is _Action.REMOVE:
+                del ds[tag]
+            elif action is _Action.DESCEND:
+                for item in ds[tag].value:
+                    self._walk(item)
+            else:
+                self._change(ds, ds[tag], vr, keyword)
 
-    def _private_allowed(self, dataset: Dataset, tag: BaseTag) -> bool:
-        if tag.element < 0x0010:  # group length and reserved elements of a private group
+    def _action(self, ds: Dataset, tag: BaseTag, vr: str, keyword: str) -> _Action:
+        if tag.is_private:
+            return _Action.KEEP if self._private_allowed(ds, tag) else _Action.REMOVE
+        if tag.group & 0xFF00 in _OVERLAY_CURVE_GROUPS or keyword in REMOVED_NON_TEXT:
+            return _Action.REMOVE  # overlays and curves can carry burned-in text
+        if vr == "SQ":
+            return _Action.DESCEND
+        if vr == "UI":
+            if keyword.endswith("ClassUID") or keyword == "TransferSyntaxUID":
+                return _Action.KEEP
+            if keyword in DEVICE_IDENTITY and self.settings.retain_device_identity:
+                return _Action.KEEP
+            return _Action.CHANGE
+        if vr in ("DA", "DT") or keyword == PATIENT_ID or keyword == "PatientName" or keyword in KEYED_IDS:
+            return _Action.CHANGE
+        if vr not in TEXT_VRS or keyword in SAFE_TEXT:
+            return _Action.KEEP  # CS, TM, numbers, binary (pixel data): kept
+        if keyword in DEVICE_IDENTITY and self.settings.retain_device_identity:
+            return _Action.KEEP
+        if (keyword in DESCRIPTORS and self.settings.clean_descriptors) or keyword in EMPTIED:
+            return _Action.CHANGE
+        return _Action.REMOVE
+
+    def _change(self, ds: Dataset, element: DataElement, vr: str, keyword: str) -> None:
+        if vr == "UI":
+            self._remap_uids(element)
+        elif vr in ("DA", "DT"):
+            self._date(ds, element, keyword)
+        elif keyword in (PATIENT_ID, "PatientName"):
+            element.value = self.keys.patient_pseudonym(self._patient_id) if element.value else ""
+        elif keyword in KEYED_IDS:
+            element.value = [self.keys.identifier(keyword, str(v)) for v in _values(element)] if element.value else ""
+        elif keyword in EMPTIED:
+            element.value = ""
+        else:
+            element.value = self._clean(str(element.value))
+
+    def _private_allowed(self, ds: Dataset, tag: BaseTag) -> bool:
+        if not self._allowed_private or tag.element < 0x0010:  # group length, reserved elements
             return False
         if tag.element <= 0x00FF:  # a private creator: kept when some element of its block is allowed
-            return (tag.group, str(dataset[tag].value).strip()) in self._allowed_private
+            return (tag.group, str(ds[tag].value).strip()) in self._allowed_private
         creator_tag = Tag(tag.group, tag.element >> 8)
-        if creator_tag not in dataset:
+        if creator_tag not in ds:
             return False
-        allowed = self._allowed_private.get((tag.group, str(dataset[creator_tag].value).strip()), ())
+        allowed = self._allowed_private.get((tag.group, str(ds[creator_tag].value).strip()), ())
         return (tag.element & 0xFF) in allowed
 
     def _remap_uids(self, element: DataElement) -> None:
-        keyword = element.keyword
-        if not element.value or keyword.endswith("ClassUID") or keyword == "TransferSyntaxUID":
+        if not element.value:
             return
         new = [value if str(value).startswith(STANDARD_UID_PREFIX) else self.keys.uid(str(value))
                for value in _values(element)]
         element.value = new if len(new) > 1 else new[0]
 
-    def _date(self, dataset: Dataset, element: DataElement, keyword: str) -> bool:
+    def _date(self, ds: Dataset, element: DataElement, keyword: str) -> None:
         if keyword in EMPTIED or not element.value:
             element.value = ""
-            return True
-        if self.settings.retain_longitudinal_dates:
-            return self.dates(dataset, element)  # dicognito's shifter (and the paired TM), offset from begin()
-        element.value = DUMMY_DATE if element.VR == "DA" else DUMMY_DATETIME
-        return True
-
-    def _text(self, dataset: Dataset, element: DataElement, keyword: str) -> None:
-        if keyword in SAFE_TEXT:
-            return
-        if keyword in DEVICE_IDENTITY and self.settings.retain_device_identity:
-            return
-        if keyword in DESCRIPTORS and self.settings.clean_descriptors:
-            element.value = self._clean(str(element.value))
-            return
-        if keyword in EMPTIED:
-            element.value = ""
-            return
-        del dataset[element.tag]
+        elif self.settings.retain_longitudinal_dates:
+            self.dates(ds, element)  # this patient's keyed offset, set in _begin()
+        else:
+            element.value = DUMMY_DATE if element.VR == "DA" else DUMMY_DATETIME
 
     def _clean(self, text: str) -> str:
         """A description with every identifier of its data set and every long number cut out."""
         for identifier in self._identifiers:
             text = re.sub(re.escape(identifier), "", text, flags=re.IGNORECASE)
         return " ".join(_LONG_NUMBER.sub("", text).split())
+
+
+def _dictionary_vr(tag: BaseTag) -> str:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return "UN"
 
 
 def _values(element: DataElement) -> list[object]:
