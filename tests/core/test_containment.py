@@ -159,3 +159,19 @@ def test_database_error_details_are_withheld_at_the_operator_boundary(postgres_u
     assert "UniqueViolation 23505" in str(withheld.value)
     assert withheld.value.__cause__ is None and withheld.value.__suppress_context__
     _assert_contained(str(withheld.value))
+
+
+def test_uids_in_library_log_records_are_replaced_by_keyed_references(caplog):
+    """pynetdicom warns with the SOP Instance UID in clear (e.g. a non-conformant UID); its modules log
+    through child loggers, which a filter on the parent logger alone would not reach."""
+    import pynetdicom.utils
+
+    from pacsflow.core.privacy import redact_uids_in_library_logs
+
+    pseudonymizer = Pseudonymizer(b"k" * 32)
+    redact_uids_in_library_logs(pseudonymizer)
+    with caplog.at_level(logging.DEBUG, logger="pynetdicom"):
+        pynetdicom.utils.set_uid(STUDY_UID + ".01", "Affected SOP Instance UID", True, False, True)
+    assert "Non-conformant" in caplog.text
+    assert pseudonymizer.ref(STUDY_UID + ".01", "uid") in caplog.text
+    _assert_contained(caplog.text)

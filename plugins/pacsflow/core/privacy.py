@@ -94,8 +94,8 @@ def make_private_dir(path: Path) -> Path:
     return path
 
 
-# Libraries whose log records can quote UIDs of received or queried instances.
-LIBRARY_LOGGERS = ("pynetdicom", "pydicom")
+# Loggers whose records can quote UIDs of received or queried instances (pydicom warns with the value).
+LIBRARY_LOGGERS = ("pynetdicom", "pydicom", "py.warnings")  # py.warnings: warnings Airflow captures
 
 
 class UidRedactingFilter(logging.Filter):
