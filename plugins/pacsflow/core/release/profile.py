@@ -28,7 +28,7 @@ from pacsflow.core.release.keys import ReleaseKeys
 from pacsflow.core.release.settings import ReleaseSettings
 
 STANDARD_UID_PREFIX = "1.2.840.10008."  # DICOM's own UIDs (classes, transfer syntaxes, coding schemes)
-SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # and its multi-frame variants .7.1 to .7.4
 ULTRASOUND_SOP_CLASSES = frozenset({
     "1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.5.1.4.1.1.6.2", "1.2.840.10008.5.1.4.1.1.3.1",
     "1.2.840.10008.5.1.4.1.1.6", "1.2.840.10008.5.1.4.1.1.3",
@@ -79,7 +79,6 @@ IDENTIFYING_TEXT = (
 )
 TEXT_VRS = frozenset({"AE", "AS", "LO", "LT", "SH", "ST", "UC", "UR", "UT", "UN", "PN"})
 _LONG_NUMBER = re.compile(r"\d{5,}")
-_FILE_META_GROUP = 0x0002
 _OVERLAY_CURVE_GROUPS = (0x5000, 0x6000)
 
 
@@ -88,7 +87,7 @@ def hold_back_reason(ds: Dataset, settings: ReleaseSettings) -> str | None:
     if str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES":
         return "burned-in annotation"
     sop_class = str(ds.get("SOPClassUID", ""))
-    if sop_class.startswith(SECONDARY_CAPTURE_PREFIX):
+    if sop_class == SECONDARY_CAPTURE or sop_class.startswith(SECONDARY_CAPTURE + "."):
         return "secondary capture"
     if not settings.allow_ultrasound and (ds.get("Modality") == "US" or sop_class in ULTRASOUND_SOP_CLASSES):
         return "ultrasound"
