@@ -45,17 +45,28 @@ class StorageLayout:
     def commit(self, temp: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         """Make a complete temp file (on the layout's file system) durable, rename it into place, fsync the
         directory. The temp file is gone afterwards, also when this fails."""
-        final = self.instance_path(study_uid, series_uid, sop_uid)
+        return self.commit_many([(temp, study_uid, series_uid, sop_uid)])[0]
+
+    def commit_many(self, staged: list[tuple[Path, str, str, str]]) -> list[Path]:
+        """:meth:`commit` for several ``(temp, study, series, sop)`` at once: each directory is fsynced once
+        after all renames (a series' files share one). Every temp file is gone afterwards, also on failure."""
+        finals: list[Path] = []
         try:
-            os.chmod(temp, PRIVATE_FILE_MODE)  # whoever wrote it (storescp honours the umask only)
-            fsync_path(temp)
-            final.parent.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
-            os.replace(temp, final)
+            for temp, *_ in staged:
+                os.chmod(temp, PRIVATE_FILE_MODE)  # whoever wrote it (storescp honours the umask only)
+                fsync_path(temp)
+            for temp, study_uid, series_uid, sop_uid in staged:
+                final = self.instance_path(study_uid, series_uid, sop_uid)
+                final.parent.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+                os.replace(temp, final)
+                finals.append(final)
         except BaseException:
-            temp.unlink(missing_ok=True)
+            for temp, *_ in staged:
+                temp.unlink(missing_ok=True)
             raise
-        fsync_path(final.parent)
-        return final
+        for directory in dict.fromkeys(final.parent for final in finals):
+            fsync_path(directory)
+        return finals
 
     def sweep_temp_files(self) -> int:
         """Remove temp files left by an interrupted receive (they may hold patient data). Returns the count."""

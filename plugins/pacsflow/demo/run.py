@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_summary(summary))
     print(f"  DICOM files    {data_root / 'dicom'}")
     print(f"  Parquet        {data_root / 'metadata'}")
+    print(f"  release        {data_root / 'release' / 'default'} (de-identified: what researchers get)")
     print(f"  audit          {audit_url}")
     print(f"  ground truth   {hospital.ground_truth_path}")
     print(f"  Airflow log    {workdir / 'dag_test.log'}")

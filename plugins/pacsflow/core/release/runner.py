@@ -61,41 +61,61 @@ _worker: tuple[ReleaseJob, Deidentifier] | None = None
 
 
 def release_chunk(job: ReleaseJob, paths: list[str]) -> list[FileResult]:
-    """Release every file of ``paths`` (runs in a worker; the de-identifier is built once per process)."""
+    """Release every file of ``paths`` (runs in a worker; the de-identifier is built once per process).
+    The chunk's files are made durable and renamed into place together."""
     global _worker
     if _worker is None or _worker[0] != job:
         _worker = (job, Deidentifier(job.settings, ReleaseKeys(job.secret)))
     deidentifier = _worker[1]
     layout = StorageLayout(job.out_root)
+    results: list[FileResult] = []
+    staged: list[tuple[Path, str, str, str]] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warnings can quote element values
-        return [release_file(Path(path), deidentifier, layout) for path in paths]
+        for path in paths:
+            result, temp = release_file(Path(path), deidentifier, layout)
+            results.append(result)
+            if temp is not None:
+                staged.append(temp)
+    try:
+        layout.commit_many(staged)
+    except OSError as error:
+        reason = f"write failed ({errno.errorcode.get(error.errno or 0, 'I/O')})"
+        return [FileResult(r.study_uid, r.series_uid, FileOutcome.FAILED, reason) if r.outcome is FileOutcome.RELEASED
+                else r for r in results]
+    return results
 
 
-def release_file(path: Path, deidentifier: Deidentifier, layout: StorageLayout) -> FileResult:
+def release_file(path: Path, deidentifier: Deidentifier,
+                 layout: StorageLayout) -> tuple[FileResult, tuple[Path, str, str, str] | None]:
+    """The outcome for one file and, when released, its written temp file (to commit) with its new UIDs."""
     study_uid, series_uid = path.parent.parent.name, path.parent.name
     try:
         ds = pydicom.dcmread(path)
     except (InvalidDicomError, OSError, ValueError, EOFError) as error:
-        return FileResult(study_uid, series_uid, FileOutcome.FAILED, _read_failure(error))
+        return FileResult(study_uid, series_uid, FileOutcome.FAILED, _read_failure(error)), None
     reason = hold_back_reason(ds, deidentifier.settings)
     if reason:
-        return FileResult(study_uid, series_uid, FileOutcome.HELD_BACK, reason)
+        return FileResult(study_uid, series_uid, FileOutcome.HELD_BACK, reason), None
     try:
         deidentifier.deidentify(ds)
-        new_study, new_series, new_sop = ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
-        _write(ds, layout, new_study, new_series, new_sop)
+        new_uids = (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        temp = _write_temp(ds, layout, *new_uids)
     except InvalidIdentifierError:
-        return FileResult(study_uid, series_uid, FileOutcome.FAILED, "missing or invalid UID after de-identification")
+        return FileResult(study_uid, series_uid, FileOutcome.FAILED,
+                          "missing or invalid UID after de-identification"), None
     except OSError as error:
         return FileResult(study_uid, series_uid, FileOutcome.FAILED,
-                          f"write failed ({errno.errorcode.get(error.errno or 0, 'I/O')})")
+                          f"write failed ({errno.errorcode.get(error.errno or 0, 'I/O')})"), None
     except (ValueError, TypeError, AttributeError, KeyError) as error:
-        return FileResult(study_uid, series_uid, FileOutcome.FAILED, f"cannot de-identify ({type(error).__name__})")
-    return FileResult(study_uid, series_uid, FileOutcome.RELEASED, None, new_study, new_series)
+        return FileResult(study_uid, series_uid, FileOutcome.FAILED,
+                          f"cannot de-identify ({type(error).__name__})"), None
+    result = FileResult(study_uid, series_uid, FileOutcome.RELEASED, None, new_uids[0], new_uids[1])
+    return result, (temp, *new_uids)
 
 
-def _write(ds: pydicom.Dataset, layout: StorageLayout, study_uid: str, series_uid: str, sop_uid: str) -> None:
+def _write_temp(ds: pydicom.Dataset, layout: StorageLayout, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+    layout.instance_path(study_uid, series_uid, sop_uid)  # validates the UIDs before they become a path
     directory = layout.series_dir(study_uid, series_uid)
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".dcm", dir=directory)  # 0600
@@ -105,7 +125,7 @@ def _write(ds: pydicom.Dataset, layout: StorageLayout, study_uid: str, series_ui
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
-    layout.commit(Path(temp), study_uid, series_uid, sop_uid)
+    return Path(temp)
 
 
 def _read_failure(error: BaseException) -> str:
