@@ -199,6 +199,7 @@ def test_released_parquet_holds_only_deidentified_metadata(hospital, released):
             hits += [(column, i) for i in identifiers | own_dates if value is not None and i in text]
     assert hits == []
     assert {row["patient_id"][:2] for row in rows} == {"PF"}
+    assert not [row for row in rows if "manual__test" in str(row)]  # the run id names real dates: not released
     assert all(row["patient_birth_date"] is None for row in rows)
 
 

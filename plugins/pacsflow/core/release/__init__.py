@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from pacsflow.core.audit import utcnow
 from pacsflow.core.export import ExportReport, export_instances
 from pacsflow.core.pipeline import RunContext, retrieved_files
 from pacsflow.core.privacy import make_private_dir
-from pacsflow.core.release.keys import project_secret
+from pacsflow.core.release.keys import ReleaseKeys, project_secret
 from pacsflow.core.release.runner import FileOutcome, FileResult, ReleaseJob, release_files
 from pacsflow.core.release.settings import ReleaseSettings, ReleaseSettingsError
 from pacsflow.core.storage import StorageLayout
@@ -112,15 +112,17 @@ def release_run(ctx: RunContext, layout: StorageLayout, settings: ReleaseSetting
     for tally in tallies.values():
         report.series[tally.status] += 1
     _record(ctx.store.engine, ctx.run_key, settings.project, tallies)
+    # The Airflow run id names the data interval (real dates): the release gets a keyed label instead.
+    release_label = "release-" + ReleaseKeys(job.secret).identifier("run", run_id).lower()
     report.metadata = export_instances(_released_files(StorageLayout(job.out_root), tallies.values()),
-                                       release_root / "metadata", run_id)
+                                       release_root / "metadata", release_label)
     ctx.store.record_stage(ctx.run_key, "release", started, report.counts())
     log.info("release: %d instances released, %d held back, %d failed; series %s; reasons %s",
              report.released, report.held_back, report.failed, dict(report.series), dict(report.reasons))
     return report
 
 
-def _released_files(layout: StorageLayout, tallies: Iterator[_SeriesTally] | Any) -> Iterator[Path]:
+def _released_files(layout: StorageLayout, tallies: Iterable[_SeriesTally]) -> Iterator[Path]:
     for tally in tallies:
         if tally.released_study_uid and tally.released_series_uid:
             study, series = tally.released_study_uid, tally.released_series_uid
