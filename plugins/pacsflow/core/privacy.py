@@ -104,27 +104,32 @@ class UidRedactingFilter(logging.Filter):
 
     def __init__(self, pseudonymizer: Pseudonymizer) -> None:
         super().__init__()
-        self._pseudonymizer = pseudonymizer
+        self.pseudonymizer = pseudonymizer
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        redacted = _UID_IN_TEXT.sub(lambda match: self._pseudonymizer.ref(match.group(0), "uid"), message)
+        redacted = _UID_IN_TEXT.sub(lambda match: self.pseudonymizer.ref(match.group(0), "uid"), message)
         if redacted != message:
             record.msg, record.args = redacted, None
         return True
 
 
+_REDACTING = UidRedactingFilter(Pseudonymizer(secrets.token_bytes(KEY_BYTES)))  # one per process
+
+
 def redact_uids_in_library_logs(pseudonymizer: Pseudonymizer | None = None) -> None:
-    """Install :class:`UidRedactingFilter` on the loggers of :data:`LIBRARY_LOGGERS` (once per process).
-    Without a pseudonymizer the references use a key of this process: they correlate within its log only."""
-    redacting = UidRedactingFilter(pseudonymizer or Pseudonymizer(secrets.token_bytes(KEY_BYTES)))
+    """Install the process's :class:`UidRedactingFilter` on the loggers of :data:`LIBRARY_LOGGERS` (once) and
+    make ``pseudonymizer`` its key (the last caller's key wins; until one is given, a key of this process:
+    references then correlate within its log only)."""
+    if pseudonymizer is not None:
+        _REDACTING.pseudonymizer = pseudonymizer
     # A logger's filters do not apply to its children (pynetdicom logs as pynetdicom.<module>): each one.
     names = [name for name in list(logging.root.manager.loggerDict)
              if any(name == lib or name.startswith(lib + ".") for lib in LIBRARY_LOGGERS)]
     for name in {*LIBRARY_LOGGERS, *names}:
         logger = logging.getLogger(name)
-        if not any(isinstance(existing, UidRedactingFilter) for existing in logger.filters):
-            logger.addFilter(redacting)
+        if _REDACTING not in logger.filters:
+            logger.addFilter(_REDACTING)
 
 
 class DatabaseError(RuntimeError):
