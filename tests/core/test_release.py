@@ -5,6 +5,7 @@ unchanged; a re-run is byte-identical; held-back instances are reported; dciodvf
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -87,6 +88,7 @@ def _release(hospital, out: Path, settings: ReleaseSettings | None = None, worke
 @pytest.fixture(scope="module")
 def released(hospital, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
+    os.umask(0o022)  # the usual umask (a forkserver worker keeps its server's): the release must not depend on it
     report, rows = _release(hospital, out)
     return out / "release", report, rows
 
@@ -353,3 +355,5 @@ def test_release_root_and_files_are_private(released):
     release_root, _, _ = released
     assert release_root.stat().st_mode & 0o077 == 0
     assert all(p.stat().st_mode & 0o077 == 0 for p in (release_root / "dicom").rglob("*.dcm"))
+    directories = [p for p in (release_root / "dicom").rglob("*") if p.is_dir()]
+    assert directories and {oct(d.stat().st_mode & 0o777) for d in directories} == {"0o700"}

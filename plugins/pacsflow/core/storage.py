@@ -29,6 +29,17 @@ class StorageLayout:
     def series_dir(self, study_uid: str, series_uid: str) -> Path:
         return self.root / require_uid(study_uid, "StudyInstanceUID") / require_uid(series_uid, "SeriesInstanceUID")
 
+    def make_series_dir(self, study_uid: str, series_uid: str) -> Path:
+        """Create the series directory, and its study directory, 0700 whatever the umask of this process
+        (``mkdir(parents=True)`` would create the study directory with the default mode)."""
+        series_dir = self.series_dir(study_uid, series_uid)
+        self.root.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+        for directory in (series_dir.parent, series_dir):
+            directory.mkdir(mode=PRIVATE_DIR_MODE, exist_ok=True)
+            if directory.stat().st_mode & 0o077:
+                directory.chmod(PRIVATE_DIR_MODE)
+        return series_dir
+
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         return self.series_dir(study_uid, series_uid) / (require_uid(sop_uid, "SOPInstanceUID") + SUFFIX)
 
@@ -61,7 +72,7 @@ class StorageLayout:
                     fsync_path(temp)
             for temp, study_uid, series_uid, sop_uid in staged:
                 final = self.instance_path(study_uid, series_uid, sop_uid)
-                final.parent.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+                self.make_series_dir(study_uid, series_uid)
                 os.replace(temp, final)
                 finals.append(final)
         except BaseException:

@@ -42,7 +42,6 @@ from pacsflow.core.dicom.results import ReceiverStats
 from pacsflow.core.processes import stop_process
 from pacsflow.core.privacy import make_private_dir, redact_uids_in_library_logs, use_private_umask
 from pacsflow.core.storage import (
-    PRIVATE_DIR_MODE,
     PRIVATE_FILE_MODE,
     StorageLayout,
     fsync_path,
@@ -263,7 +262,7 @@ class DcmtkStoreReceiver:
                 raise fsync_error
             size = path.stat().st_size
             os.chmod(path, PRIVATE_FILE_MODE)
-            final.parent.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+            self.layout.make_series_dir(final.parent.parent.name, final.parent.name)
             os.replace(path, final)
         except OSError as error:
             reason = write_failure_reason(error)

@@ -21,6 +21,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from pacsflow.core.export.reader import iter_chunks
+from pacsflow.core.privacy import use_private_umask
 from pacsflow.core.processes import default_workers, worker_context
 from pacsflow.core.release.keys import ReleaseKeys
 from pacsflow.core.release.profile import Deidentifier, hold_back_reason
@@ -64,6 +65,7 @@ def release_chunk(job: ReleaseJob, paths: list[str]) -> list[FileResult]:
     """Release every file of ``paths`` (runs in a worker; the de-identifier is built once per process).
     Files appear by atomic rename; the caller makes them durable once at the end (:func:`release_files`)."""
     global _worker
+    use_private_umask()  # a forkserver worker keeps the umask its server started with
     if _worker is None or _worker[0] != job:
         _worker = (job, Deidentifier(job.settings, ReleaseKeys(job.secret)))
     deidentifier = _worker[1]
@@ -116,8 +118,7 @@ def release_file(path: Path, deidentifier: Deidentifier,
 
 def _write_temp(ds: pydicom.Dataset, layout: StorageLayout, study_uid: str, series_uid: str, sop_uid: str) -> Path:
     layout.instance_path(study_uid, series_uid, sop_uid)  # validates the UIDs before they become a path
-    directory = layout.series_dir(study_uid, series_uid)
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory = layout.make_series_dir(study_uid, series_uid)
     fd, temp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".dcm", dir=directory)  # 0600
     try:
         with os.fdopen(fd, "wb") as handle:
