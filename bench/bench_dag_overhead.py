@@ -44,7 +44,7 @@ def run_library(hospital, pacs_config, receiver: ReceiverConfig, demo: Extractio
     settings = ExtractionSettings(
         resolution=demo.resolution, rules=demo.series_rules, layout=layout,
         destination_ae=receiver.ae_title, batch_size=BATCH_SIZE, metadata_dir=data_root / "metadata")
-    ris = create_engine(hospital.ris_url)
+    ris = create_engine(hospital.ris_url, hide_parameters=True)
     sql = load_template(demo.cohort.sql_template, REPO_ROOT / "include" / "sql")
     start, end = (value.replace(tzinfo=None) for value in hospital.interval)
     exams = query_cohort(ris, sql, interval_start=start, interval_end=end, params=demo.cohort.params)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Debian packages the tests and benchmarks need: a real PACS (Orthanc), DCMTK, PostgreSQL, Redis, and
-# docker-compose (its `config` validates docker-compose.yaml without a container engine), and Chromium with
-# its WebDriver for the browser tests of the audit pages.
+# docker-compose (its `config` validates docker-compose.yaml without a container engine), Chromium with its
+# WebDriver for the browser tests of the audit pages, and dicom3tools (dciodvfy checks that released files are
+# as valid as their sources).
 # Idempotent: does nothing when every tool is already there.
 set -euo pipefail
 
@@ -13,6 +14,7 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+command -v dciodvfy >/dev/null 2>&1 || missing+=(dicom3tools)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 sudo=""

@@ -18,6 +18,7 @@ from pathlib import Path
 from pacsflow.core.audit import AttemptState, AuditStore
 from pacsflow.core.db import make_engine
 from pacsflow.core.errors import ConfigurationError
+from pacsflow.core.privacy import use_private_umask
 from pacsflow.core.report import format_summary
 from pacsflow.core.ris import load_template, query_cohort
 from pacsflow.core.settings import load_definition
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="default: the first of $PACSFLOW_RECEIVER_ALLOWED_AES (the receiver rejects others)")
     echo.add_argument("--timeout", type=float, default=10.0)
     args = parser.parse_args(argv)
+    use_private_umask()  # an audit database created here holds patient data: the service account only
     if args.command == "cohort":
         return dry_run(args.definition, args.ris_url, args.start, args.end, args.sql_dir)
     if args.command == "init-audit":

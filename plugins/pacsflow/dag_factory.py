@@ -17,6 +17,7 @@ from pacsflow.core.settings import DefinitionError, ExtractionDefinition, defini
 from pacsflow.notifications import RunFailedWebhook
 from pacsflow.operators.cohort import InvalidDefinitionOperator, RisCohortOperator
 from pacsflow.operators.export import ExportMetadataOperator
+from pacsflow.operators.release import ReleaseOperator
 from pacsflow.operators.resolve import ResolveAccessionsOperator
 from pacsflow.operators.retrieve import RetrieveStudiesOperator
 from pacsflow.operators.summary import AuditSummaryOperator
@@ -83,6 +84,7 @@ def build_dag(definition: ExtractionDefinition, include_dir: Path) -> DAG:
             task_id="ris_cohort", template_dir=str(include_dir / "sql"), sql_template=definition.cohort.sql_template,
             cohort_params=dict(definition.cohort.params), ris_conn_id=connections.ris,
             batch_size=definition.retrieval.batch_size, max_cohort_size=definition.cohort.max_size,
+            definition=definition.model_dump(mode="json"),
         )
         resolve = ResolveAccessionsOperator(
             task_id="resolve_accessions", pool=definition.retrieval.pool, dicom_conn_id=connections.pacs,
@@ -99,6 +101,10 @@ def build_dag(definition: ExtractionDefinition, include_dir: Path) -> DAG:
         summary = AuditSummaryOperator(task_id="audit_summary", trigger_rule="all_done", retries=0)
         cohort >> resolve >> retrieve >> export >> summary
         [cohort, resolve, retrieve] >> summary
+        if definition.release.enabled:
+            release = ReleaseOperator(task_id="release",
+                                      release=definition.release_settings.model_dump(mode="json"))
+            export >> release >> summary
     return dag
 
 

@@ -21,11 +21,12 @@ from pydicom.uid import (
 )
 
 from pacsflow.core.export import (
-    ExportReport, _process_context, export_instances, open_dataset, run_token, schema_document,
+    ExportReport, export_instances, open_dataset, run_token, schema_document,
 )
 from pacsflow.core.export.reader import parse_date, parse_datetime, parse_time
 from pacsflow.core.export.schema import COLUMNS_BY_TABLE, NULL_PARTITION
 from pacsflow.core.export.writer import MAX_OPEN_WRITERS
+from pacsflow.core.processes import worker_context
 
 SCHEMA_FILE = Path(__file__).resolve().parents[2] / "include" / "schemas" / "metadata_v1.json"
 RUN = "manual__2026-11-22T09:00:00+00:00"
@@ -387,7 +388,7 @@ def test_workers_start_by_forkserver_in_a_multi_threaded_process(tmp_path: Path)
     outcome: dict[str, Any] = {}
 
     def in_thread() -> None:  # like an Airflow task process, which runs more than one thread
-        outcome["method"] = _process_context().get_start_method()
+        outcome["method"] = worker_context().get_start_method()
         outcome["report"] = export(files, tmp_path / "out", workers=2)
 
     thread = threading.Thread(target=in_thread)

@@ -60,7 +60,7 @@ def test_pacs_facing_tasks_take_a_pacs_pool_slot(dagbag):
 
 def test_the_summary_is_the_only_leaf_and_waits_for_every_stage(dagbag):
     dag = dagbag.dags[DEMO_DAG_ID]
-    order = ["ris_cohort", "resolve_accessions", "retrieve_batch", "export_metadata", "audit_summary"]
+    order = ["ris_cohort", "resolve_accessions", "retrieve_batch", "export_metadata", "release", "audit_summary"]
     for upstream, downstream in zip(order, order[1:]):
         assert downstream in dag.get_task(upstream).downstream_task_ids
     assert [task.task_id for task in dag.leaves] == ["audit_summary"]

@@ -37,6 +37,7 @@ from pacsflow.demo.hospital import (
     load_ground_truth,
     within,
 )
+from pacsflow.demo.hospital.plan import INSTITUTIONS, OPERATORS, REFERRING_PHYSICIANS
 from pacsflow.demo.sandbox import orthanc
 
 pytestmark = [pytest.mark.airflow, pytest.mark.orthanc]
@@ -324,6 +325,26 @@ def test_each_run_exports_its_metadata_and_its_audit_as_parquet(site):
     assert pq.read_table(audit / "runs.parquet")["run_id"].to_pylist() == [run["dag_run_id"]]
 
 
+def test_the_release_holds_every_retrieved_instance_de_identified(site):
+    release = site.data_root / "release" / "pooled"  # the project defaults to the extraction's id
+    released = list((release / "dicom").glob("*/*/*.dcm"))
+    truth = site.truth()
+    assert len(released) == len(expected_instances(truth))  # the demo rules keep no ultrasound
+    source_uids = {uid for instance in expected_instances(truth) for uid in instance}
+    assert not {p.parent.parent.name for p in released} & source_uids
+    table = ds.dataset(release / "metadata" / "instances", format="parquet", partitioning="hive").to_table()
+    assert table.num_rows == len(released)
+    assert {(pid[:2], len(pid)) for pid in table["patient_id"].to_pylist()} == {("PF", 16)}
+
+
+def test_internal_data_is_readable_by_the_service_account_only(site):
+    root = site.data_root
+    files = [p for p in root.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".parquet" for p in files) and any(p.name == "audit.sqlite" for p in files)
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {"0o600"}
+    assert {oct(p.stat().st_mode & 0o777) for p in [root, *root.rglob("*")] if p.is_dir()} == {"0o700"}
+
+
 def test_no_patient_identifier_reaches_any_log(site):
     """Every log a user or operator reads after all the runs above, failures included: task logs, the
     scheduler's, api-server's and dag-processor's, and the shared receiver's."""
@@ -331,7 +352,8 @@ def test_no_patient_identifier_reaches_any_log(site):
     paths.append(site.data_root / "dicom" / ".receiver.log")
     logs = "".join(p.read_text(errors="replace") for p in paths if p.exists())
     assert "resolution of" in logs and "retrieve_batch" in logs  # the task logs are there
-    identifiers: set[str] = set()
+    identifiers: set[str] = {text for pair in INSTITUTIONS for text in pair}
+    identifiers |= {part for name in (*OPERATORS, *REFERRING_PHYSICIANS) for part in name.split("^")}
     for hospital in (site.hospital, site.failing_hospital):
         engine = create_engine(hospital.ris_url)
         with engine.connect() as conn:
@@ -339,6 +361,8 @@ def test_no_patient_identifier_reaches_any_log(site):
         engine.dispose()
         identifiers |= {value for row in rows for value in row if value}
         identifiers |= {part for row in rows for part in row.patient_name.split("^") if len(part) > 3}
+        truth = site.truth(hospital)
+        identifiers |= {uid for instance in expected_instances(truth) for uid in instance}
     leaked = {value for value in identifiers
-              if re.search(rf"(?<![0-9A-Za-z]){re.escape(value)}(?![0-9A-Za-z])", logs)}
+              if re.search(rf"(?<![0-9A-Za-z.]){re.escape(value)}(?![0-9A-Za-z]|\.[0-9])", logs)}
     assert leaked == set()

@@ -124,6 +124,11 @@ stage_attempts = Table(
 )
 
 
+def accession_column_length(name: str) -> int:
+    """The longest value the accessions table stores in column ``name`` (RIS values are checked against it)."""
+    return accessions.c[name].type.length
+
+
 class Outcome(StrEnum):
     RETRIEVED = "retrieved"
     FILTERED = "filtered"
@@ -146,6 +151,7 @@ class Stage(StrEnum):
     RESOLVE = "resolve"
     RETRIEVE = "retrieve"  # one attempt row per batch
     EXPORT = "export"
+    RELEASE = "release"  # only for extractions whose release is enabled
 
 
 class AttemptState(StrEnum):
@@ -367,13 +373,10 @@ class AuditStore:
                               listed: Iterable[Mapping[str, Any]], error: str | None = None) -> None:
         """Store the series of a study with their keep/drop decision; keeps the state of series already known."""
         with self.transaction() as conn:
-            known = set(conn.execute(
-                select(series.c.series_uid).where(series.c.run_key == run_key, series.c.study_uid == study_uid)
-            ).scalars())
             rows = [{"run_key": run_key, "study_uid": study_uid, "accession_number": accession_number,
-                     "updated_at": utcnow(), **row} for row in listed if row["series_uid"] not in known]
-            if rows:
-                conn.execute(insert(series), rows)
+                     "updated_at": utcnow(), **row} for row in listed]
+            if rows:  # insert-or-ignore: two tasks listing the same study cannot collide
+                conn.execute(_insert_or_ignore(conn, series), rows)
             conn.execute(
                 update(studies)
                 .where(studies.c.run_key == run_key, studies.c.study_uid == study_uid,
@@ -421,7 +424,10 @@ class AuditStore:
             raise LookupError("no such run in the audit database")
         if run["finished_at"] is None:
             return Verdict(AttemptState.RUNNING.value)
-        return StageBook(self.attempts(run_key)).verdict(self.study_batches(run_key))
+        settings = run["params"] or {}  # the extraction's definition as the run started (see start_run)
+        release_expected = bool((settings.get("release") or {}).get("enabled"))
+        return StageBook(self.attempts(run_key), release_expected=release_expected).verdict(
+            self.study_batches(run_key))
 
     def summary(self, run_key: str) -> RunSummary:
         """The run's counts and verdict; :class:`LookupError` for a run the audit never saw."""
@@ -455,7 +461,8 @@ class AuditStore:
 class StageBook:
     """The last attempt of every stage (and retrieval batch) of a run: what ran, what failed, what never ran."""
 
-    def __init__(self, attempts: Iterable[Mapping[str, Any]]) -> None:
+    def __init__(self, attempts: Iterable[Mapping[str, Any]], *, release_expected: bool = False) -> None:
+        self.release_expected = release_expected
         self.last: dict[tuple[str, int | None], Mapping[str, Any]] = {}
         for attempt in attempts:  # oldest first: a later try replaces an earlier one
             self.last[(attempt["stage"], attempt["batch"])] = attempt
@@ -470,6 +477,8 @@ class StageBook:
     def verdict(self, batches: Iterable[int]) -> Verdict:
         expected = [(Stage.COHORT, None), (Stage.RESOLVE, None), *((Stage.RETRIEVE, b) for b in batches),
                     (Stage.EXPORT, None)]
+        if self.release_expected:
+            expected.append((Stage.RELEASE, None))
         problems = [(stage, batch) for stage, batch in expected if not self.succeeded(stage, batch)]
         if not problems:
             return Verdict(AttemptState.SUCCESS.value)
@@ -486,6 +495,20 @@ class StageBook:
             return Verdict(AttemptState.FAILED.value, stage.value,
                            f"{failed_batches} retrieval batch(es) did not finish; batch {batch}: {why}")
         return Verdict(AttemptState.FAILED.value, stage.value, why)
+
+
+def _insert_or_ignore(conn: Connection, table: Table) -> Any:
+    """An INSERT that skips rows whose primary key exists (SQLite and PostgreSQL; others: plain INSERT)."""
+    dialect = conn.dialect.name
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    elif dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    elif dialect in ("mysql", "mariadb"):
+        return insert(table).prefix_with("IGNORE")
+    else:
+        return insert(table)
+    return dialect_insert(table).on_conflict_do_nothing(index_elements=[c.name for c in table.primary_key])
 
 
 def _outcome(conn: Connection, run_key: str, accession: Mapping[str, Any],

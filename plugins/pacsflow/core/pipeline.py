@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from pydicom import dcmread
 
-from pacsflow.core.audit import AttemptState, AuditStore, RunSummary, SeriesStatus, Stage
+from pacsflow.core.audit import AttemptState, AuditStore, RunSummary, SeriesStatus, Stage, accession_column_length
 from pacsflow.core.dicom.errors import PacsConfigurationError, PacsError, PacsItemError, PacsTransientError
 from pacsflow.core.export import export_instances
 from pacsflow.core.dicom.results import FindResult, QueryLevel, RetrieveReport
@@ -101,24 +101,47 @@ def extract_cohort(ctx: RunContext, exams: Callable[[], Iterable[RisExam]], batc
                 raise ConfigurationError(
                     f"the cohort has more than {max_size} distinct ANs (cohort.max_size): check the template and "
                     "the run's data interval, or raise the limit")
-            unique[exam.accession_number] = {
-                "accession_number": exam.accession_number,
-                "an_ref": ctx.pseudonymizer.ref(exam.accession_number),
-                "patient_id": exam.patient_id,
-                "ris_study_uid": exam.study_instance_uid,
-                "exam_datetime": exam.exam_datetime.replace(tzinfo=None) if exam.exam_datetime else None,
-                "modality": exam.modality,
-                "occurrences": 1,
-            }
+            unique[exam.accession_number] = _cohort_row(ctx, exam)
         ctx.store.replace_cohort(ctx.run_key, unique.values())
+        invalid = sum(1 for row in unique.values() if row.get("resolution") == Resolution.INVALID)
         batches = math.ceil(len(unique) / effective_batch_size(len(unique), batch_size)) if unique else 0
-        counts.update(ris_rows=rows, accessions=len(unique), duplicates=rows - len(unique), batches=batches)
+        counts.update(ris_rows=rows, accessions=len(unique), duplicates=rows - len(unique), invalid=invalid,
+                      batches=batches)
+    if invalid:
+        log.warning("cohort: %d ANs invalid in the RIS (reasons in the audit)", invalid)
     log.info("cohort: %(ris_rows)d RIS rows, %(accessions)d distinct ANs (%(duplicates)d duplicate rows), "
              "%(batches)d retrieval batches", counts)
     if not unique:
         log.warning("the cohort is empty: if this interval should hold exams, check the template's date "
                     "comparison (bound values and their types are logged above)")
     return counts
+
+
+def _cohort_row(ctx: RunContext, exam: RisExam) -> dict[str, Any]:
+    """The AN's audit row; a RIS value that does not fit its column makes the AN ``invalid`` with the reason
+    (the value is left out) instead of failing the whole cohort on insert."""
+    problems = [exam.problem] if exam.problem else []
+    values = {"patient_id": exam.patient_id, "ris_study_uid": exam.study_instance_uid, "modality": exam.modality}
+    for name, value in values.items():
+        limit = accession_column_length(name)
+        if value is not None and len(value) > limit:
+            problems.append(f"RIS {name} longer than {limit} characters")
+            values[name] = None
+    accession_number = exam.accession_number
+    if len(accession_number) > accession_column_length("accession_number"):
+        problems.append(f"RIS accession_number longer than {accession_column_length('accession_number')} characters")
+        accession_number = ctx.pseudonymizer.ref(exam.accession_number)  # the row's key, never the raw value
+    row: dict[str, Any] = {
+        "accession_number": accession_number,
+        "an_ref": ctx.pseudonymizer.ref(exam.accession_number),
+        "exam_datetime": exam.exam_datetime.replace(tzinfo=None) if exam.exam_datetime else None,
+        "occurrences": 1,
+        **values,
+        # every row has the same keys: the cohort is inserted in multi-row batches
+        "resolution": Resolution.INVALID.value if problems else None,
+        "resolution_detail": "; ".join(problems) if problems else None,
+    }
+    return row
 
 
 def effective_batch_size(cohort_size: int, batch_size: int) -> int:

@@ -39,6 +39,7 @@ class RisExam:
     study_instance_uid: str | None = None
     exam_datetime: datetime | None = None
     modality: str | None = None
+    problem: str | None = None  # why the row is unusable (the AN becomes ``invalid``); never quotes a value
 
 
 def load_template(name: str, template_dir: Path) -> str:
@@ -99,15 +100,21 @@ def _bind(sql: str, values: Mapping[str, Any]):
 
 def _exam(row: Mapping[str, Any]) -> RisExam:
     an = row["accession_number"]
-    exam_datetime = row.get("exam_datetime")
+    exam_datetime, problem = row.get("exam_datetime"), None
     if isinstance(exam_datetime, str):
-        exam_datetime = datetime.fromisoformat(exam_datetime)
+        try:
+            exam_datetime = datetime.fromisoformat(exam_datetime)
+        except ValueError:
+            exam_datetime, problem = None, "RIS exam_datetime is not an ISO 8601 timestamp"
+    elif exam_datetime is not None and not isinstance(exam_datetime, datetime):
+        exam_datetime, problem = None, "RIS exam_datetime is not a timestamp"
     return RisExam(
         accession_number="" if an is None else str(an).strip(),
         patient_id=_text(row.get("patient_id")),
         study_instance_uid=_text(row.get("study_instance_uid")),
         exam_datetime=exam_datetime,
         modality=_text(row.get("modality")),
+        problem=problem,
     )
 
 

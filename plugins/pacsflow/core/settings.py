@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pacsflow.core.errors import ConfigurationError, validation_problems
+from pacsflow.core.release.settings import ReleaseSettings
 from pacsflow.core.resolve import ResolutionSettings
 from pacsflow.core.ris import RESERVED_PARAMS
 from pacsflow.core.series_rules import SeriesRules
@@ -86,6 +87,7 @@ class ExtractionDefinition(_Model):
     resolution: ResolutionSettings = ResolutionSettings()
     series_rules: SeriesRules = SeriesRules()
     retrieval: RetrievalSettings = RetrievalSettings()
+    release: ReleaseSettings = ReleaseSettings()  # on by default: researchers get the de-identified release
     connections: ConnectionIds = ConnectionIds()
     run: RunSettings = RunSettings()
 
@@ -111,6 +113,11 @@ class ExtractionDefinition(_Model):
         if value not in presets and not croniter.is_valid(value):
             raise ValueError(f"{value!r} is neither a cron expression nor one of {sorted(presets)}")
         return value
+
+    @property
+    def release_settings(self) -> ReleaseSettings:
+        """The release settings, the pseudonym project defaulting to this extraction's id."""
+        return self.release.model_copy(update={"project": self.release.project or self.id})
 
     @property
     def retry_delay(self) -> timedelta:

@@ -6,6 +6,7 @@ A file only ever appears at its final path by atomic rename after fsync, so "pre
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -19,6 +20,7 @@ from pathlib import Path
 from pacsflow.core.uids import require_uid
 
 SUFFIX = ".dcm"
+PRIVATE_FILE_MODE, PRIVATE_DIR_MODE = 0o600, 0o700  # instances hold patient data: the service account only
 TEMP_PREFIX = ".incoming-"
 LOCK_DIR = ".locks"  # readers of the layout skip dot entries
 LOCK_STRIPES = 256  # series share lock files by hash: no UID in a file name, a bounded number of files
@@ -31,6 +33,17 @@ class StorageLayout:
 
     def series_dir(self, study_uid: str, series_uid: str) -> Path:
         return self.root / require_uid(study_uid, "StudyInstanceUID") / require_uid(series_uid, "SeriesInstanceUID")
+
+    def make_series_dir(self, study_uid: str, series_uid: str) -> Path:
+        """Create the series directory, and its study directory, 0700 whatever the umask of this process
+        (``mkdir(parents=True)`` would create the study directory with the default mode)."""
+        series_dir = self.series_dir(study_uid, series_uid)
+        self.root.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+        for directory in (series_dir.parent, series_dir):
+            directory.mkdir(mode=PRIVATE_DIR_MODE, exist_ok=True)
+            if directory.stat().st_mode & 0o077:
+                directory.chmod(PRIVATE_DIR_MODE)
+        return series_dir
 
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         return self.series_dir(study_uid, series_uid) / (require_uid(sop_uid, "SOPInstanceUID") + SUFFIX)
@@ -49,16 +62,32 @@ class StorageLayout:
     def commit(self, temp: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         """Make a complete temp file (on the layout's file system) durable, rename it into place, fsync the
         directory. The temp file is gone afterwards, also when this fails."""
-        final = self.instance_path(study_uid, series_uid, sop_uid)
+        return self.commit_many([(temp, study_uid, series_uid, sop_uid)])[0]
+
+    def commit_many(self, staged: list[tuple[Path, str, str, str]], *, sync: bool = True) -> list[Path]:
+        """:meth:`commit` for several ``(temp, study, series, sop)`` at once: each directory is fsynced once
+        after all renames (a series' files share one). Every temp file is gone afterwards, also on failure.
+        ``sync=False``: atomic renames only, for a caller that flushes the file system once afterwards
+        (:func:`sync_filesystem`) before it records the files as done."""
+        finals: list[Path] = []
         try:
-            fsync_path(temp)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(temp, final)
+            for temp, *_ in staged:
+                os.chmod(temp, PRIVATE_FILE_MODE)  # whoever wrote it (storescp honours the umask only)
+                if sync:
+                    fsync_path(temp)
+            for temp, study_uid, series_uid, sop_uid in staged:
+                final = self.instance_path(study_uid, series_uid, sop_uid)
+                self.make_series_dir(study_uid, series_uid)
+                os.replace(temp, final)
+                finals.append(final)
         except BaseException:
-            temp.unlink(missing_ok=True)
+            for temp, *_ in staged:
+                temp.unlink(missing_ok=True)
             raise
-        fsync_path(final.parent)
-        return final
+        if sync:
+            for directory in dict.fromkeys(final.parent for final in finals):
+                fsync_path(directory)
+        return finals
 
     def remove_empty_dirs(self, study_uid: str, series_uid: str) -> None:
         """Remove a series directory and its study directory if nothing is left in them."""
@@ -103,6 +132,22 @@ def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_filesystem(path: Path) -> None:
+    """Make everything written on the file system holding ``path`` durable: one ``syncfs`` (Linux) instead
+    of an fsync per file and directory; ``sync`` where there is no ``syncfs``."""
+    syncfs = getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
+    if syncfs is None:
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if syncfs(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
     finally:
         os.close(fd)
 

@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"all runs                                            {_counts(totals.pop('cohort'), totals)}")
     print(f"  DICOM files    {data_root / 'dicom'}")
     print(f"  Parquet        {data_root / 'metadata' / DEMO_DAG_ID}")
+    print(f"  release        {data_root / 'release' / 'demo'} (de-identified: what researchers get)")
     print(f"  audit          {audit_url}")
     print(f"  ground truth   {hospital.ground_truth_path}")
     print(f"  Airflow logs   {workdir / 'airflow' / 'home' / 'logs'}")

@@ -15,7 +15,13 @@ from pacsflow.core.audit import AuditStore
 from pacsflow.core.dicom.errors import PacsConfigurationError
 from pacsflow.core.errors import ConfigurationError
 from pacsflow.core.pipeline import RunContext
-from pacsflow.core.privacy import Pseudonymizer
+from pacsflow.core.privacy import (
+    Pseudonymizer,
+    database_errors_withheld,
+    make_private_dir,
+    redact_uids_in_library_logs,
+    use_private_umask,
+)
 from pacsflow.core.settings import data_root
 from pacsflow.core.storage import StorageLayout
 from pacsflow.hooks.database import DatabaseHook
@@ -53,6 +59,10 @@ class PacsflowOperator(BaseOperator):
     @contextmanager
     def run_context(self, context: Context) -> Iterator[RunContext]:
         run_key = f"{context['dag'].dag_id}/{context['run_id']}"
-        with AuditStore(DatabaseHook(self.audit_conn_id).get_conn()) as store:
+        use_private_umask()  # everything a stage writes (audit DB, Parquet, DICOM, keys) is for the service account
+        make_private_dir(self.root)
+        pseudonymizer = Pseudonymizer.from_environment(self.root / KEY_FILE)
+        redact_uids_in_library_logs(pseudonymizer)
+        with database_errors_withheld(), AuditStore(DatabaseHook(self.audit_conn_id).get_conn()) as store:
             yield RunContext(store=store, run_key=run_key, try_number=context["ti"].try_number,
-                             pseudonymizer=Pseudonymizer.from_environment(self.root / KEY_FILE))
+                             pseudonymizer=pseudonymizer)

@@ -26,8 +26,9 @@ class RisCohortOperator(PacsflowOperator):
 
     def __init__(self, *, sql_template: str, template_dir: str, ris_conn_id: str = "pacsflow_ris",
                  cohort_params: dict[str, Any] | None = None, batch_size: int = 50, max_cohort_size: int | None = None,
-                 **kwargs: Any) -> None:
+                 definition: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.definition = definition or {}  # recorded with the run: what was extracted, and which stages it has
         self.sql_template = sql_template
         self.template_dir = template_dir
         self.ris_conn_id = ris_conn_id
@@ -40,7 +41,7 @@ class RisCohortOperator(PacsflowOperator):
         with self.run_context(context) as ctx:
             dag_run = context["dag_run"]
             ctx.store.start_run(ctx.run_key, dag_id=context["dag"].dag_id, run_id=context["run_id"],
-                                params=dict(context["params"]), interval=(start, end),
+                                params=self.definition, interval=(start, end),
                                 run_type=str(getattr(dag_run, "run_type", "") or "") or None,
                                 triggered_by=getattr(dag_run, "triggering_user_name", None))
             return extract_cohort(ctx, lambda: self._exams(start, end), self.batch_size,

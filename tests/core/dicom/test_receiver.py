@@ -275,3 +275,18 @@ def test_the_standalone_service_receives_and_stops_on_sigterm(files, tmp_path, b
     assert StorageLayout(tmp_path).stored_sop_uids(header.StudyInstanceUID, header.SeriesInstanceUID) == {
         header.SOPInstanceUID}
     assert shutil.which("storescu")  # DCMTK is part of the test set-up, not optional
+
+
+@BACKENDS
+def test_received_instances_are_readable_by_the_service_account_only(files, receiver_config, tmp_path, backend):
+    os.umask(0o022)  # a service started with the usual umask: the receiver must not depend on it
+    layout = StorageLayout(tmp_path / "data" / "dicom")
+    with open_receiver(replace(receiver_config, backend=backend), layout) as receiver:
+        subprocess.run(["storescu", "-aet", "DCMTK", "-aec", RECEIVER_AE, "127.0.0.1", str(receiver_config.port),
+                        *map(str, files[:3])], check=True, env=DCMTK_ENV, capture_output=True)
+    assert receiver.stats.stored == 3
+    stored = list(layout.root.glob("*/*/*.dcm"))
+    assert len(stored) == 3
+    assert {oct(path.stat().st_mode & 0o777) for path in stored} == {"0o600"}
+    directories = {layout.root, *(p.parent for p in stored), *(p.parent.parent for p in stored)}
+    assert {oct(d.stat().st_mode & 0o777) for d in directories} == {"0o700"}

@@ -21,6 +21,7 @@ from pathlib import Path
 from pacsflow.core.dicom.config import ReceiverConfig, TlsConfig
 from pacsflow.core.dicom.receiver import open_receiver
 from pacsflow.core.dicom.sharing import LEASE, idle
+from pacsflow.core.privacy import use_private_umask
 from pacsflow.core.storage import StorageLayout
 
 log = logging.getLogger("pacsflow.receiver")
@@ -96,6 +97,7 @@ def resolve_addresses(names: list[str]) -> tuple[str, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    use_private_umask()  # received instances, staging files and directories: the service account only
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     config = ReceiverConfig(ae_title=args.ae_title, host=args.host, port=args.port,
                             allowed_calling_aes=tuple(args.allow_ae),

@@ -42,7 +42,13 @@ from pacsflow.core.dicom.header import file_uids
 from pacsflow.core.dicom.results import ReceiverStats
 from pacsflow.core.dicom.sharing import port_unavailable, receiver_lock
 from pacsflow.core.processes import stop_process
-from pacsflow.core.storage import StorageLayout, fsync_path, write_failure_reason
+from pacsflow.core.privacy import make_private_dir, redact_uids_in_library_logs, use_private_umask
+from pacsflow.core.storage import (
+    PRIVATE_FILE_MODE,
+    StorageLayout,
+    fsync_path,
+    write_failure_reason,
+)
 
 log = logging.getLogger("pacsflow.receiver.dcmtk")
 
@@ -106,7 +112,9 @@ class DcmtkStoreReceiver:
         if binary is None:
             raise PacsConfigurationError(f"{self._executable} (DCMTK) is not installed; install dcmtk")
         self._executable = binary
-        self.layout.root.mkdir(parents=True, exist_ok=True)
+        use_private_umask()  # storescp inherits it: its files are 0600 from the first byte
+        redact_uids_in_library_logs()
+        make_private_dir(self.layout.root)
         self._root_lock.enter_context(receiver_lock(self.layout.root))  # before touching another receiver's files
         try:
             self._start()
@@ -118,7 +126,7 @@ class DcmtkStoreReceiver:
     def _start(self) -> None:
         self.layout.sweep_temp_files()
         shutil.rmtree(self.staging_root, ignore_errors=True)  # leftovers may be partial: the PACS re-sends them
-        self.staging_root.mkdir()
+        self.staging_root.mkdir(mode=0o700)
         try:
             self._listener = socket.create_server((self.config.host, self.config.port))
         except OSError as error:
@@ -268,7 +276,8 @@ class DcmtkStoreReceiver:
             if fsync_error is not None:
                 raise fsync_error
             size = path.stat().st_size
-            final.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(path, PRIVATE_FILE_MODE)
+            self.layout.make_series_dir(final.parent.parent.name, final.parent.name)
             os.replace(path, final)
         except OSError as error:
             reason = write_failure_reason(error)

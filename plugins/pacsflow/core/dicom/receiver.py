@@ -27,6 +27,7 @@ from pacsflow.core.dicom.results import ReceiverStats
 from pacsflow.core.dicom.sharing import port_unavailable, receiver_lock
 from pacsflow.core.dicom.transport import (discard_unfinished_stream, server_tls, stream_error, stream_to,
                                           tune_for_latency)
+from pacsflow.core.privacy import make_private_dir, redact_uids_in_library_logs, use_private_umask
 from pacsflow.core.storage import StorageLayout, write_failure_reason
 
 log = logging.getLogger("pacsflow.receiver")
@@ -106,7 +107,9 @@ class StoreReceiver:
         return int(self._server.server_address[1])
 
     def __enter__(self) -> "StoreReceiver":
-        self.layout.root.mkdir(parents=True, exist_ok=True)
+        use_private_umask()
+        redact_uids_in_library_logs()  # pynetdicom's warnings quote SOP Instance UIDs
+        make_private_dir(self.layout.root)
         self._lock.enter_context(receiver_lock(self.layout.root))  # before touching another receiver's files
         try:
             self._start()

@@ -11,9 +11,6 @@ streamed into row groups with bounded memory, and a re-run of the same ``run_id`
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import os
-import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -29,6 +26,7 @@ from pacsflow.core.export.schema import (
     PARTITION_COLUMN, PARTITION_TYPE, SCHEMA_VERSION, TABLES, dataset_schema, schema_document,
 )
 from pacsflow.core.export.writer import PartitionedWriter, RunOutput, run_token
+from pacsflow.core.processes import default_workers, worker_context
 
 __all__ = ["DEFAULT_ROW_GROUP_SIZE", "ExportReport", "SCHEMA_VERSION", "export_instances", "open_dataset",
            "run_token", "schema_document"]
@@ -62,9 +60,7 @@ def export_instances(files: Iterable[Path], out_dir: Path, run_id: str, *, worke
     """
     report = ExportReport(run_id)
     aggregate = RunAggregate()
-    if workers is None:
-        # A daemonic process (an Airflow task under Celery's prefork pool) may not start children.
-        workers = 1 if multiprocessing.current_process().daemon else os.cpu_count() or 1
+    workers = default_workers(workers)
     with RunOutput(Path(out_dir), run_id) as output:
         with PartitionedWriter(output, "instances", row_group_size) as instances:
             for chunk in _read_chunks(files, run_id, workers, include_private):
@@ -100,7 +96,7 @@ def _read_chunks(files: Iterable[Path], run_id: str, workers: int, include_priva
         for chunk in chunks:
             yield read_chunk(chunk, run_id, include_private)
         return
-    pool = ProcessPoolExecutor(workers, mp_context=_process_context())
+    pool = ProcessPoolExecutor(workers, mp_context=worker_context())
     pending: deque[Future[ChunkResult]] = deque()
     try:
         for chunk in chunks:
@@ -111,14 +107,6 @@ def _read_chunks(files: Iterable[Path], run_id: str, workers: int, include_priva
             yield pending.popleft().result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _process_context() -> multiprocessing.context.BaseContext:
-    """fork while this process has a single thread (workers start in ms, not the ~0.2 s of a new
-    interpreter); forkserver otherwise, as forking a multi-threaded process can deadlock the child."""
-    if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("fork")
-    return multiprocessing.get_context("forkserver")
 
 
 def open_dataset(out_dir: Path, table: str = "instances") -> ds.Dataset:

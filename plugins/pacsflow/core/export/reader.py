@@ -202,7 +202,10 @@ class _Elements:
 
     def __init__(self, ds: Dataset) -> None:
         self._by_tag = {int(element.tag): element for element in ds.values()}
-        self._charset = ds.original_character_set
+        charset = ds.original_character_set
+        # pydicom gives one str when there is no SpecificCharacterSet; decode_bytes wants a list and would
+        # iterate the str ("Unknown encoding 'i'" once per text element of every such file)
+        self._charset = [charset] if isinstance(charset, str) else list(charset)
 
     def decode(self, column: Column) -> Any:
         if column.kind is Kind.TIMESTAMP:

@@ -16,7 +16,15 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from pacsflow.core.storage import StorageLayout
-from pacsflow.demo.hospital.plan import MG_VIEWS, UID_ROOT, PlannedExam, PlannedSeries, PlannedStudy
+from pacsflow.demo.hospital.plan import (
+    INSTITUTIONS,
+    MG_VIEWS,
+    OPERATORS,
+    UID_ROOT,
+    PlannedExam,
+    PlannedSeries,
+    PlannedStudy,
+)
 
 SOP_CLASSES = {
     "CT": "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
@@ -28,6 +36,9 @@ IMPLEMENTATION_CLASS_UID = UID_ROOT + "0.1"
 IMPLEMENTATION_VERSION = "PACSFLOW_DEMO_1"
 BITS_STORED = 12
 SLICE_MM = 2.0
+# A vendor-style private block that copies patient data, as real scanners do (the release must drop it).
+PRIVATE_GROUP = 0x0029
+PRIVATE_CREATOR = "PACSFLOW DEMO"
 
 
 class PixelSource:
@@ -98,6 +109,7 @@ def _series_dataset(exam: PlannedExam, study: PlannedStudy, series: PlannedSerie
     ds.PatientBirthDate = patient.birth_date.strftime("%Y%m%d")
     ds.PatientSex = patient.sex
     ds.BodyPartExamined = series.body_part
+    _set_site(ds, exam, study)
     ds.StudyInstanceUID = study.uid
     ds.SeriesInstanceUID = series.uid
     ds.StudyID = "1"
@@ -111,6 +123,22 @@ def _series_dataset(exam: PlannedExam, study: PlannedStudy, series: PlannedSerie
     ds.PixelRepresentation = 0
     _set_modality_specifics(ds, series)
     return ds
+
+
+def _set_site(ds: Dataset, exam: PlannedExam, study: PlannedStudy) -> None:
+    """Institution, staff, the order (nested) and a private copy of the patient's identity."""
+    pick = int(study.uid.rsplit(".", 1)[1])
+    ds.InstitutionName, ds.InstitutionAddress = INSTITUTIONS[pick % len(INSTITUTIONS)]
+    ds.OperatorsName = OPERATORS[pick % len(OPERATORS)]
+    ds.PerformingPhysicianName = study.referring_physician
+    request = Dataset()
+    request.AccessionNumber = study.accession_number
+    request.RequestedProcedureID = exam.accession_number
+    request.StudyInstanceUID = study.uid
+    ds.RequestAttributesSequence = [request]
+    block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
+    block.add_new(0x10, "LO", exam.patient.patient_id)
+    block.add_new(0x11, "LO", exam.patient.birth_date.strftime("%Y%m%d"))
 
 
 def _set_modality_specifics(ds: Dataset, series: PlannedSeries) -> None:

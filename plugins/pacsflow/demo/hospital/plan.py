@@ -102,6 +102,11 @@ EQUIPMENT = {
     "MR": (("SIEMENS", "MAGNETOM Vida"), ("Philips", "Ingenia")),
 }
 REFERRING_PHYSICIANS = ("House^Gregory", "Grey^Meredith", "Quinn^Michaela", "Carter^John", "Ross^Doug")
+# Where and by whom a study was made: identifiers a research release must not carry (the release proof scans
+# for them). Written into every file; a pure function of the study UID, so the plan's RNG is untouched.
+INSTITUTIONS = (("Saint Elsewhere Hospital", "12 Elm Street, Springfield"),
+                ("Princeton-Plainsboro Teaching Hospital", "1 Hospital Plaza, Princeton"))
+OPERATORS = ("Whitaker^Rosalind", "Okonkwo^Chidi", "Lindqvist^Mats")
 
 # Patient names by the character set their files declare (None: the DICOM default repertoire, no element).
 NAMES = {

@@ -46,7 +46,7 @@ def ris_row(exam: PlannedExam) -> dict[str, Any]:
 
 def write_ris(url: str, exams: Iterable[PlannedExam]) -> int:
     """Replace the ``exams`` table at ``url`` (drop, create, fill); returns the number of rows."""
-    engine = create_engine(url)
+    engine = create_engine(url, hide_parameters=True)
     try:
         count = 0
         with engine.begin() as connection:
