@@ -36,7 +36,7 @@ def _assert_contained(*texts: str) -> None:
 def test_a_locked_audit_database_shows_no_identifier(tmp_path, caplog):
     path = tmp_path / "audit.sqlite"
     with AuditStore.connect(f"sqlite:///{path}") as store:
-        extract_cohort(_context(store), [RisExam(AN, PATIENT_ID)], batch_size=10)
+        extract_cohort(_context(store), lambda: [RisExam(AN, PATIENT_ID)], batch_size=10)
     locker = sqlite3.connect(path)
     locker.execute("BEGIN IMMEDIATE")  # another process is writing: reads work, writes wait and time out
     try:
@@ -80,7 +80,7 @@ def test_an_over_long_ris_value_makes_only_its_an_invalid(audit_url, tmp_path, c
     with caplog.at_level(logging.DEBUG), AuditStore.connect(audit_url) as store:
         found = query_cohort(ris, sql, interval_start=datetime(2024, 1, 1), interval_end=datetime(2025, 1, 1),
                              params={})
-        counts = extract_cohort(_context(store), found, batch_size=10)
+        counts = extract_cohort(_context(store), lambda: found, batch_size=10)
         outcomes = store.accession_outcomes(RUN_KEY)
     ris.dispose()
     assert counts["accessions"] == 17 and counts["invalid"] == 1
@@ -94,7 +94,7 @@ def test_an_over_long_ris_value_makes_only_its_an_invalid(audit_url, tmp_path, c
 def test_two_tasks_listing_the_same_study_do_not_collide(audit_url, caplog):
     """Task A's listing is in flight (its transaction holds the row) when task B lists the same study."""
     with AuditStore.connect(audit_url) as store:
-        extract_cohort(_context(store), [RisExam(AN, PATIENT_ID)], batch_size=10)
+        extract_cohort(_context(store), lambda: [RisExam(AN, PATIENT_ID)], batch_size=10)
         store.record_resolution(RUN_KEY, AN, resolution="resolved", resolved_by="accession_number", detail=None,
                                 rules_tried=[], study_uids=[STUDY_UID], batch_of=lambda _: 0)
         listed = [{"series_uid": SERIES_UID, "modality": "CT", "description": None, "body_part": None,

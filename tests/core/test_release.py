@@ -79,7 +79,7 @@ def _release(hospital, out: Path, settings: ReleaseSettings | None = None, worke
     with AuditStore.connect(f"sqlite:///{out / 'audit.sqlite'}") as store:
         _register_every_series(store, hospital.dicom_dir)
         ctx = RunContext(store=store, run_key=RUN_KEY, pseudonymizer=Pseudonymizer(b"k" * 32))
-        report = release_run(ctx, StorageLayout(hospital.dicom_dir), settings or ReleaseSettings(),
+        report = release_run(ctx, StorageLayout(hospital.dicom_dir), settings or ReleaseSettings(project="default"),
                              release_root=out / "release", key_dir=out / "keys", run_id="manual__test",
                              secret=SECRET, workers=workers)
         rows = release_series_rows(store.engine, RUN_KEY)

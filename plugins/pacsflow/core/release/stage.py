@@ -99,6 +99,9 @@ def release_run(ctx: RunContext, layout: StorageLayout, settings: ReleaseSetting
                 workers: int | None = None) -> ReleaseReport:
     """Release the run's retrieved series into ``release_root`` and record one audit row per series.
     Re-running gives byte-identical files (everything is keyed, nothing random or timed)."""
+    if settings.project is None:
+        raise ReleaseSettingsError("release.project is not set: it names the pseudonym key (an extraction "
+                                   "definition uses its id)")
     with stage_attempt(ctx, Stage.RELEASE) as counts:
         report = _release(ctx, layout, settings, release_root=release_root, key_dir=key_dir, run_id=run_id,
                           secret=secret, workers=workers)
