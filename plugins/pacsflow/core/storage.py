@@ -1,16 +1,22 @@
 """Where retrieved instances live on disk: ``<root>/<StudyUID>/<SeriesUID>/<SOPUID>.dcm``.
 
 Every path component is a validated UID, so no incoming value can steer a write outside ``root``.
-A file only ever appears at its final path by atomic rename after fsync, so "present" means "complete".
+A file only ever appears at its final path by atomic link after fsync, so "present" means "complete", and it is
+never replaced: a second copy with other bytes, or the same SOP Instance UID under another study or series, is
+refused. ``<root>/.sop-index/`` records where each SOP Instance UID is stored (a symbolic link per UID) so that
+the second case is found without scanning the layout.
 """
 
 from __future__ import annotations
 
 import errno
+import filecmp
 import hashlib
 import os
 import re
+import threading
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 from pacsflow.core.uids import require_uid
@@ -18,6 +24,21 @@ from pacsflow.core.uids import require_uid
 SUFFIX = ".dcm"
 TEMP_PREFIX = ".incoming-"
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+SOP_INDEX = ".sop-index"  # readers of the layout skip dot entries
+_PLACING = threading.Lock()  # claim-then-link is one step for the threads of a process
+
+
+class Placement(Enum):
+    """What became of a complete file offered to the layout."""
+
+    STORED = "stored"
+    ALREADY_STORED = "already stored (same bytes)"  # a re-sent instance: success, nothing written
+    DIFFERENT_COPY = "SOP Instance already stored with other bytes"
+    OTHER_LOCATION = "SOP Instance UID already stored under another study or series"
+
+    @property
+    def refused(self) -> bool:
+        return self in (Placement.DIFFERENT_COPY, Placement.OTHER_LOCATION)
 
 
 @dataclass(frozen=True)
@@ -41,19 +62,54 @@ class StorageLayout:
             if entry.name.endswith(SUFFIX) and not entry.name.startswith(TEMP_PREFIX)
         }
 
-    def commit(self, temp: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:
-        """Make a complete temp file (on the layout's file system) durable, rename it into place, fsync the
-        directory. The temp file is gone afterwards, also when this fails."""
-        final = self.instance_path(study_uid, series_uid, sop_uid)
+    def commit(self, temp: Path, study_uid: str, series_uid: str, sop_uid: str) -> Placement:
+        """Make a complete temp file (on the layout's file system) durable, link it into place, fsync the
+        directories that changed. The temp file is gone afterwards, also when this fails."""
         try:
             fsync_path(temp)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(temp, final)
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
-        fsync_path(final.parent)
-        return final
+        placement, changed = self.place(temp, study_uid, series_uid, sop_uid)
+        for directory in changed:
+            fsync_path(directory)
+        return placement
+
+    def place(self, temp: Path, study_uid: str, series_uid: str, sop_uid: str) -> tuple[Placement, list[Path]]:
+        """Link a complete, already fsynced temp file to its final path unless the SOP Instance is there already
+        (or elsewhere); the temp file is removed in every case. Returns the placement and the directories whose
+        entries changed, children before parents: fsync them (batched by callers that place many files)."""
+        final = self.instance_path(study_uid, series_uid, sop_uid)
+        changed: list[Path] = []
+        try:
+            with _PLACING:
+                placement = self._claim(sop_uid, final, changed)
+                if placement is None:
+                    placement = _link_once(temp, final, changed, self.root)
+        finally:
+            temp.unlink(missing_ok=True)
+        return placement, changed
+
+    def _claim(self, sop_uid: str, final: Path, changed: list[Path]) -> Placement | None:
+        """Record that ``sop_uid`` lives in ``final``'s series directory; OTHER_LOCATION when it already lives,
+        complete, in another one."""
+        claim = self.root / SOP_INDEX / hashlib.sha256(sop_uid.encode()).hexdigest()[:2] / sop_uid
+        target = os.path.relpath(final.parent, self.root)
+        _make_dirs(claim.parent, changed, self.root)
+        try:
+            os.symlink(target, claim)
+        except FileExistsError:
+            previous = os.readlink(claim)
+            if previous == target:
+                return None
+            if (self.root / previous / final.name).is_file():
+                return Placement.OTHER_LOCATION
+            replacement = claim.with_name(f"{TEMP_PREFIX}{claim.name}")  # a claim whose file is gone
+            replacement.unlink(missing_ok=True)
+            os.symlink(target, replacement)
+            os.replace(replacement, claim)
+        changed.append(claim.parent)
+        return None
 
     def sweep_temp_files(self) -> int:
         """Remove temp files left by an interrupted receive (they may hold patient data). Returns the count."""
@@ -65,6 +121,32 @@ class StorageLayout:
                 path.unlink(missing_ok=True)
                 removed += 1
         return removed
+
+
+def _link_once(temp: Path, final: Path, changed: list[Path], root: Path) -> Placement:
+    _make_dirs(final.parent, changed, root)
+    try:
+        os.link(temp, final)  # unlike rename, never replaces an existing file
+    except FileExistsError:
+        same = filecmp.cmp(temp, final, shallow=False)
+        return Placement.ALREADY_STORED if same else Placement.DIFFERENT_COPY
+    changed.insert(0, final.parent)
+    return Placement.STORED
+
+
+def _make_dirs(directory: Path, changed: list[Path], root: Path) -> None:
+    """Create ``directory`` and missing parents up to ``root``; each created one's parent must be fsynced for the
+    new entry to survive a crash."""
+    missing = []
+    while not directory.is_dir() and directory != root:
+        missing.append(directory)
+        directory = directory.parent
+    for created in reversed(missing):
+        try:
+            created.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        changed.append(created.parent)
 
 
 def write_failure_reason(error: OSError) -> str:
