@@ -104,7 +104,8 @@ class ReceiverConfig:
             raise ReceiverConfigError(
                 f"receiver host {self.host!r} accepts remote peers but allowed_addresses lists only loopback "
                 f"addresses {list(self.allowed_addresses)}: add the PACS's address to allowed_addresses "
-                "(--allow-address), or bind 127.0.0.1")
+                "(receiver_allowed_addresses in the dicom connection, --allow-address for the service), or bind "
+                "127.0.0.1")
 
     @property
     def accepts_deflated(self) -> bool:
