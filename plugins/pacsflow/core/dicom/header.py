@@ -9,9 +9,11 @@ None and the caller reads the same bytes with pydicom, so the answer never depen
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -20,6 +22,9 @@ from pydicom import dcmread
 from pydicom.uid import UID
 
 from pacsflow.core.uids import is_valid_uid
+
+# pydicom logs the values it finds malformed (an incoming UID is patient data): only its errors get through.
+logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 _SOP_INSTANCE_UID, _STUDY_INSTANCE_UID, _SERIES_INSTANCE_UID = 0x00080018, 0x0020000D, 0x0020000E
 _WANTED = {_SOP_INSTANCE_UID: "sop", _STUDY_INSTANCE_UID: "study", _SERIES_INSTANCE_UID: "series"}
@@ -178,8 +183,10 @@ def file_uids(path: Path) -> tuple[object, InstanceUids]:
         return fast
     if is_deflated(head):  # pydicom would inflate all of it in memory, however large: inflate_file first
         raise ValueError("a deflated data set reached the header reader")
-    dataset = dcmread(path, stop_before_pixels=True,
-                      specific_tags=[_SOP_INSTANCE_UID, _STUDY_INSTANCE_UID, _SERIES_INSTANCE_UID])
+    with warnings.catch_warnings():  # pydicom's warnings about a malformed value quote it: patient data
+        warnings.simplefilter("ignore")
+        dataset = dcmread(path, stop_before_pixels=True,
+                          specific_tags=[_SOP_INSTANCE_UID, _STUDY_INSTANCE_UID, _SERIES_INSTANCE_UID])
     return dataset.file_meta.get("MediaStorageSOPInstanceUID"), InstanceUids.of(dataset)
 
 
