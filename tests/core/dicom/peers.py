@@ -11,7 +11,7 @@ import sys
 import time
 import zlib
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -216,9 +216,3 @@ def closed_by_peer(connection: socket.socket, seconds: float) -> bool:
     except OSError:
         return True
     return True
-
-
-@dataclass
-class Attack:
-    name: str
-    sockets: list[socket.socket] = field(default_factory=list)

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,9 +23,10 @@ from pacsflow.core.dicom.config import DEFAULT_RECEIVE_SYNTAXES, PacsConfig, Rec
 from pacsflow.core.dicom.errors import PacsTransientError
 from pacsflow.core.dicom.transport import client_tls
 from pacsflow.core.dicom.header import is_complete
-from pacsflow.core.dicom.intake import CANNOT_UNDERSTAND, DATASET_MISMATCH, DUPLICATE_SOP_INSTANCE, OUT_OF_RESOURCES
+from pacsflow.core.dicom.intake import (CANNOT_UNDERSTAND, DATASET_MISMATCH, DUPLICATE_SOP_INSTANCE,
+                                        OUT_OF_RESOURCES)
 from pacsflow.core.storage import TEMP_PREFIX
-from tests.core.dicom.peers import (RECEIVER_AE, ReceiverProcess, closed_by_peer, connect, ct_instance,
+from tests.core.dicom.peers import (RECEIVER_AE, ReceiverProcess, c_store_fragments, closed_by_peer, connect, ct_instance,
                                     deflate_bomb, encoded, eventually, legitimate_store_succeeds, part10, sender,
                                     store, stored_files)
 
@@ -180,7 +179,6 @@ def _start_a_large_store(port: int, tmp_path: Path, megabytes: int = 64):
     """An association sending the first part of a large instance, left hanging mid-object."""
     dataset = ct_instance(pixels=megabytes * 1024 * 1024 // 2)
     assoc = sender().associate("127.0.0.1", port, ae_title=RECEIVER_AE)
-    from tests.core.dicom.peers import c_store_fragments
     fragments = c_store_fragments(assoc, encoded(dataset), dataset.SOPClassUID, dataset.SOPInstanceUID, 16384)
     for _, fragment in zip(range(1000), fragments):  # ~16 MB of 64
         assoc.dul.send_pdu(fragment)

@@ -26,7 +26,8 @@ from pynetdicom.sop_class import (
 from pacsflow.core.dicom import status as dimse
 from pacsflow.core.dicom.config import PacsConfig, ReceiverConfig
 from pacsflow.core.dicom.errors import PacsConfigurationError, PacsTransientError
-from pacsflow.core.dicom.receiver import OUT_OF_RESOURCES, store_handler
+from pacsflow.core.dicom.intake import OUT_OF_RESOURCES
+from pacsflow.core.dicom.receiver import store_handler
 from pacsflow.core.dicom.results import FindResult, QueryLevel, ReceiverStats, RetrieveReport
 from pacsflow.core.dicom.transport import client_tls, discard_unfinished_stream, stream_to, tune_for_latency
 from pacsflow.core.storage import StorageLayout

@@ -102,7 +102,7 @@ class DcmtkStoreReceiver:
         self._profile = Path()
         self._listener: socket.socket | None = None
         self._associations: list[_Association] = []
-        self._lock = threading.Lock()  # guards _associations
+        self._lock = threading.Lock()  # guards _associations and _opening
         self._ingest_lock = threading.Lock()  # one ingest pass at a time (it alone writes self.stats)
         self._pool: ThreadPoolExecutor | None = None
         self._stop = threading.Event()

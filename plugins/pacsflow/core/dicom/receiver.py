@@ -27,8 +27,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from pacsflow.core.dicom.config import ReceiverConfig
 from pacsflow.core.dicom.dcmtk_receiver import DcmtkStoreReceiver
-from pacsflow.core.dicom.intake import (CANNOT_UNDERSTAND, OUT_OF_RESOURCES, STORED, examine,  # noqa: F401
-                                        placement_status)
+from pacsflow.core.dicom.intake import OUT_OF_RESOURCES, STORED, examine, placement_status
 from pacsflow.core.dicom.results import ReceiverStats
 from pacsflow.core.dicom.transport import (MAX_ASSOCIATE_RQ, RefusedConnection, await_associate_rq,
                                           bound_pdu_reads, discard_unfinished_stream, server_tls, stream_error,
