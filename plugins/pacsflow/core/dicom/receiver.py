@@ -30,7 +30,7 @@ from pacsflow.core.dicom.dcmtk_receiver import DcmtkStoreReceiver
 from pacsflow.core.dicom.intake import OUT_OF_RESOURCES, STORED, examine, placement_status
 from pacsflow.core.dicom.results import ReceiverStats
 from pacsflow.core.dicom.transport import (MAX_ASSOCIATE_RQ, RefusedConnection, await_associate_rq,
-                                          bound_pdu_reads, discard_unfinished_stream, server_tls, stream_error,
+                                          bound_pdu_reads, claim_stream, discard_unfinished_stream, server_tls,
                                           stream_to, tls_handshake, tune_for_latency)
 from pacsflow.core.storage import StorageLayout, write_failure_reason
 
@@ -60,7 +60,7 @@ def _store(event: Any, layout: StorageLayout, config: ReceiverConfig) -> tuple[i
     """(status, reject reason, bytes stored). Success only once the file is at its final path."""
     streamed = Path(event.dataset_path)  # the data set as received, with file meta: no decode/re-encode
     try:
-        error = stream_error(streamed)
+        error = claim_stream(streamed)
         if error is not None:
             raise error
         verdict = examine(streamed, event.request.AffectedSOPInstanceUID, config)

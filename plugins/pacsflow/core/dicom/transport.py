@@ -65,15 +65,20 @@ def discard_unfinished_stream(assoc: Any) -> None:
     """Remove the data set ``assoc`` was receiving when it ended (a peer abort mid-instance): a partial file,
     patient data, must not wait for the next sweep. Call it when the connection closes."""
     stream = _RECEIVING.pop(assoc, None)
-    if stream is not None and not stream.closed:
+    if stream is not None and not stream.closed and not stream.claimed:
         stream.close()
         Path(stream.name).unlink(missing_ok=True)
 
 
-def stream_error(path: Path) -> OSError | None:
-    """The error that cut short the streaming of the data set at ``path`` (a full disk), if any."""
+def claim_stream(path: Path) -> OSError | None:
+    """The C-STORE handler takes the data set streamed to ``path``: complete, it is no longer removed if the
+    connection closes while the handler works on it. Returns the error that cut its writing short (a full
+    disk), if any."""
     stream = _STREAMS.get(str(path))
-    return None if stream is None else stream.error
+    if stream is None:
+        return None
+    stream.claimed = True
+    return stream.error
 
 
 class _StreamedDataSet:
@@ -87,6 +92,7 @@ class _StreamedDataSet:
         self.name = self._handle.name
         self.file = self
         self.error: OSError | None = None
+        self.claimed = False  # by the C-STORE handler: the data set is complete
         _STREAMS[self.name] = self
 
     @property
