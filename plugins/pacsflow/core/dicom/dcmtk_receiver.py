@@ -98,11 +98,12 @@ class DcmtkStoreReceiver:
         self._executable = executable
         self._poll_seconds = poll_seconds
         self._acse_timeout = config.acse_timeout
-        self._opening = 0  # connections accepted and not yet handed over or closed
+        self._opening = 0  # connections accepted and not yet handed over or refused
+        self._draining = 0  # refused connections waiting for their peer to close
         self._profile = Path()
         self._listener: socket.socket | None = None
         self._associations: list[_Association] = []
-        self._lock = threading.Lock()  # guards _associations and _opening
+        self._lock = threading.Lock()  # guards _associations and the connection counts
         self._ingest_lock = threading.Lock()  # one ingest pass at a time (it alone writes self.stats)
         self._pool: ThreadPoolExecutor | None = None
         self._stop = threading.Event()
@@ -214,7 +215,7 @@ class DcmtkStoreReceiver:
             return
         refusal = self._refusal(head)
         if refusal is not None:
-            _refuse(connection, refusal, self._acse_timeout)
+            self._refuse(connection, refusal)
             return
         connection.settimeout(None)  # a blocking descriptor for storescp, which applies its own timeouts
         with self._lock:
@@ -223,7 +224,7 @@ class DcmtkStoreReceiver:
             if not busy:
                 self._start_storescp(connection)
         if busy:
-            _refuse(connection, _BUSY, self._acse_timeout)
+            self._refuse(connection, _BUSY)
         # our copy of the socket closes in _hand_over; storescp holds its own
 
     def _start_storescp(self, connection: socket.socket) -> None:
@@ -251,6 +252,25 @@ class DcmtkStoreReceiver:
         allowed = self.config.allowed_calling_aes
         calling_ae = head[26:42].decode("ascii", "replace").strip()
         return None if not allowed or calling_ae in allowed else _CALLING_AE_UNKNOWN
+
+    def _refuse(self, connection: socket.socket, rejection: bytes) -> None:
+        """Send an A-ASSOCIATE-RJ and let the peer read it. The connection's slot is free once the rejection is
+        sent (a peer that reads it and closes at once must not find the next connection over the cap while this
+        thread waits for its close); those waits have a cap of their own, beyond which the connection is closed
+        at once."""
+        connection.sendall(rejection)
+        connection.shutdown(socket.SHUT_WR)
+        with self._lock:
+            self._opening -= 1
+            drain = self._draining < self.config.max_connections
+            self._draining += int(drain)
+        try:
+            if drain:
+                _wait_for_close(connection, self._acse_timeout)
+        finally:
+            with self._lock:
+                self._opening += 1  # _hand_over gives the slot back
+                self._draining -= int(drain)
 
     # -- ingest ---------------------------------------------------------------------------------------
     def _ingest_loop(self) -> None:
@@ -340,11 +360,9 @@ def _fsync_or_error(path: Path) -> OSError | None:
     return None
 
 
-def _refuse(connection: socket.socket, rejection: bytes, timeout: float) -> None:
-    """Send an A-ASSOCIATE-RJ and let the peer read it: closing with its request still unread would reset the
-    connection (RST), and the peer could see a reset instead of the rejection."""
-    connection.sendall(rejection)
-    connection.shutdown(socket.SHUT_WR)
+def _wait_for_close(connection: socket.socket, timeout: float) -> None:
+    """Read until the peer closes: closing with its request still unread would reset the connection (RST), and
+    the peer could see a reset instead of the rejection it has not read yet."""
     connection.settimeout(timeout)
     try:
         while connection.recv(65536):  # until the peer closes, having read the rejection
