@@ -15,9 +15,8 @@ process and keeps everything that matters on pacsflow's side:
   every staged file is complete and is in the layout when it returns. The pipeline calls it before verifying a
   move against the layout (``pipeline.Destination``; ``StoreReceiver.settle`` is a no-op).
 
-The one difference: ``storescp`` answers success once the file is written, before pacsflow's fsync. A crash in
-between loses instances the PACS counts as sent; they are absent from the layout, so verification re-fetches them.
-A staged file is complete once its ``storescp`` no longer holds it open (``/proc/<pid>/fd``) or has exited.
+``storescp`` answers success once the file is written, before pacsflow's fsync. A crash in between loses
+instances the PACS counts as sent; they are absent from the layout, so verification re-fetches them.
 
 Hostile peers: each connection is handed over only once its A-ASSOCIATE-RQ is in (``acse_timeout``; a silent or
 trickling peer is closed and never becomes a ``storescp``), with the called and calling AE titles checked;
@@ -26,7 +25,7 @@ DIMSE and socket timeouts, its maximum PDU and exactly its transfer syntaxes (a 
 
 Truncation: ``storescp`` removes the file of a C-STORE that fails (peer abort, closed connection), but when it
 is killed mid-object (OOM, a signal) its partial file stays. A staged file is therefore ingested only when
-``storescp`` is alive and no longer holds it, or exited with status 0; files left by a ``storescp`` that died
+``storescp`` is alive and no longer holds it (``/proc/<pid>/fd``), or exited with status 0; files left by a ``storescp`` that died
 otherwise are discarded, and every file must also pass ``header.is_complete`` (each declared length present).
 
 Statuses: ``storescp`` has answered (0x0000) by the time pacsflow examines a file, so an instance refused at

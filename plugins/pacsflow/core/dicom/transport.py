@@ -1,5 +1,6 @@
 """Association settings shared by the client and the receiver: latency, TLS contexts, quiet pynetdicom, where
-received data sets stream to."""
+received data sets stream to; and what both receivers do with an accepted socket before any association exists
+(the deadline for the A-ASSOCIATE-RQ and the TLS handshake, the bound on PDU lengths)."""
 
 from __future__ import annotations
 
