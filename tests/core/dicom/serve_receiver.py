@@ -15,6 +15,13 @@ from pacsflow.core.dicom.receiver import open_receiver
 from pacsflow.core.storage import StorageLayout
 
 
+def _own_peak_kb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def main() -> None:
     settings = json.loads(sys.argv[1])
     tls = settings.pop("tls", None)
@@ -26,7 +33,9 @@ def main() -> None:
     with open_receiver(config, StorageLayout(Path(sys.argv[2]))) as receiver:
         print(f"port {receiver.port}", flush=True)
         stop.wait()
-    peak_kb = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    # Its own high-water mark from /proc: getrusage's carries over exec from the process that started it (the
+    # test runner, hundreds of MB). Children (storescp): the largest reaped one.
+    peak_kb = max(_own_peak_kb(), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     print(json.dumps({"stored": receiver.stats.stored, "rejected_reasons": receiver.stats.rejected_reasons,
                       "peak_rss_mb": round(peak_kb / 1024, 1)}), flush=True)
 
