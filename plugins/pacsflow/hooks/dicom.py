@@ -63,17 +63,36 @@ class DicomHook(BaseHook):
         )
 
     def receiver_config(self) -> ReceiverConfig:
-        allowed = self._option("allowed_calling_aes", "")
-        if isinstance(allowed, str):
-            allowed = [ae.strip() for ae in allowed.split(",") if ae.strip()]
+        """The receiver's settings: ``receiver_*`` keys of the extra (and ``allowed_calling_aes``); each one left
+        out keeps ``ReceiverConfig``'s default. Raises ``ReceiverConfigError`` naming a setting that cannot work."""
+        defaults = ReceiverConfig()
+        tls_cert = self._option("receiver_tls_cert_file")
         return ReceiverConfig(
-            ae_title=self._option("receiver_ae", "PACSFLOW"),
-            host=self._option("receiver_host", "127.0.0.1"),
-            port=int(self._option("receiver_port", 11113)),
-            allowed_calling_aes=tuple(allowed),
-            mode=self._option("receiver_mode", "shared"),
-            backend=self._option("receiver_backend", "pynetdicom"),
+            ae_title=self._option("receiver_ae", defaults.ae_title),
+            host=self._option("receiver_host", defaults.host),
+            port=int(self._option("receiver_port", defaults.port)),
+            allowed_calling_aes=self._list("allowed_calling_aes", ()),
+            allowed_addresses=self._list("receiver_allowed_addresses", defaults.allowed_addresses),
+            max_associations=int(self._option("receiver_max_associations", defaults.max_associations)),
+            mode=self._option("receiver_mode", defaults.mode),
+            tls=TlsConfig(self._option("receiver_tls_ca_file"), tls_cert, self._option("receiver_tls_key_file"))
+            if tls_cert else None,
+            backend=self._option("receiver_backend", defaults.backend),
+            acse_timeout=float(self._option("receiver_acse_timeout", defaults.acse_timeout)),
+            dimse_timeout=float(self._option("receiver_dimse_timeout", defaults.dimse_timeout)),
+            network_timeout=float(self._option("receiver_network_timeout", defaults.network_timeout)),
+            max_pdu=int(self._option("receiver_max_pdu", defaults.max_pdu)),
+            transfer_syntaxes=self._list("receiver_transfer_syntaxes", defaults.transfer_syntaxes),
+            max_inflated_bytes=int(self._option("receiver_max_inflated_bytes", defaults.max_inflated_bytes)),
         )
+
+    def _list(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        """A list option: a JSON list or a comma-separated string."""
+        value = self._option(name)
+        if value is None:
+            return default
+        items = value.split(",") if isinstance(value, str) else value
+        return tuple(str(item).strip() for item in items if str(item).strip())
 
     def get_conn(self) -> PacsClient:
         """A client for the PACS; use it as a context manager so the association is released."""

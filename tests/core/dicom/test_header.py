@@ -19,6 +19,7 @@ from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndia
 
 from pacsflow.core.dicom import header
 from pacsflow.core.dicom.header import HeaderProblem, InstanceUids, file_uids
+from pacsflow.core.dicom.inflate import InflateError, inflate_file
 
 SOP, STUDY, SERIES = "1.2.3.4.5.6", "1.2.3.4", "1.2.3.4.5"
 SERIES_UID_TAG = 0x0020000E
@@ -36,12 +37,44 @@ def _part10_files() -> list[Path]:
 
 
 @pytest.mark.parametrize("path", _part10_files(), ids=lambda path: path.name)
-def test_every_pydicom_test_file_gives_pydicoms_uids(path):
+def test_every_pydicom_test_file_gives_pydicoms_uids(path, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        meta_sop_uid, uids = file_uids(path)
         full = dcmread(path, stop_before_pixels=True)
+        if header.is_deflated(path.read_bytes()[:header._HEAD_BYTES]):
+            with pytest.raises(ValueError, match="deflated"):  # never inflated whole in memory
+                file_uids(path)
+            path = tmp_path / path.name
+            path.write_bytes((TEST_FILES / path.name).read_bytes())
+            inflate_file(path, max_bytes=100 * 1024 * 1024)
+        meta_sop_uid, uids = file_uids(path)
     assert (meta_sop_uid, uids) == (full.file_meta.get("MediaStorageSOPInstanceUID"), InstanceUids.of(full))
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm",
+                                  "SC_rgb_jpeg_gdcm.dcm"])
+def test_a_whole_image_is_complete_and_every_cut_of_it_is_not(name, tmp_path):
+    data = (TEST_FILES / name).read_bytes()
+    path = tmp_path / name
+    path.write_bytes(data)
+    assert header.is_complete(path)
+    cuts = sorted({*random.Random(7).sample(range(1, len(data)), 200), len(data) - 1, 200})
+    for cut in cuts:
+        path.write_bytes(data[:cut])
+        assert not header.is_complete(path), f"cut at {cut} of {len(data)} taken for complete"
+    path.write_bytes(data + b"\x00\x00")
+    assert not header.is_complete(path)
+
+
+def test_a_deflated_file_inflates_within_its_bound_only(tmp_path):
+    path = tmp_path / "image_dfl.dcm"
+    path.write_bytes((TEST_FILES / "image_dfl.dcm").read_bytes())
+    with pytest.raises(InflateError, match="max_inflated_bytes"):
+        inflate_file(path, max_bytes=1000)
+    assert path.read_bytes() == (TEST_FILES / "image_dfl.dcm").read_bytes() and len(list(tmp_path.iterdir())) == 1
+    inflate_file(path, max_bytes=10 * 1024 * 1024)
+    assert header.is_complete(path)
+    assert dcmread(path).PixelData == dcmread(TEST_FILES / "image_dfl.dcm").PixelData
 
 
 @pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm",
@@ -89,11 +122,14 @@ def test_nested_undefined_length_sequences_before_the_uids(syntax, tmp_path):
     assert file_uids(path) == _pydicom_answer(data)
 
 
-def test_deflated_files_are_left_to_pydicom(tmp_path):
+def test_deflated_files_are_read_once_inflated_never_by_pydicom_whole(tmp_path):
     path = _save(_dataset_with_nested_undefined_length_sequences(), tmp_path / "deflated.dcm",
                  DeflatedExplicitVRLittleEndian)
     assert header._uids_fast(path.read_bytes()) is None
-    assert file_uids(path) == (SOP, InstanceUids(SOP, STUDY, SERIES))
+    with pytest.raises(ValueError, match="deflated"):
+        file_uids(path)
+    inflate_file(path, max_bytes=1024 * 1024)
+    assert header._uids_fast(path.read_bytes()) == (SOP, InstanceUids(SOP, STUDY, SERIES))
 
 
 def test_a_buffer_cut_before_the_series_uid_is_left_to_pydicom():

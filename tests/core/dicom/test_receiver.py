@@ -26,7 +26,8 @@ from pynetdicom.dsutils import encode
 from pacsflow.core.dicom.client import PacsClient
 from pacsflow.core.dicom.config import PacsConfig, ReceiverConfig, TlsConfig
 from pacsflow.core.dicom.errors import PacsTransientError
-from pacsflow.core.dicom.receiver import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, StoreReceiver, open_receiver
+from pacsflow.core.dicom.intake import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
+from pacsflow.core.dicom.receiver import StoreReceiver, open_receiver
 from pacsflow.core.dicom.transport import client_tls
 from pacsflow.core.dicom.dcmtk_receiver import STAGING_DIR
 from pacsflow.core.storage import TEMP_PREFIX, StorageLayout

@@ -18,7 +18,7 @@ import socket
 import threading
 from pathlib import Path
 
-from pacsflow.core.dicom.config import ReceiverConfig, TlsConfig
+from pacsflow.core.dicom.config import ReceiverConfig, ReceiverConfigError, TlsConfig
 from pacsflow.core.dicom.receiver import open_receiver
 from pacsflow.core.dicom.sharing import LEASE, idle
 from pacsflow.core.privacy import use_private_umask
@@ -58,7 +58,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "$PACSFLOW_RECEIVER_ALLOWED_ADDRESSES, comma-separated, else loopback only)")
     parser.add_argument("--max-associations", type=int,
                         default=int(env("PACSFLOW_RECEIVER_MAX_ASSOCIATIONS", "10")),
-                        help="(default: $PACSFLOW_RECEIVER_MAX_ASSOCIATIONS or 10)")
+                        help="associations at once; more are answered busy "
+                             "(default: $PACSFLOW_RECEIVER_MAX_ASSOCIATIONS or 10)")
+    defaults = ReceiverConfig()
+    parser.add_argument("--acse-timeout", type=float, default=defaults.acse_timeout,
+                        help="seconds a connection has to present its association (default: %(default)s)")
+    parser.add_argument("--dimse-timeout", type=float, default=defaults.dimse_timeout,
+                        help="seconds to wait for a DIMSE message (default: %(default)s)")
+    parser.add_argument("--network-timeout", type=float, default=defaults.network_timeout,
+                        help="seconds any read or write may block (default: %(default)s)")
+    parser.add_argument("--max-pdu", type=int, default=defaults.max_pdu,
+                        help="maximum PDU advertised and accepted, bytes (default: %(default)s; dcmtk: <= 131072)")
+    parser.add_argument("--transfer-syntax", action="append", default=[],
+                        help="accept this transfer syntax UID (repeat; default: every one but Deflated)")
+    parser.add_argument("--max-inflated-bytes", type=int, default=defaults.max_inflated_bytes,
+                        help="with Deflated accepted: largest inflated data set (default: %(default)s)")
     parser.add_argument("--backend", choices=BACKENDS, default=env("PACSFLOW_RECEIVER_BACKEND", "pynetdicom"),
                         help="dcmtk: DCMTK storescp per association (faster; no TLS) "
                              "(default: $PACSFLOW_RECEIVER_BACKEND or pynetdicom)")
@@ -99,12 +113,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     use_private_umask()  # received instances, staging files and directories: the service account only
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    config = ReceiverConfig(ae_title=args.ae_title, host=args.host, port=args.port,
-                            allowed_calling_aes=tuple(args.allow_ae),
-                            allowed_addresses=args.allow_address or ReceiverConfig.allowed_addresses,
-                            max_associations=args.max_associations, mode="service", backend=args.backend,
-                            tls=TlsConfig(ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key)
-                            if args.tls_cert else None)
+    try:
+        config = ReceiverConfig(ae_title=args.ae_title, host=args.host, port=args.port,
+                                allowed_calling_aes=tuple(args.allow_ae),
+                                allowed_addresses=args.allow_address or ReceiverConfig.allowed_addresses,
+                                max_associations=args.max_associations, mode="service", backend=args.backend,
+                                tls=TlsConfig(ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key)
+                                if args.tls_cert else None,
+                                acse_timeout=args.acse_timeout, dimse_timeout=args.dimse_timeout,
+                                network_timeout=args.network_timeout, max_pdu=args.max_pdu,
+                                transfer_syntaxes=tuple(args.transfer_syntax) or ReceiverConfig.transfer_syntaxes,
+                                max_inflated_bytes=args.max_inflated_bytes)
+    except ReceiverConfigError as error:
+        log.error("cannot start the receiver: %s", error)
+        return 2
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

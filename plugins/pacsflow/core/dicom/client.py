@@ -14,7 +14,8 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.valuerep import PersonName
-from pynetdicom import AE, StoragePresentationContexts, build_role, evt
+from pydicom.uid import UID
+from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, StoragePresentationContexts, build_role, evt
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -23,14 +24,19 @@ from pynetdicom.sop_class import (
 )
 
 from pacsflow.core.dicom import status as dimse
-from pacsflow.core.dicom.config import PacsConfig
+from pacsflow.core.dicom.config import PacsConfig, ReceiverConfig
 from pacsflow.core.dicom.errors import PacsConfigurationError, PacsTransientError
-from pacsflow.core.dicom.receiver import OUT_OF_RESOURCES, store_handler
+from pacsflow.core.dicom.intake import OUT_OF_RESOURCES
+from pacsflow.core.dicom.receiver import store_handler
 from pacsflow.core.dicom.results import FindResult, QueryLevel, ReceiverStats, RetrieveReport
 from pacsflow.core.dicom.transport import client_tls, discard_unfinished_stream, stream_to, tune_for_latency
 from pacsflow.core.storage import StorageLayout
 from pacsflow.core.uids import is_valid_uid
 
+# C-GET stores come back through the receiver's handler, with its defaults: no Deflated (inflating is the one step
+# whose memory a peer controls).
+_GET_STORES = ReceiverConfig()
+_GET_STORE_SYNTAXES = [s for s in DEFAULT_TRANSFER_SYNTAXES if not UID(s).is_deflated]
 _QUERY_RETRIEVE_MODELS = (Verification, StudyRootQueryRetrieveInformationModelFind,
                           StudyRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelGet)
 _UNIQUE_KEYS: dict[str, tuple[str, ...]] = {
@@ -106,7 +112,7 @@ class PacsClient:
             stream_to(assoc, layout.root)
             return assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet)
 
-        self._get_store = store_handler(layout, self.get_stats)
+        self._get_store = store_handler(layout, self.get_stats, _GET_STORES)
         try:
             return _retrieve_report(self._exchange("C-GET", send, stores=True), "C-GET")
         finally:
@@ -156,7 +162,7 @@ class PacsClient:
         roles = []
         if stores:  # C-GET stores come back on this association: propose storage with us as SCP
             for context in StoragePresentationContexts[: 128 - len(_QUERY_RETRIEVE_MODELS)]:
-                ae.add_requested_context(context.abstract_syntax)
+                ae.add_requested_context(context.abstract_syntax, _GET_STORE_SYNTAXES)
                 roles.append(build_role(context.abstract_syntax, scp_role=True))
         rejection: dict[str, int] = {}
         handlers = [(evt.EVT_C_STORE, self._on_get_store), (evt.EVT_ACSE_RECV, _capture_rejection(rejection)),

@@ -15,9 +15,23 @@ process and keeps everything that matters on pacsflow's side:
   every staged file is complete and is in the layout when it returns. The pipeline calls it before verifying a
   move against the layout (``pipeline.Destination``; ``StoreReceiver.settle`` is a no-op).
 
-The one difference: ``storescp`` answers success once the file is written, before pacsflow's fsync. A crash in
-between loses instances the PACS counts as sent; they are absent from the layout, so verification re-fetches them.
-A staged file is complete once its ``storescp`` no longer holds it open (``/proc/<pid>/fd``) or has exited.
+``storescp`` answers success once the file is written, before pacsflow's fsync. A crash in between loses
+instances the PACS counts as sent; they are absent from the layout, so verification re-fetches them.
+
+Hostile peers: each connection is handed over only once its A-ASSOCIATE-RQ is in (``acse_timeout``; a silent or
+trickling peer is closed and never becomes a ``storescp``), with the called and calling AE titles checked;
+connections beyond ``config.max_connections`` are closed at once; ``storescp`` runs with the receiver's ACSE,
+DIMSE and socket timeouts, its maximum PDU and exactly its transfer syntaxes (a profile written at start).
+
+Truncation: ``storescp`` removes the file of a C-STORE that fails (peer abort, closed connection), but when it
+is killed mid-object (OOM, a signal) its partial file stays. A staged file is therefore ingested only when
+``storescp`` is alive and no longer holds it (``/proc/<pid>/fd``), or exited with status 0; files left by a ``storescp`` that died
+otherwise are discarded, and every file must also pass ``header.is_complete`` (each declared length present).
+
+Statuses: ``storescp`` has answered (0x0000) by the time pacsflow examines a file, so an instance refused at
+ingest (invalid UID, SOP mismatch, undecodable or incomplete body, duplicate) was answered success and is then
+absent from the layout: verification counts it missing and asks for it again (the pynetdicom backend answers
+0xC000/0xA900/0x0111 instead).
 """
 
 from __future__ import annotations
@@ -35,12 +49,17 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from pacsflow.core.dicom.config import ReceiverConfig
+from pynetdicom import StoragePresentationContexts
+from pynetdicom.sop_class import Verification
+
+from pacsflow.core.dicom.config import DCMTK_MAX_PDU, ReceiverConfig
 from pacsflow.core.dicom.errors import PacsConfigurationError
-from pacsflow.core.dicom.header import file_uids
+from pacsflow.core.dicom.intake import examine
 from pacsflow.core.dicom.results import ReceiverStats
 from pacsflow.core.dicom.sharing import port_unavailable, receiver_lock
+from pacsflow.core.dicom.transport import ASSOCIATE_RQ_HEAD, RefusedConnection, await_associate_rq
 from pacsflow.core.processes import stop_process
 from pacsflow.core.privacy import make_private_dir, redact_uids_in_library_logs, use_private_umask
 from pacsflow.core.storage import (
@@ -53,7 +72,8 @@ from pacsflow.core.storage import (
 log = logging.getLogger("pacsflow.receiver.dcmtk")
 
 STAGING_DIR = ".staging-dcmtk"  # inside the layout root; readers of the layout skip dot entries
-_ASSOCIATE_RQ, _ASSOCIATE_RQ_HEADER = 0x01, 74  # PDU type; bytes up to and including the calling AE title
+PROFILE = "Pacsflow"
+INCOMPLETE = "incomplete (storescp ended abnormally)"
 # fsync waits on the disk with the GIL released: several in flight let the file system commit them together.
 INGEST_THREADS = 4
 
@@ -64,6 +84,7 @@ def _associate_rj(result: int, source: int, reason: int) -> bytes:
 
 
 _CALLING_AE_UNKNOWN = _associate_rj(0x01, 0x01, 0x03)  # rejected-permanent, service-user, calling AE
+_CALLED_AE_UNKNOWN = _associate_rj(0x01, 0x01, 0x07)  # rejected-permanent, service-user, called AE
 _BUSY = _associate_rj(0x02, 0x03, 0x02)  # rejected-transient, service-provider (presentation), local limit
 
 
@@ -77,16 +98,19 @@ class DcmtkStoreReceiver:
     """Drop-in for ``StoreReceiver`` (same constructor, ``stats``, ``port``, context manager)."""
 
     def __init__(self, config: ReceiverConfig, layout: StorageLayout, *, executable: str = "storescp",
-                 poll_seconds: float = 0.01, acse_timeout: float = 30.0) -> None:
+                 poll_seconds: float = 0.01) -> None:
         self.config = config
         self.layout = layout
         self.stats = ReceiverStats()
         self._executable = executable
         self._poll_seconds = poll_seconds
-        self._acse_timeout = acse_timeout
+        self._acse_timeout = config.acse_timeout
+        self._opening = 0  # connections accepted and not yet handed over or refused
+        self._draining = 0  # refused connections waiting for their peer to close
+        self._profile = Path()
         self._listener: socket.socket | None = None
         self._associations: list[_Association] = []
-        self._lock = threading.Lock()  # guards _associations
+        self._lock = threading.Lock()  # guards _associations and the connection counts
         self._root_lock = ExitStack()
         self._ingest_lock = threading.Lock()  # one ingest pass at a time (it alone writes self.stats)
         self._pool: ThreadPoolExecutor | None = None
@@ -127,6 +151,9 @@ class DcmtkStoreReceiver:
         self.layout.sweep_temp_files()
         shutil.rmtree(self.staging_root, ignore_errors=True)  # leftovers may be partial: the PACS re-sends them
         self.staging_root.mkdir(mode=0o700)
+        # the association profile holds no patient data: outside the root, which then holds only instances
+        self._profile = Path(tempfile.mkdtemp(prefix="pacsflow-storescp-")) / "storescp.cfg"
+        _write_profile(self._profile, self.config.transfer_syntaxes)
         try:
             self._listener = socket.create_server((self.config.host, self.config.port))
         except OSError as error:
@@ -155,6 +182,7 @@ class DcmtkStoreReceiver:
             self._pool.shutdown()
             self._pool = None
         shutil.rmtree(self.staging_root, ignore_errors=True)
+        shutil.rmtree(self._profile.parent, ignore_errors=True)
         self.layout.sweep_temp_files()
         self._root_lock.close()
 
@@ -178,48 +206,93 @@ class DcmtkStoreReceiver:
                 continue
             except OSError:
                 return
-            threading.Thread(target=self._hand_over, args=(connection, address), daemon=True).start()
-
-    def _hand_over(self, connection: socket.socket, address: tuple[str, int]) -> None:
-        with connection:
             allowed = self.config.allowed_addresses
-            if allowed and address[0] not in allowed:
-                return
-            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            refusal = self._refusal(connection)
-            if refusal is not None:
-                _refuse(connection, refusal, self._acse_timeout)
-                return
+            if (allowed and address[0] not in allowed) or not self._admit():
+                connection.close()
+                continue
+            threading.Thread(target=self._hand_over, args=(connection,), daemon=True).start()
+
+    def _admit(self) -> bool:
+        """Whether one more connection thread fits under ``max_connections`` (storescp processes included)."""
+        with self._lock:
+            live = sum(1 for a in self._associations if a.process.poll() is None)
+            if self._opening + live >= self.config.max_connections:
+                return False
+            self._opening += 1
+            return True
+
+    def _hand_over(self, connection: socket.socket) -> None:
+        try:
+            with connection:
+                self._hand_over_or_refuse(connection)
+        finally:
             with self._lock:
-                live = [a for a in self._associations if a.process.poll() is None]
-                busy = len(live) >= self.config.max_associations
-                if not busy:
-                    self._start_storescp(connection)
-            if busy:
-                _refuse(connection, _BUSY, self._acse_timeout)
-        # our copy of the socket closes here; storescp holds its own
+                self._opening -= 1
+
+    def _hand_over_or_refuse(self, connection: socket.socket) -> None:
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            head = await_associate_rq(connection, time.monotonic() + self._acse_timeout)
+        except RefusedConnection:
+            return
+        refusal = self._refusal(head)
+        if refusal is not None:
+            self._refuse(connection, refusal)
+            return
+        connection.settimeout(None)  # a blocking descriptor for storescp, which applies its own timeouts
+        with self._lock:
+            live = [a for a in self._associations if a.process.poll() is None]
+            busy = len(live) >= self.config.max_associations
+            if not busy:
+                self._start_storescp(connection)
+        if busy:
+            self._refuse(connection, _BUSY)
+        # our copy of the socket closes in _hand_over; storescp holds its own
 
     def _start_storescp(self, connection: socket.socket) -> None:
         """Hand the connection to a new ``storescp`` writing into a staging directory of its own."""
         # resolved: compared with the paths /proc reports as open
         staging = Path(tempfile.mkdtemp(prefix="association-", dir=self.staging_root)).resolve()
+        config = self.config
         process = subprocess.Popen(
-            [self._executable, "--inetd", "-aet", self.config.ae_title, "+B", "+uf", "-pdu", "131072",
-             "-ta", str(int(self._acse_timeout)), "-od", str(staging)],
+            [self._executable, "--inetd", "-aet", config.ae_title, "+B", "+uf",
+             "-xf", str(self._profile), PROFILE, "-pdu", str(min(config.max_pdu, DCMTK_MAX_PDU)),
+             "-ta", _seconds(config.acse_timeout), "-td", _seconds(config.dimse_timeout),
+             "-ts", _seconds(config.network_timeout), "-od", str(staging)],
             stdin=connection.fileno(), stdout=connection.fileno(), stderr=subprocess.DEVNULL,
             env={**os.environ, "TCP_NODELAY": "1"}, close_fds=True)
         self._associations.append(_Association(process, staging))
 
-    def _refusal(self, connection: socket.socket) -> bytes | None:
-        """An A-ASSOCIATE-RJ for a calling AE title not allowed, from the peeked A-ASSOCIATE-RQ; else None."""
+    def _refusal(self, head: bytes) -> bytes | None:
+        """An A-ASSOCIATE-RJ for a called AE title other than ours or a calling AE title not allowed, from the
+        peeked A-ASSOCIATE-RQ; else None."""
+        if len(head) < ASSOCIATE_RQ_HEAD:
+            return _CALLED_AE_UNKNOWN
+        called_ae = head[10:26].decode("ascii", "replace").strip()
+        if called_ae != self.config.ae_title:
+            return _CALLED_AE_UNKNOWN
         allowed = self.config.allowed_calling_aes
-        if not allowed:
-            return None
-        header = _peek(connection, _ASSOCIATE_RQ_HEADER, self._acse_timeout)
-        if len(header) < _ASSOCIATE_RQ_HEADER or header[0] != _ASSOCIATE_RQ:
-            return _CALLING_AE_UNKNOWN
-        calling_ae = header[26:42].decode("ascii", "replace").strip()
-        return None if calling_ae in allowed else _CALLING_AE_UNKNOWN
+        calling_ae = head[26:42].decode("ascii", "replace").strip()
+        return None if not allowed or calling_ae in allowed else _CALLING_AE_UNKNOWN
+
+    def _refuse(self, connection: socket.socket, rejection: bytes) -> None:
+        """Send an A-ASSOCIATE-RJ and let the peer read it. The connection's slot is free once the rejection is
+        sent (a peer that reads it and closes at once must not find the next connection over the cap while this
+        thread waits for its close); those waits have a cap of their own, beyond which the connection is closed
+        at once."""
+        connection.sendall(rejection)
+        connection.shutdown(socket.SHUT_WR)
+        with self._lock:
+            self._opening -= 1
+            drain = self._draining < self.config.max_connections
+            self._draining += int(drain)
+        try:
+            if drain:
+                _wait_for_close(connection, self._acse_timeout)
+        finally:
+            with self._lock:
+                self._opening += 1  # _hand_over gives the slot back
+                self._draining -= int(drain)
 
     # -- ingest ---------------------------------------------------------------------------------------
     def _ingest_loop(self) -> None:
@@ -236,8 +309,14 @@ class DcmtkStoreReceiver:
             # so it is complete if it is not held then; a file still empty may be one being created now.
             staged = [(Path(entry.path), entry.stat().st_size) for entry in entries]
         held = set() if exited else _open_files(association.process.pid)
-        if held is None:  # the process exited meanwhile: everything it wrote is complete
+        if held is None:  # the process exited meanwhile
             exited, held = True, set()
+        if exited and association.process.wait() != 0:
+            # Killed (OOM, a signal) or failed: the file it was writing may be cut short, and storescp did not
+            # get to remove it. What it had finished was ingested by earlier passes while it was alive.
+            for path, _ in staged:
+                self._reject(path, INCOMPLETE)
+            return []
         return [path for path, size in staged if exited or (size > 0 and str(path) not in held)]
 
     def _forget_if_done(self, association: _Association) -> None:
@@ -252,40 +331,42 @@ class DcmtkStoreReceiver:
         Headers are parsed here, one after the other; only the fsyncs go to the pool. Python work in the pool
         threads would make each fsync wait for the GIL on its return (a convoy: twice as slow, measured)."""
         assert self._pool is not None, "the receiver is not running"
-        accepted = [(path, final) for path in staged if (final := self._destination(path)) is not None]
+        accepted = [(path, uids) for path in staged if (uids := self._examine(path)) is not None]
         synced = self._pool.map(_fsync_or_error, [path for path, _ in accepted])
-        touched = {directory for (path, final), error in zip(accepted, synced)
-                   if (directory := self._move_into_layout(path, final, error)) is not None}
-        for directory in touched:  # one directory fsync per series and pass, after the renames
+        touched: set[Path] = set()
+        for (path, uids), error in zip(accepted, synced):
+            touched.update(self._place(path, uids, error))
+        for directory in touched:  # one fsync per directory and pass, after the links
             fsync_path(directory)
 
-    def _destination(self, path: Path) -> Path | None:
-        """The layout path of a staged file whose header is valid; None (file rejected) otherwise."""
+    def _examine(self, path: Path) -> Any:
+        """The UIDs to file a staged file under; None (file rejected) when ``intake.examine`` refuses it."""
         try:
-            requested_sop_uid, uids = file_uids(path)  # storescp writes the request's UID into the file meta
-        except Exception:  # an undecodable file from the peer
-            return self._reject(path, "undecodable dataset")
-        problem = uids.problem(requested_sop_uid)
-        if problem is not None:
-            return self._reject(path, problem.value)
-        return self.layout.instance_path(str(uids.study), str(uids.series), str(uids.sop))
+            verdict = examine(path, None, self.config)  # storescp writes the request's UID into the file meta
+        except OSError as error:
+            return self._reject(path, write_failure_reason(error))
+        return verdict.uids if verdict.uids is not None else self._reject(path, verdict.reason)
 
-    def _move_into_layout(self, path: Path, final: Path, fsync_error: OSError | None) -> Path | None:
-        """Rename a staged file that is durable into the layout; returns its series directory."""
+    def _place(self, path: Path, uids: Any, fsync_error: OSError | None) -> list[Path]:
+        """Link a staged file that is durable into the layout; returns the directories to fsync."""
         try:
             if fsync_error is not None:
                 raise fsync_error
             size = path.stat().st_size
-            os.chmod(path, PRIVATE_FILE_MODE)
-            self.layout.make_series_dir(final.parent.parent.name, final.parent.name)
-            os.replace(path, final)
+            os.chmod(path, PRIVATE_FILE_MODE)  # storescp honours the umask only
+            placement, changed = self.layout.place(path, str(uids.study), str(uids.series), str(uids.sop))
         except OSError as error:
             reason = write_failure_reason(error)
             log.error("cannot store an instance: %s", reason)
-            return self._reject(path, reason)
+            self._reject(path, reason)
+            return []
+        if placement.refused:
+            self.stats.reject(placement.value)
+            log.warning("refused a received instance: %s", placement.value)
+            return []
         self.stats.stored += 1
         self.stats.bytes_stored += size
-        return final.parent
+        return changed
 
     def _reject(self, path: Path, reason: str) -> None:
         path.unlink(missing_ok=True)
@@ -302,11 +383,9 @@ def _fsync_or_error(path: Path) -> OSError | None:
     return None
 
 
-def _refuse(connection: socket.socket, rejection: bytes, timeout: float) -> None:
-    """Send an A-ASSOCIATE-RJ and let the peer read it: closing with its request still unread would reset the
-    connection (RST), and the peer could see a reset instead of the rejection."""
-    connection.sendall(rejection)
-    connection.shutdown(socket.SHUT_WR)
+def _wait_for_close(connection: socket.socket, timeout: float) -> None:
+    """Read until the peer closes: closing with its request still unread would reset the connection (RST), and
+    the peer could see a reset instead of the rejection it has not read yet."""
     connection.settimeout(timeout)
     try:
         while connection.recv(65536):  # until the peer closes, having read the rejection
@@ -315,22 +394,21 @@ def _refuse(connection: socket.socket, rejection: bytes, timeout: float) -> None
         pass
 
 
-def _peek(connection: socket.socket, size: int, timeout: float) -> bytes:
-    """Up to ``size`` bytes at the head of the stream, left in place for storescp to read."""
-    deadline = time.monotonic() + timeout
-    data = b""
-    while len(data) < size and time.monotonic() < deadline:
-        connection.settimeout(max(deadline - time.monotonic(), 0.001))
-        try:
-            data = connection.recv(size, socket.MSG_PEEK)
-        except (TimeoutError, socket.timeout, OSError):
-            break
-        if not data:
-            break
-        if len(data) < size:
-            time.sleep(0.005)
-    connection.settimeout(None)
-    return data
+def _seconds(timeout: float) -> str:
+    """A storescp timeout option: whole seconds, at least 1 (0 would mean none)."""
+    return str(max(1, round(timeout)))
+
+
+def _write_profile(path: Path, transfer_syntaxes: tuple[str, ...]) -> None:
+    """A storescp association profile accepting the storage SOP classes pynetdicom knows (as the other backend)
+    and Verification, each with exactly ``transfer_syntaxes``."""
+    sop_classes = [str(Verification)] + [str(c.abstract_syntax) for c in StoragePresentationContexts]
+    lines = ["[[TransferSyntaxes]]", "[Accepted]"]
+    lines += [f"TransferSyntax{n} = {uid}" for n, uid in enumerate(transfer_syntaxes, 1)]
+    lines += ["[[PresentationContexts]]", "[Storage]"]
+    lines += [f"PresentationContext{n} = {uid}\\Accepted" for n, uid in enumerate(sop_classes, 1)]
+    lines += ["[[Profiles]]", f"[{PROFILE}]", "PresentationContexts = Storage"]
+    path.write_text("\n".join(lines) + "\n")
 
 
 def _open_files(pid: int) -> set[str] | None:

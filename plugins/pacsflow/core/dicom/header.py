@@ -9,7 +9,11 @@ None and the caller reads the same bytes with pydicom, so the answer never depen
 
 from __future__ import annotations
 
+import logging
+import mmap
+import os
 import struct
+import warnings
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -18,6 +22,9 @@ from pydicom import dcmread
 from pydicom.uid import UID
 
 from pacsflow.core.uids import is_valid_uid
+
+# pydicom logs the values it finds malformed (an incoming UID is patient data): only its errors get through.
+logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 _SOP_INSTANCE_UID, _STUDY_INSTANCE_UID, _SERIES_INSTANCE_UID = 0x00080018, 0x0020000D, 0x0020000E
 _WANTED = {_SOP_INSTANCE_UID: "sop", _STUDY_INSTANCE_UID: "study", _SERIES_INSTANCE_UID: "series"}
@@ -29,6 +36,10 @@ _UNDEFINED = 0xFFFFFFFF
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
 _SHORT_VRS = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"PN",
                         b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"})
+_MEDIA_SOP_CLASS_UID = 0x00020002
+_ROWS = 0x00280010
+_PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # float, double float, pixel data
+_IMAGE_TAGS = _PIXEL_DATA_TAGS | {_ROWS}
 _HEAD_BYTES = 64 * 1024  # the elements up to SeriesInstanceUID fit in far less, file meta included
 
 
@@ -37,6 +48,7 @@ class HeaderProblem(Enum):
 
     INVALID_UID = "invalid UID"
     SOP_INSTANCE_MISMATCH = "SOP Instance UID differs from the request"
+    INCOMPLETE = "data set incomplete or its lengths inconsistent"
 
 
 @dataclass(frozen=True)
@@ -66,9 +78,9 @@ class _CannotTell(Exception):
 
 
 class _Reader:
-    def __init__(self, data: bytes, position: int, little_endian: bool) -> None:
+    def __init__(self, data: bytes | mmap.mmap, position: int, little_endian: bool, *, whole: bool = False) -> None:
         self.data, self.position = data, position
-        self.whole = len(data) < _HEAD_BYTES  # else the data may go on past what was read
+        self.whole = whole or len(data) < _HEAD_BYTES  # else the data may go on past what was read
         order = "<" if little_endian else ">"
         self._tag, self._u16, self._u32 = (struct.Struct(order + fmt) for fmt in ("HH", "H", "I"))
 
@@ -78,6 +90,12 @@ class _Reader:
             raise _CannotTell
         chunk, self.position = self.data[self.position:end], end
         return chunk
+
+    def skip(self, size: int) -> None:
+        """Step over a value without reading it."""
+        if self.position + size > len(self.data):
+            raise _CannotTell
+        self.position += size
 
     def tag(self) -> int:
         group, element = self._tag.unpack(self.take(4))
@@ -113,7 +131,7 @@ def _skip_undefined(reader: _Reader, implicit_vr: bool) -> None:
         if length == _UNDEFINED:
             _skip_undefined(reader, implicit_vr)
         else:
-            reader.take(length)
+            reader.skip(length)
 
 
 def _walk(reader: _Reader, implicit_vr: bool, wanted: dict[int, str], last: int) -> dict[str, str]:
@@ -159,9 +177,98 @@ def file_uids(path: Path) -> tuple[object, InstanceUids]:
     """(MediaStorageSOPInstanceUID of the file meta, the data set's UIDs) of a DICOM file.
     Raises what pydicom raises for a file it cannot read."""
     with open(path, "rb") as handle:
-        fast = _uids_fast(handle.read(_HEAD_BYTES))
+        head = handle.read(_HEAD_BYTES)
+    fast = _uids_fast(head)
     if fast is not None:
         return fast
-    dataset = dcmread(path, stop_before_pixels=True,
-                      specific_tags=[_SOP_INSTANCE_UID, _STUDY_INSTANCE_UID, _SERIES_INSTANCE_UID])
+    if is_deflated(head):  # pydicom would inflate all of it in memory, however large: inflate_file first
+        raise ValueError("a deflated data set reached the header reader")
+    with warnings.catch_warnings():  # pydicom's warnings about a malformed value quote it: patient data
+        warnings.simplefilter("ignore")
+        dataset = dcmread(path, stop_before_pixels=True,
+                          specific_tags=[_SOP_INSTANCE_UID, _STUDY_INSTANCE_UID, _SERIES_INSTANCE_UID])
     return dataset.file_meta.get("MediaStorageSOPInstanceUID"), InstanceUids.of(dataset)
+
+
+def _syntax(head: bytes) -> UID | None:
+    """The transfer syntax in the file meta at the head of a DICOM file, if the fast path can read it."""
+    if head[128:132] != b"DICM":
+        return None
+    try:
+        meta = _walk(_Reader(head, 132, little_endian=True), False, {_TRANSFER_SYNTAX_UID: "syntax"}, 0x0002FFFF)
+    except _CannotTell:
+        return None
+    return UID(meta["syntax"])
+
+
+def meta_end(head: bytes) -> int | None:
+    """Where the data set starts (the end of the file meta) in the head of a DICOM file, if readable."""
+    if head[128:132] != b"DICM":
+        return None
+    reader = _Reader(head, 132, little_endian=True)
+    try:
+        _walk_to_end(reader, False, last=0x0002FFFF)
+    except _CannotTell:
+        return None
+    return reader.position
+
+
+def is_deflated(head: bytes) -> bool:
+    """True when the file whose head this is declares a deflated transfer syntax."""
+    syntax = _syntax(head)
+    return syntax is not None and syntax.is_deflated
+
+
+def is_complete(path: Path) -> bool:
+    """True when the file is a DICOM file whose every element, down to the last pixel data fragment, is there
+    as its declared length says, and nothing follows: a file cut short (a receiver killed mid-object) or a body
+    whose lengths disagree fails, and so does an image (image SOP class, or Rows present) without its pixel
+    data. A non-image object cut exactly between two elements cannot be told from a whole one. Tags and lengths
+    are read through a memory map and values skipped: only the pages holding them are touched."""
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size < 132:
+            return False
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            syntax = _syntax(bytes(data[:_HEAD_BYTES]))
+            if syntax is None or not syntax.is_transfer_syntax or syntax.is_deflated:
+                return False
+            try:
+                sop_class = _walk(_Reader(data, 132, little_endian=True, whole=True), False,
+                                  {_MEDIA_SOP_CLASS_UID: "sop_class"}, 0x0002FFFF)["sop_class"]
+                meta = _Reader(data, 132, little_endian=True, whole=True)
+                _walk_to_end(meta, False, last=0x0002FFFF)
+                data_set = _Reader(data, meta.position, syntax.is_little_endian, whole=True)
+                seen = _walk_to_end(data_set, syntax.is_implicit_VR, last=0xFFFFFFFF)
+            except (_CannotTell, struct.error, RecursionError):  # nesting deeper than any real data set
+                return False
+            # A file cut short exactly between two elements still ends at an element boundary: what is missing
+            # then is the end of the data set, the pixel data of an image.
+            has_pixels = bool(seen & _PIXEL_DATA_TAGS) or (_ROWS not in seen and not _is_image(sop_class))
+            return data_set.position == size and has_pixels
+
+
+def _is_image(sop_class_uid: str) -> bool:
+    """An image storage SOP class (its instances carry pixel data)."""
+    return "Image Storage" in UID(sop_class_uid).name
+
+
+def _walk_to_end(reader: _Reader, implicit_vr: bool, last: int) -> set[int]:
+    """Skip every element up to the tag ``last`` (or the end), checking each length against the bytes there.
+    Returns which of the image tags (Rows, pixel data) it saw at the top level."""
+    seen = set()
+    while reader.position < len(reader.data):
+        tag = reader.tag()
+        if tag in _ITEM_TAGS:
+            raise _CannotTell
+        if tag > last:
+            reader.position -= 4
+            return seen
+        if tag in _IMAGE_TAGS:
+            seen.add(tag)
+        length = _value_length(reader, tag, implicit_vr)
+        if length == _UNDEFINED:
+            _skip_undefined(reader, implicit_vr)
+        else:
+            reader.skip(length)
+    return seen

@@ -3,8 +3,13 @@
 Stateless with respect to moves: an instance lands at ``<root>/<Study>/<Series>/<SOP>.dcm`` whoever asked for
 it, and callers verify what arrived against the disk. Incoming UIDs are validated before they become paths.
 pynetdicom streams each data set into a temp file in the layout root as its PDUs arrive (``transport.stream_to``),
-so no instance is held in memory; the handler reads the header up to the series UID from that file, fsyncs it
-and renames it into place. The bytes stay as received (no decode and re-encode).
+so no instance is held in memory; the handler checks that file (``intake.examine``), fsyncs it and links it into
+place. The bytes stay as received (no decode and re-encode), except a configured Deflated data set, inflated.
+
+The network side faces a hospital network: each accepted connection gets a thread of its own (at most
+``config.max_connections``, more are closed at once), where the TLS handshake and the wait for the peer's
+A-ASSOCIATE-RQ run with a deadline (``acse_timeout``); only then does pynetdicom see the connection, with a
+timeout on its socket (``network_timeout``) and a bound on the length of every PDU it reads.
 """
 
 from __future__ import annotations
@@ -17,35 +22,32 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
+from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
 
 from pacsflow.core.dicom.config import ReceiverConfig
 from pacsflow.core.dicom.dcmtk_receiver import DcmtkStoreReceiver
-from pacsflow.core.dicom.header import HeaderProblem, file_uids
+from pacsflow.core.dicom.intake import OUT_OF_RESOURCES, STORED, examine, placement_status
 from pacsflow.core.dicom.results import ReceiverStats
 from pacsflow.core.dicom.sharing import port_unavailable, receiver_lock
-from pacsflow.core.dicom.transport import (discard_unfinished_stream, server_tls, stream_error, stream_to,
-                                          tune_for_latency)
+from pacsflow.core.dicom.transport import (MAX_ASSOCIATE_RQ, RefusedConnection, await_associate_rq,
+                                          bound_pdu_reads, claim_stream, discard_unfinished_stream, server_tls,
+                                          stream_to, tls_handshake, tune_for_latency)
 from pacsflow.core.privacy import make_private_dir, redact_uids_in_library_logs, use_private_umask
 from pacsflow.core.storage import StorageLayout, write_failure_reason
 
 log = logging.getLogger("pacsflow.receiver")
 
-STORED = 0x0000
-OUT_OF_RESOURCES = 0xA700
-DATASET_MISMATCH = 0xA900
-CANNOT_UNDERSTAND = 0xC000
-_PROBLEM_STATUS = {HeaderProblem.INVALID_UID: CANNOT_UNDERSTAND, HeaderProblem.SOP_INSTANCE_MISMATCH: DATASET_MISMATCH}
 DRAIN_SECONDS = 10.0
 
 
-def store_handler(layout: StorageLayout, stats: ReceiverStats) -> Callable[[Any], int]:
+def store_handler(layout: StorageLayout, stats: ReceiverStats, config: ReceiverConfig) -> Callable[[Any], int]:
     """The EVT_C_STORE handler for both C-MOVE (receiver) and C-GET (client) stores."""
     lock = threading.Lock()
 
     def handle(event: Any) -> int:
-        status, reason, size = _store(event, layout)
+        status, reason, size = _store(event, layout, config)
         with lock:
             if status == STORED:
                 stats.stored += 1
@@ -57,27 +59,26 @@ def store_handler(layout: StorageLayout, stats: ReceiverStats) -> Callable[[Any]
     return handle
 
 
-def _store(event: Any, layout: StorageLayout) -> tuple[int, str, int]:
+def _store(event: Any, layout: StorageLayout, config: ReceiverConfig) -> tuple[int, str, int]:
     """(status, reject reason, bytes stored). Success only once the file is at its final path."""
     streamed = Path(event.dataset_path)  # the data set as received, with file meta: no decode/re-encode
     try:
-        _, uids = file_uids(streamed)
-    except Exception:  # an undecodable dataset from the peer
-        return CANNOT_UNDERSTAND, "undecodable dataset", 0
-    problem = uids.problem(event.request.AffectedSOPInstanceUID)
-    if problem is not None:
-        return _PROBLEM_STATUS[problem], problem.value, 0  # pynetdicom removes the streamed file
-    try:
-        error = stream_error(streamed)
+        error = claim_stream(streamed)
         if error is not None:
             raise error
+        verdict = examine(streamed, event.request.AffectedSOPInstanceUID, config)
+        if verdict.uids is None:
+            return verdict.status, verdict.reason, 0  # pynetdicom removes the streamed file
         size = streamed.stat().st_size
-        layout.commit(streamed, str(uids.study), str(uids.series), str(uids.sop))
+        uids = verdict.uids
+        placement = layout.commit(streamed, str(uids.study), str(uids.series), str(uids.sop))
     except OSError as error:
         reason = write_failure_reason(error)
         log.error("cannot store an instance: %s", reason)
         return OUT_OF_RESOURCES, reason, 0
-    return STORED, "", size
+    if placement.refused:
+        log.warning("refused a received instance: %s", placement.value)
+    return placement_status(placement), placement.value, size
 
 
 def open_receiver(config: ReceiverConfig, layout: StorageLayout) -> StoreReceiver | DcmtkStoreReceiver:
@@ -85,6 +86,62 @@ def open_receiver(config: ReceiverConfig, layout: StorageLayout) -> StoreReceive
     if config.backend == "dcmtk":
         return DcmtkStoreReceiver(config, layout)
     return StoreReceiver(config, layout)
+
+
+class _GatedServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with pacsflow's gate in front (an instance attribute set before serving):
+    the accept loop only accepts; the per-connection thread does the slow, peer-paced part with a deadline."""
+
+    daemon_threads = True  # a connection thread waiting on a silent peer never delays shutdown
+    gate: _Gate
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        return self.gate.admit(client_address[0], len(self.active_associations))
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            connection = self.gate.open(request)
+        except RefusedConnection:
+            self.shutdown_request(request)
+            self.gate.release()
+            return
+        try:
+            super().process_request_thread(connection, client_address)  # starts the association's thread
+        finally:
+            self.gate.release()
+
+
+class _Gate:
+    """Admission (address allow-list, connection cap) and the pre-association deadline of each connection."""
+
+    def __init__(self, config: ReceiverConfig) -> None:
+        self.config = config
+        self._tls = server_tls(config.tls)
+        self._allowed = set(config.allowed_addresses)
+        self._opening = 0  # connections admitted that are not yet associations
+        self._lock = threading.Lock()
+
+    def admit(self, address: str, associations: int) -> bool:
+        if self._allowed and address not in self._allowed:
+            return False  # socketserver closes it before any PDU
+        with self._lock:
+            if self._opening + associations >= self.config.max_connections:
+                return False
+            self._opening += 1
+        return True
+
+    def release(self) -> None:
+        with self._lock:
+            self._opening -= 1
+
+    def open(self, connection: Any) -> Any:
+        deadline = time.monotonic() + self.config.acse_timeout
+        if self._tls is not None:
+            connection = tls_handshake(connection, self._tls, deadline)
+        else:
+            await_associate_rq(connection, deadline)
+        connection.settimeout(self.config.network_timeout)  # every read and write of the association
+        return connection
 
 
 class StoreReceiver:
@@ -95,7 +152,7 @@ class StoreReceiver:
         self.layout = layout
         self.stats = ReceiverStats()
         self.drain_seconds = drain_seconds  # on stop: how long transfers in progress may finish
-        self._handler = store_handler(layout, self.stats)
+        self._handler = store_handler(layout, self.stats, config)
         self._server: Any = None
         self._lock = ExitStack()
 
@@ -122,29 +179,35 @@ class StoreReceiver:
         self.layout.sweep_temp_files()
         handlers = [(evt.EVT_C_STORE, self._handler), (evt.EVT_CONN_OPEN, self._on_connection),
                     (evt.EVT_CONN_CLOSE, _on_connection_closed)]
+        ae = self._application_entity()
+        gate = _Gate(self.config)  # TLS files are read here: a bad path fails before the port is bound
         try:
-            self._server = self._application_entity().start_server(
-                (self.config.host, self.config.port), block=False, evt_handlers=handlers,
-                ssl_context=server_tls(self.config.tls))
+            server = ae.make_server((self.config.host, self.config.port), evt_handlers=handlers,
+                                    server_class=_GatedServer)
         except OSError as error:
             raise port_unavailable(self.config, error) from None
-        allowed = set(self.config.allowed_addresses)
-        if allowed:  # socketserver closes connections for which verify_request is False, before any PDU
-            self._server.verify_request = lambda request, address: address[0] in allowed
+        server.gate = gate
+        ae._servers.append(server)  # as AE.start_server does: shutdown() removes it
+        threading.Thread(target=server.serve_forever, name="pacsflow-receiver-accept", daemon=True).start()
+        self._server = server
 
     def _application_entity(self) -> AE:
         ae = AE(ae_title=self.config.ae_title)
         ae.maximum_associations = self.config.max_associations
-        ae.maximum_pdu_size = 0  # unlimited: fewer, larger PDUs on the receive path
+        ae.maximum_pdu_size = self.config.max_pdu
+        ae.acse_timeout = self.config.acse_timeout
+        ae.dimse_timeout = self.config.dimse_timeout
+        ae.network_timeout = self.config.network_timeout
         ae.require_called_aet = True
         ae.require_calling_aet = list(self.config.allowed_calling_aes)
         ae.add_supported_context(Verification)
         for context in StoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            ae.add_supported_context(context.abstract_syntax, list(self.config.transfer_syntaxes))
         return ae
 
     def _on_connection(self, event: Any) -> None:
         tune_for_latency(event.assoc)
+        bound_pdu_reads(event.assoc, max(self.config.max_pdu, MAX_ASSOCIATE_RQ))
         stream_to(event.assoc, self.layout.root)
 
     def settle(self) -> None:

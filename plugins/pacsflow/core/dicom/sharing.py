@@ -117,7 +117,12 @@ def shared_receiver(config: ReceiverConfig, root: Path) -> Iterator[None]:
 def service_arguments(config: ReceiverConfig) -> list[str]:
     """The receiver service's command-line options for ``config`` (see ``python -m pacsflow.core.dicom``)."""
     args = ["--ae-title", config.ae_title, "--host", config.host, "--port", str(config.port),
-            "--max-associations", str(config.max_associations), "--backend", config.backend]
+            "--max-associations", str(config.max_associations), "--backend", config.backend,
+            "--acse-timeout", str(config.acse_timeout), "--dimse-timeout", str(config.dimse_timeout),
+            "--network-timeout", str(config.network_timeout), "--max-pdu", str(config.max_pdu),
+            "--max-inflated-bytes", str(config.max_inflated_bytes)]
+    for syntax in config.transfer_syntaxes:
+        args += ["--transfer-syntax", syntax]
     for ae in config.allowed_calling_aes:
         args += ["--allow-ae", ae]
     for address in config.allowed_addresses:

@@ -1,13 +1,16 @@
 """Association settings shared by the client and the receiver: latency, TLS contexts, quiet pynetdicom, where
-received data sets stream to."""
+received data sets stream to; and what both receivers do with an accepted socket before any association exists
+(the deadline for the A-ASSOCIATE-RQ and the TLS handshake, the bound on PDU lengths)."""
 
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import ssl
 import tempfile
 import threading
+import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -63,15 +66,20 @@ def discard_unfinished_stream(assoc: Any) -> None:
     """Remove the data set ``assoc`` was receiving when it ended (a peer abort mid-instance): a partial file,
     patient data, must not wait for the next sweep. Call it when the connection closes."""
     stream = _RECEIVING.pop(assoc, None)
-    if stream is not None and not stream.closed:
+    if stream is not None and not stream.closed and not stream.claimed:
         stream.close()
         Path(stream.name).unlink(missing_ok=True)
 
 
-def stream_error(path: Path) -> OSError | None:
-    """The error that cut short the streaming of the data set at ``path`` (a full disk), if any."""
+def claim_stream(path: Path) -> OSError | None:
+    """The C-STORE handler takes the data set streamed to ``path``: complete, it is no longer removed if the
+    connection closes while the handler works on it. Returns the error that cut its writing short (a full
+    disk), if any."""
     stream = _STREAMS.get(str(path))
-    return None if stream is None else stream.error
+    if stream is None:
+        return None
+    stream.claimed = True
+    return stream.error
 
 
 class _StreamedDataSet:
@@ -85,6 +93,7 @@ class _StreamedDataSet:
         self.name = self._handle.name
         self.file = self
         self.error: OSError | None = None
+        self.claimed = False  # by the C-STORE handler: the data set is complete
         _STREAMS[self.name] = self
 
     @property
@@ -158,3 +167,103 @@ def server_tls(tls: TlsConfig | None) -> ssl.SSLContext | None:
     context.verify_mode = ssl.CERT_REQUIRED
     context.load_cert_chain(tls.cert_file, tls.key_file)
     return context
+
+
+# -- what a receiver does with an accepted socket before any association exists ------------------------------
+ASSOCIATE_RQ = 0x01
+ASSOCIATE_RQ_HEAD = 74  # PDU header, protocol version, reserved, called and calling AE titles
+MAX_ASSOCIATE_RQ = 1024 * 1024  # far above any real request (128 contexts with every transfer syntax: ~130 KB)
+_PEEK_WINDOW = 64 * 1024  # how much of the request is waited for before the hand-over (fits any socket buffer)
+
+
+class RefusedConnection(Exception):
+    """The peer did not present an A-ASSOCIATE-RQ in time, or presented something else; close without a word."""
+
+
+def await_associate_rq(connection: socket.socket, deadline: float) -> bytes:
+    """The head of the peer's A-ASSOCIATE-RQ, left unread, once it has arrived (up to 64 KiB of it): a peer
+    that trickles bytes or stays silent is dropped at ``deadline`` and never holds an association slot."""
+    wanted = 6
+    data = b""
+    while True:
+        data = _peek(connection, wanted, deadline)
+        if len(data) >= 6:
+            if data[0] != ASSOCIATE_RQ:
+                raise RefusedConnection("the first PDU is not an A-ASSOCIATE-RQ")
+            length = int.from_bytes(data[2:6], "big")
+            if length > MAX_ASSOCIATE_RQ:
+                raise RefusedConnection("A-ASSOCIATE-RQ longer than any real one")
+            wanted = min(6 + length, _PEEK_WINDOW)
+            if len(data) >= wanted:
+                return data
+        time.sleep(0.005)  # a partial request: the rest is on its way
+
+
+def _peek(connection: socket.socket, size: int, deadline: float) -> bytes:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise RefusedConnection("no A-ASSOCIATE-RQ in time")
+    connection.settimeout(remaining)
+    try:
+        data = connection.recv(size, socket.MSG_PEEK)
+    except (TimeoutError, socket.timeout) as error:
+        raise RefusedConnection("no A-ASSOCIATE-RQ in time") from error
+    except OSError as error:
+        raise RefusedConnection("connection failed") from error
+    if not data:
+        raise RefusedConnection("closed before an A-ASSOCIATE-RQ")
+    return data
+
+
+def tls_handshake(connection: socket.socket, context: ssl.SSLContext, deadline: float) -> ssl.SSLSocket:
+    """The server side of a TLS handshake, finished by ``deadline`` or abandoned (a peer that never sends its
+    ClientHello costs one thread until then, never the accept loop)."""
+    tls = context.wrap_socket(connection, server_side=True, do_handshake_on_connect=False)
+    tls.setblocking(False)
+    try:
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                _wait(tls, deadline, read=True)
+            except ssl.SSLWantWriteError:
+                _wait(tls, deadline, read=False)
+            except (ssl.SSLError, OSError) as error:
+                raise RefusedConnection("TLS handshake failed") from error
+        _wait_for_data(tls, deadline)
+    except BaseException:
+        tls.close()
+        raise
+    tls.setblocking(True)
+    return tls
+
+
+def _wait(connection: socket.socket, deadline: float, *, read: bool) -> None:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise RefusedConnection("TLS handshake not finished in time")
+    readable, writable, _ = select.select([connection] if read else [], [] if read else [connection], [], remaining)
+    if not (readable or writable):
+        raise RefusedConnection("TLS handshake not finished in time")
+
+
+def _wait_for_data(tls: ssl.SSLSocket, deadline: float) -> None:
+    """After the handshake: wait for the first application bytes (an encrypted request cannot be peeked)."""
+    if tls.pending():
+        return
+    _wait(tls, deadline, read=True)
+
+
+def bound_pdu_reads(assoc: Any, max_pdu_length: int) -> None:
+    """End ``assoc`` (as a closed connection) when the peer announces a PDU longer than ``max_pdu_length``:
+    pynetdicom reads each PDU whole into memory, whatever length the peer writes in its header."""
+    sock = assoc.dul.socket
+    receive = sock.recv
+
+    def bounded_receive(nr_bytes: int) -> Any:
+        if nr_bytes > max_pdu_length:
+            raise OSError("PDU longer than the receiver's maximum")
+        return receive(nr_bytes)
+
+    sock.recv = bounded_receive

@@ -80,7 +80,7 @@ def release_chunk(job: ReleaseJob, paths: list[str]) -> list[FileResult]:
             if temp is not None:
                 staged.append(temp)
     try:
-        layout.commit_many(staged, sync=False)
+        layout.replace_many(staged)
     except OSError as error:
         reason = f"write failed ({errno.errorcode.get(error.errno or 0, 'I/O')})"
         return [FileResult(r.study_uid, r.series_uid, FileOutcome.FAILED, reason) if r.outcome is FileOutcome.RELEASED
