@@ -1,6 +1,6 @@
 """The DAG run the production way, with the topology of docker-compose.yaml: api-server, scheduler,
-dag-processor, triggerer, TWO Celery workers and the standalone receiver service (``receiver_embedded:
-false``) as separate processes, a PostgreSQL metadata database, a PostgreSQL audit database and a Redis
+dag-processor, triggerer, TWO Celery workers and the standalone receiver service
+(``receiver_mode: service``) as separate processes, a PostgreSQL metadata database, a PostgreSQL audit database and a Redis
 broker, against Orthanc loaded with a demo hospital.
 
 Besides the ground truth (every SOP Instance UID on disk once), it checks what only a distributed executor
