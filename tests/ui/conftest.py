@@ -31,7 +31,7 @@ from pacsflow.core.pipeline import ExtractionSettings, RunContext, run_extractio
 from pacsflow.core.privacy import Pseudonymizer
 from pacsflow.core.settings import DATA_ROOT_ENV, load_definition
 from pacsflow.core.storage import StorageLayout
-from pacsflow.demo.deployment import service, wait_until
+from pacsflow.demo.deployment import api_healthy, service, wait_until
 from pacsflow.demo.environment import (
     DEMO_DAG_ID,
     DEMO_DEFINITION,
@@ -157,13 +157,7 @@ def api_server(demo_audit, tmp_path_factory) -> Iterator[ApiServer]:
     subprocess.run([AIRFLOW, "dags", "reserialize"], env=env, check=True, stdout=subprocess.DEVNULL, cwd=home)
     command = [AIRFLOW, "api-server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     with service("api-server", command, work / "api-server.log", env, cwd=home) as server:
-        wait_until(lambda: _healthy(port), "the api-server", STARTUP_SECONDS, (server,))
+        wait_until(lambda: api_healthy(f"http://127.0.0.1:{port}"), "the api-server", STARTUP_SECONDS, (server,))
         yield ApiServer(f"http://127.0.0.1:{port}", passwords)
 
 
-def _healthy(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v2/monitor/health", timeout=5) as response:
-            return response.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return False

@@ -316,7 +316,7 @@ def deployment(workdir: Path, *, env_for: Any, processes_for: Any, pool_slots: i
                 process.name, native_command(process.command), workdir / f"{process.name}.log", process.env,
                 cwd=home)))
         try:
-            wait_until(lambda: _healthy(airflow.api_url), "the api-server", STARTUP_SECONDS, tuple(airflow.services))
+            wait_until(lambda: api_healthy(airflow.api_url), "the api-server", STARTUP_SECONDS, tuple(airflow.services))
             if ready is not None:
                 wait_until(lambda: ready(airflow), "the deployment", STARTUP_SECONDS, tuple(airflow.services))
         except (RuntimeError, TimeoutError) as error:
@@ -346,7 +346,8 @@ def local_deployment(workdir: Path, *, data_root: Path, pool_slots: int = 4,
         yield airflow
 
 
-def _healthy(api_url: str) -> bool:
+def api_healthy(api_url: str) -> bool:
+    """The api-server answers its health check."""
     try:
         with urllib.request.urlopen(f"{api_url}/api/v2/monitor/health", timeout=5) as response:
             return response.status == 200
