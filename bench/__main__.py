@@ -17,8 +17,9 @@ def main() -> None:
         module.main([])
     print(f"\n{'name':<22}{'unit':<32}{'pacsflow':>12}{'reference':>12}{'ratio':>8}")
     for entry in json.loads(RESULTS_PATH.read_text()):
-        print(f"{entry['name']:<22}{entry['unit']:<32}{entry['pacsflow']:>12}{entry['reference']:>12}"
-              f"{entry['ratio']:>8}")
+        print(
+            f"{entry['name']:<22}{entry['unit']:<32}{entry['pacsflow']:>12}{entry['reference']:>12}{entry['ratio']:>8}"
+        )
 
 
 if __name__ == "__main__":

@@ -17,9 +17,6 @@ from functools import partial
 from pathlib import Path
 
 import yaml
-from sqlalchemy import create_engine
-
-from bench.results import record
 from pacsflow.core.audit import AuditStore
 from pacsflow.core.dicom.client import PacsClient
 from pacsflow.core.dicom.config import ReceiverConfig
@@ -33,6 +30,9 @@ from pacsflow.demo.deployment import free_port, local_deployment
 from pacsflow.demo.environment import DEMO_DAG_ID, DEMO_DEFINITION, REPO_ROOT, connection_environment
 from pacsflow.demo.hospital import build_hospital
 from pacsflow.demo.sandbox import orthanc
+from sqlalchemy import create_engine
+
+from bench.results import record
 
 BATCH_SIZE = 100
 
@@ -42,17 +42,26 @@ def run_library(hospital, pacs_config, receiver: ReceiverConfig, demo: Extractio
     started = time.perf_counter()
     layout = StorageLayout(data_root / "dicom")
     settings = ExtractionSettings(
-        resolution=demo.resolution, rules=demo.series_rules, layout=layout,
-        destination_ae=receiver.ae_title, batch_size=BATCH_SIZE, metadata_dir=data_root / "metadata")
+        resolution=demo.resolution,
+        rules=demo.series_rules,
+        layout=layout,
+        destination_ae=receiver.ae_title,
+        batch_size=BATCH_SIZE,
+        metadata_dir=data_root / "metadata",
+    )
     ris = create_engine(hospital.ris_url, hide_parameters=True)
     sql = load_template(demo.cohort.sql_template, REPO_ROOT / "include" / "sql")
     start, end = (value.replace(tzinfo=None) for value in hospital.interval)
     exams = query_cohort(ris, sql, interval_start=start, interval_end=end, params=demo.cohort.params)
     with AuditStore.connect(f"sqlite:///{data_root / 'audit.sqlite'}") as store:
-        ctx = RunContext(store=store, run_key="bench/library",
-                         pseudonymizer=Pseudonymizer.from_environment(data_root / ".pacsflow-key"))
-        summary = run_extraction(ctx, exams, partial(PacsClient, pacs_config), settings,
-                                 receiver=partial(StoreReceiver, receiver, layout))
+        ctx = RunContext(
+            store=store,
+            run_key="bench/library",
+            pseudonymizer=Pseudonymizer.from_environment(data_root / ".pacsflow-key"),
+        )
+        summary = run_extraction(
+            ctx, exams, partial(PacsClient, pacs_config), settings, receiver=partial(StoreReceiver, receiver, layout)
+        )
     ris.dispose()
     assert summary.succeeded
     return time.perf_counter() - started
@@ -66,9 +75,11 @@ def run_airflow(hospital, pacs_config, receiver: ReceiverConfig, work: Path) -> 
     (definitions / DEMO_DEFINITION.name).write_text(yaml.safe_dump(body))
     data_root = work / "airflow-data"
     audit_url = f"sqlite:///{data_root / 'audit.sqlite'}"
-    env = {**connection_environment(ris_url=hospital.ris_url, audit_url=audit_url, pacs=pacs_config,
-                                    receiver=receiver),
-           "PACSFLOW_EXTRACTIONS_DIR": str(definitions), "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False"}
+    env = {
+        **connection_environment(ris_url=hospital.ris_url, audit_url=audit_url, pacs=pacs_config, receiver=receiver),
+        "PACSFLOW_EXTRACTIONS_DIR": str(definitions),
+        "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
+    }
     with local_deployment(work / "airflow", data_root=data_root, pool_slots=4, extra_env=env) as airflow:
         airflow.wait_for_dag(DEMO_DAG_ID)
         airflow.unpause(DEMO_DAG_ID)
@@ -95,10 +106,18 @@ def main(argv: list[str] | None = None) -> None:
         library = run_library(hospital, pacs_config, receiver, demo, work / "library")
         through_airflow = run_airflow(hospital, pacs_config, receiver, work)
     shutil.rmtree(work, ignore_errors=True)
-    entry = record("dag_overhead", "x slower (lower is better)", round(through_airflow, 2), round(library, 2),
-                   accessions=args.accessions, target_ratio_at_most=1.5)
-    print(f"{'dag_overhead':<16} airflow {through_airflow:8.1f} s   library {library:8.1f} s   "
-          f"ratio {entry['ratio']:.2f} (target <= 1.5)")
+    entry = record(
+        "dag_overhead",
+        "x slower (lower is better)",
+        round(through_airflow, 2),
+        round(library, 2),
+        accessions=args.accessions,
+        target_ratio_at_most=1.5,
+    )
+    print(
+        f"{'dag_overhead':<16} airflow {through_airflow:8.1f} s   library {library:8.1f} s   "
+        f"ratio {entry['ratio']:.2f} (target <= 1.5)"
+    )
 
 
 if __name__ == "__main__":

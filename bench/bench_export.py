@@ -31,16 +31,16 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pydicom
+from pacsflow.core.export import export_instances
+from pacsflow.core.export.schema import DICOM_COLUMNS
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
-from pydicom.valuerep import IS, DSfloat, PersonName
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import IS, DSfloat, PersonName
 
 from bench.results import record
-from pacsflow.core.export import export_instances
-from pacsflow.core.export.schema import DICOM_COLUMNS
 
 INSTANCES_PER_SERIES = 200
 SERIES_PER_STUDY = 3
@@ -249,9 +249,14 @@ def ensure_cohort(directory: Path, count: int, pixels: int) -> list[Path]:
     if generated < count:
         step = 500
         with ProcessPoolExecutor() as pool:
-            list(pool.map(_write_files, repeat(str(directory)),
-                          [range(start, min(start + step, count)) for start in range(generated, count, step)],
-                          repeat(pixels)))
+            list(
+                pool.map(
+                    _write_files,
+                    repeat(str(directory)),
+                    [range(start, min(start + step, count)) for start in range(generated, count, step)],
+                    repeat(pixels),
+                )
+            )
         marker.write_text(str(count))
     return [directory / f"{index:07d}.dcm" for index in range(count)]
 
@@ -377,8 +382,9 @@ def export_peak_rss(cohort: Path, count: int, work: Path, workers: int | None) -
     out = work / f"memory-{count}"
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
-    child = psutil.Popen([sys.executable, "-c", _EXPORT_IN_CHILD, str(cohort), str(count), str(out), str(workers)],
-                         env=os.environ.copy())
+    child = psutil.Popen(
+        [sys.executable, "-c", _EXPORT_IN_CHILD, str(cohort), str(count), str(out), str(workers)], env=os.environ.copy()
+    )
     with PeakRss(child.pid) as peak:
         returncode = child.wait()
     if returncode:
@@ -394,11 +400,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pixels", type=int, default=64, help="rows = columns of the synthetic images")
     parser.add_argument("--workers", type=int, default=None, help="export worker processes (default: cores)")
     parser.add_argument("--repeat", type=int, default=3, help="rounds of the rate comparison (median)")
-    parser.add_argument("--memory-scan", nargs="+", type=int, default=[10_000, 100_000], metavar="N",
-                        help="cohort sizes of the peak-RSS scan (default: 10000 100000)")
+    parser.add_argument(
+        "--memory-scan",
+        nargs="+",
+        type=int,
+        default=[10_000, 100_000],
+        metavar="N",
+        help="cohort sizes of the peak-RSS scan (default: 10000 100000)",
+    )
     parser.add_argument("--no-memory-scan", action="store_true", help="only the rate comparison")
-    parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "pacsflow-bench-ct",
-                        help="cache of generated files (reused between runs)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "pacsflow-bench-ct",
+        help="cache of generated files (reused between runs)",
+    )
     parser.add_argument("--no-record", action="store_true", help="do not write bench/results.json")
     args = parser.parse_args(argv)
     cohort = args.data / f"ct-{args.pixels}px"
@@ -417,15 +433,25 @@ def _rate(cohort: Path, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     elements = element_count(pydicom.dcmread(paths[0]))
     rates = compare_rates(paths, work, args.workers, args.repeat)
     ratio = rates["pacsflow"] / rates["naive"]
-    print(f"export_parquet: {args.files} CT files, {elements} elements each, {paths[0].stat().st_size} bytes, "
-          f"{os.cpu_count()} cores, median of {args.repeat}, load average {load_before:.2f}")
+    print(
+        f"export_parquet: {args.files} CT files, {elements} elements each, {paths[0].stat().st_size} bytes, "
+        f"{os.cpu_count()} cores, median of {args.repeat}, load average {load_before:.2f}"
+    )
     print(f"  {'naive dcmread loop + one table write':<42} {rates['naive']:>8.0f} files/s")
     print(f"  {'  (same, without the checksum column)':<42} {rates['naive_no_checksum']:>8.0f} files/s")
     print(f"  {'pacsflow export_instances':<42} {rates['pacsflow']:>8.0f} files/s   {ratio:.2f}x (target 3x)")
-    return {"pacsflow": round(rates["pacsflow"], 1), "reference": round(rates["naive"], 1),
-            "reference_without_checksum": round(rates["naive_no_checksum"], 1), "target_ratio": 3,
-            "files": args.files, "elements_per_file": elements, "file_bytes": paths[0].stat().st_size,
-            "cores": os.cpu_count(), "repeat": args.repeat, "load_average_before": round(load_before, 2)}
+    return {
+        "pacsflow": round(rates["pacsflow"], 1),
+        "reference": round(rates["naive"], 1),
+        "reference_without_checksum": round(rates["naive_no_checksum"], 1),
+        "target_ratio": 3,
+        "files": args.files,
+        "elements_per_file": elements,
+        "file_bytes": paths[0].stat().st_size,
+        "cores": os.cpu_count(),
+        "repeat": args.repeat,
+        "load_average_before": round(load_before, 2),
+    }
 
 
 def _memory_scan(cohort: Path, args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -438,8 +464,11 @@ def _memory_scan(cohort: Path, args: argparse.Namespace, work: Path) -> dict[str
         seconds, parent, total = export_peak_rss(cohort, count, work, args.workers)
         parent_mb[str(count)], total_mb[str(count)] = round(parent / 2**20, 1), round(total / 2**20, 1)
         print(f"  {count:>10} {count / seconds:>9.0f} {parent_mb[str(count)]:>14.1f} {total_mb[str(count)]:>22.1f}")
-    return {"peak_rss_mb_parent": parent_mb, "peak_rss_mb_with_workers": total_mb,
-            "peak_rss_growth": round(total_mb[str(counts[-1])] / total_mb[str(counts[0])], 3)}
+    return {
+        "peak_rss_mb_parent": parent_mb,
+        "peak_rss_mb_with_workers": total_mb,
+        "peak_rss_growth": round(total_mb[str(counts[-1])] / total_mb[str(counts[0])], 3),
+    }
 
 
 if __name__ == "__main__":

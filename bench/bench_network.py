@@ -37,8 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-
-from bench.results import record
 from pacsflow.core.dicom.client import PacsClient
 from pacsflow.core.dicom.config import PacsConfig, ReceiverConfig
 from pacsflow.core.dicom.dcmtk_receiver import DcmtkStoreReceiver
@@ -47,6 +45,8 @@ from pacsflow.core.resolve import Resolution, ResolutionSettings, Rule, resolve_
 from pacsflow.core.ris import RisExam
 from pacsflow.core.storage import StorageLayout
 from pacsflow.demo.sandbox import SandboxPacs, free_port, orthanc
+
+from bench.results import record
 
 UID_ROOT = "1.2.826.0.1.3680043.8.498."
 DATA_VERSION = "1"  # bump when the generated data changes: the cached Orthanc is rebuilt
@@ -76,9 +76,13 @@ def _study_uid(kind: int, study: int) -> str:
 
 
 def retrieval_studies() -> list[Study]:
-    return [Study(_study_uid(1, index), tuple((f"{_study_uid(1, index)}.{series}", count)
-                                              for series, count in enumerate(counts, start=1)))
-            for index, counts in enumerate(STUDY_SERIES)]
+    return [
+        Study(
+            _study_uid(1, index),
+            tuple((f"{_study_uid(1, index)}.{series}", count) for series, count in enumerate(counts, start=1)),
+        )
+        for index, counts in enumerate(STUDY_SERIES)
+    ]
 
 
 def large_object_study() -> Study:
@@ -132,7 +136,7 @@ def ensure_data(root: Path, accessions: int) -> tuple[list[Path], list[Path]]:
         directory.mkdir(parents=True, exist_ok=True)
         missing = [job for job in jobs if not (directory / job[-1]).exists()]
         if missing:
-            chunks = [missing[start:start + 100] for start in range(0, len(missing), 100)]
+            chunks = [missing[start : start + 100] for start in range(0, len(missing), 100)]
             with ProcessPoolExecutor() as pool:
                 list(pool.map(_write_ct, repeat(str(directory)), chunks, repeat(pixels)))
     large = root / "large-object.dcm"
@@ -154,6 +158,7 @@ def _orthanc_holds(pacs: SandboxPacs, study_uid: str) -> bool:
 
 def ensure_loaded(pacs: SandboxPacs, files: list[Path]) -> None:
     """Load into Orthanc what its (cached) storage does not hold yet (it may hold more ANs than this run uses)."""
+
     def complete() -> bool:
         return _orthanc_instances(pacs) >= len(files) and _orthanc_holds(pacs, large_object_study().study_uid)
 
@@ -173,8 +178,11 @@ def resolve_pacsflow(config: PacsConfig, ans: Sequence[str], expected: dict[str,
     with PacsClient(config) as client:
         results = [resolve_accession(client, RisExam(accession_number=an), settings) for an in ans]
     elapsed = time.perf_counter() - started
-    wrong = [f"{result.resolution.value}: {result.detail}" for an, result in zip(ans, results)
-             if result.resolution is not Resolution.RESOLVED or result.study_uids != (expected[an],)]
+    wrong = [
+        f"{result.resolution.value}: {result.detail}"
+        for an, result in zip(ans, results)
+        if result.resolution is not Resolution.RESOLVED or result.study_uids != (expected[an],)
+    ]
     return len(ans) / elapsed, wrong
 
 
@@ -184,9 +192,27 @@ def resolve_findscu(config: PacsConfig, ans: Sequence[str], expected: dict[str, 
     started = time.perf_counter()
     for an in ans:
         completed = subprocess.run(
-            ["findscu", "-v", "-S", "-aet", "FINDSCU", "-aec", config.called_ae, "-k", "QueryRetrieveLevel=STUDY",
-             "-k", f"AccessionNumber={an}", "-k", "StudyInstanceUID", config.host, str(config.port)],
-            env=NODELAY_ENV, capture_output=True, text=True)
+            [
+                "findscu",
+                "-v",
+                "-S",
+                "-aet",
+                "FINDSCU",
+                "-aec",
+                config.called_ae,
+                "-k",
+                "QueryRetrieveLevel=STUDY",
+                "-k",
+                f"AccessionNumber={an}",
+                "-k",
+                "StudyInstanceUID",
+                config.host,
+                str(config.port),
+            ],
+            env=NODELAY_ENV,
+            capture_output=True,
+            text=True,
+        )
         answered = _findscu_study_uids(completed.stdout + completed.stderr)
         wrong += completed.returncode != 0 or expected[an] not in answered
     elapsed = time.perf_counter() - started
@@ -232,8 +258,9 @@ def _peak_rss_sampler(pid: int) -> Any:
     return PeakRss(pid)
 
 
-def _verified(name: str, root: Path, pattern: str, studies: list[Study], seconds: float, peak: int,
-              detail: dict[str, Any]) -> Run:
+def _verified(
+    name: str, root: Path, pattern: str, studies: list[Study], seconds: float, peak: int, detail: dict[str, Any]
+) -> Run:
     files, size = _tree_size(root, pattern)
     expected = sum(study.instances for study in studies)
     if files != expected:
@@ -244,16 +271,35 @@ def _verified(name: str, root: Path, pattern: str, studies: list[Study], seconds
 def run_dcmtk(config: PacsConfig, studies: list[Study], port: int, out: Path) -> Run:
     """``storescp`` (bit-preserving, max PDU) receiving what ``movescu`` asks Orthanc to send, study by study."""
     out.mkdir(parents=True)
-    receiver = psutil.Popen(["storescp", "-q", "-aet", DCMTK_AE, "-pdu", "131072", "+B", "-od", str(out), str(port)],
-                            env=NODELAY_ENV)
+    receiver = psutil.Popen(
+        ["storescp", "-q", "-aet", DCMTK_AE, "-pdu", "131072", "+B", "-od", str(out), str(port)], env=NODELAY_ENV
+    )
     try:
         _wait_for_port(port, receiver)
         with _peak_rss_sampler(receiver.pid) as peak:
             started = time.perf_counter()
             for study in studies:
-                subprocess.run(["movescu", "-q", "-S", "-aet", "MOVESCU", "-aec", config.called_ae, "-aem", DCMTK_AE,
-                                "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study.study_uid}",
-                                config.host, str(config.port)], env=NODELAY_ENV, check=True)
+                subprocess.run(
+                    [
+                        "movescu",
+                        "-q",
+                        "-S",
+                        "-aet",
+                        "MOVESCU",
+                        "-aec",
+                        config.called_ae,
+                        "-aem",
+                        DCMTK_AE,
+                        "-k",
+                        "QueryRetrieveLevel=STUDY",
+                        "-k",
+                        f"StudyInstanceUID={study.study_uid}",
+                        config.host,
+                        str(config.port),
+                    ],
+                    env=NODELAY_ENV,
+                    check=True,
+                )
             seconds = time.perf_counter() - started
     finally:
         receiver.terminate()
@@ -274,11 +320,20 @@ def _wait_for_port(port: int, process: psutil.Popen) -> None:
 
 def run_pacsflow(method: str, config: PacsConfig, studies: list[Study], port: int, out: Path) -> Run:
     """pacsflow in a child process (so its RSS is its own), C-MOVE into StoreReceiver or C-GET."""
-    job = {"method": method, "config": asdict(config), "port": port, "out": str(out),
-           "studies": [study.study_uid for study in studies]}
+    job = {
+        "method": method,
+        "config": asdict(config),
+        "port": port,
+        "out": str(out),
+        "studies": [study.study_uid for study in studies],
+    }
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "plugins"), str(REPO_ROOT)])}
-    child = psutil.Popen([sys.executable, "-m", "bench.bench_network", "--child", json.dumps(job)],
-                         stdout=subprocess.PIPE, env=env, cwd=REPO_ROOT)
+    child = psutil.Popen(
+        [sys.executable, "-m", "bench.bench_network", "--child", json.dumps(job)],
+        stdout=subprocess.PIPE,
+        env=env,
+        cwd=REPO_ROOT,
+    )
     with _peak_rss_sampler(child.pid) as peak:
         stdout, _ = child.communicate()
     if child.returncode:
@@ -299,14 +354,23 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
             _reset_peak_rss()
             begun = time.perf_counter()
             keys = {"StudyInstanceUID": study_uid}
-            report = (client.get("STUDY", keys, layout) if job["method"] == "c-get"
-                      else client.move("STUDY", keys, PACSFLOW_AE))
+            report = (
+                client.get("STUDY", keys, layout)
+                if job["method"] == "c-get"
+                else client.move("STUDY", keys, PACSFLOW_AE)
+            )
             if receiver is not None:
                 receiver.settle()  # the DCMTK backend's staged files into the layout (no-op for StoreReceiver)
             if report.completed != _stored_count(layout, study_uid):  # move() returns once all is in the layout
                 raise SystemExit(f"{job['method']}: the PACS sent {report.completed}, the layout holds fewer")
-            per_study.append({"seconds": round(time.perf_counter() - begun, 3), "completed": report.completed,
-                              "failed": report.failed, "peak_rss_mb": round(_peak_rss() / 2**20, 1)})
+            per_study.append(
+                {
+                    "seconds": round(time.perf_counter() - begun, 3),
+                    "completed": report.completed,
+                    "failed": report.failed,
+                    "peak_rss_mb": round(_peak_rss() / 2**20, 1),
+                }
+            )
         seconds = time.perf_counter() - started
         stats = client.get_stats if receiver is None else receiver.stats
     if stats.rejected:
@@ -320,8 +384,12 @@ def _receiver(job: dict[str, Any], layout: StorageLayout) -> Iterator[StoreRecei
     if job["method"] == "c-get":
         yield None
         return
-    config = ReceiverConfig(ae_title=PACSFLOW_AE, port=job["port"], allowed_calling_aes=(job["config"]["called_ae"],),
-                            backend="dcmtk" if job["method"] == "c-move-dcmtk" else "pynetdicom")
+    config = ReceiverConfig(
+        ae_title=PACSFLOW_AE,
+        port=job["port"],
+        allowed_calling_aes=(job["config"]["called_ae"],),
+        backend="dcmtk" if job["method"] == "c-move-dcmtk" else "pynetdicom",
+    )
     with open_receiver(config, layout) as receiver:
         yield receiver
 
@@ -360,8 +428,9 @@ def _contenders(config: PacsConfig, studies: list[Study], ports: dict[str, int])
     }
 
 
-def compare_retrieval(config: PacsConfig, studies: list[Study], ports: dict[str, int], work: Path,
-                      rounds: int) -> dict[str, list[Run]]:
+def compare_retrieval(
+    config: PacsConfig, studies: list[Study], ports: dict[str, int], work: Path, rounds: int
+) -> dict[str, list[Run]]:
     """Rounds of DCMTK and pacsflow's C-MOVE, C-GET and C-MOVE into the DCMTK backend, interleaved, each into a
     fresh directory."""
     contenders = _contenders(config, studies, ports)
@@ -373,8 +442,11 @@ def compare_retrieval(config: PacsConfig, studies: list[Study], ports: dict[str,
             run = contender(out)
             shutil.rmtree(out)
             runs[name].append(run)
-            print(f"  round {round_number + 1} {name:<7} {run.mb_per_s:7.1f} MB/s {run.instances_per_s:7.1f} inst/s "
-                  f"peak RSS {run.peak_rss / 2**20:6.1f} MB", flush=True)
+            print(
+                f"  round {round_number + 1} {name:<7} {run.mb_per_s:7.1f} MB/s {run.instances_per_s:7.1f} inst/s "
+                f"peak RSS {run.peak_rss / 2**20:6.1f} MB",
+                flush=True,
+            )
     return runs
 
 
@@ -385,8 +457,10 @@ def measure_large_object(config: PacsConfig, ports: dict[str, int], work: Path) 
         os.sync()
         runs[name] = contender(work / f"large-{name}")
         shutil.rmtree(work / f"large-{name}")
-        print(f"  large object {name:<12} {runs[name].mb_per_s:7.1f} MB/s peak RSS "
-              f"{runs[name].peak_rss / 2**20:6.1f} MB", flush=True)
+        print(
+            f"  large object {name:<12} {runs[name].mb_per_s:7.1f} MB/s peak RSS {runs[name].peak_rss / 2**20:6.1f} MB",
+            flush=True,
+        )
     return runs
 
 
@@ -394,8 +468,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--accessions", type=int, default=1000, help="ANs resolved by each contender")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved retrieval rounds (median)")
-    parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "pacsflow-bench-net",
-                        help="cache of generated files and of Orthanc's storage (reused between runs)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "pacsflow-bench-net",
+        help="cache of generated files and of Orthanc's storage (reused between runs)",
+    )
     parser.add_argument("--no-record", action="store_true", help="do not write bench/results.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -409,8 +487,10 @@ def main(argv: list[str] | None = None) -> int:
     studies = retrieval_studies()
     ports = {PACSFLOW_AE: free_port(), DCMTK_AE: free_port()}
     destinations = {ae: ("127.0.0.1", port) for ae, port in ports.items()}
-    with (orthanc(args.data / f"orthanc-v{DATA_VERSION}", move_destinations=destinations) as pacs,
-          tempfile.TemporaryDirectory(prefix="pacsflow-bench-net-", dir=args.data) as temp):
+    with (
+        orthanc(args.data / f"orthanc-v{DATA_VERSION}", move_destinations=destinations) as pacs,
+        tempfile.TemporaryDirectory(prefix="pacsflow-bench-net-", dir=args.data) as temp,
+    ):
         ensure_loaded(pacs, big + small)
         config = replace(pacs.config, calling_ae="PACSFLOW")
         resolved = _resolution(config, args.accessions)
@@ -437,43 +517,69 @@ def _resolution(config: PacsConfig, count: int) -> dict[str, float]:
     return {"pacsflow": pacsflow, "findscu": findscu, "missed": len(wrong)}
 
 
-def _entries(resolved: dict[str, float], retrieval: dict[str, list[Run]], large: dict[str, Run],
-             args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+def _entries(
+    resolved: dict[str, float], retrieval: dict[str, list[Run]], large: dict[str, Run], args: argparse.Namespace
+) -> dict[str, dict[str, Any]]:
     dcmtk = _median_run(retrieval["dcmtk"])
-    common = {"cores": os.cpu_count(), "instances": dcmtk.files, "megabytes": round(dcmtk.bytes / 1e6, 1),
-              "rounds": args.repeat, "reference_tool": "DCMTK movescu + storescp (+B, -pdu 131072), TCP_NODELAY=1",
-              "reference_instances_per_s": round(dcmtk.instances_per_s, 1),
-              "reference_peak_rss_mb": round(dcmtk.peak_rss / 2**20, 1), "target_ratio": 0.6}
-    entries = {"resolve_an": {"unit": "AN/s", "pacsflow": round(resolved["pacsflow"], 1),
-                              "reference": round(resolved["findscu"], 1), "accessions": args.accessions,
-                              "reference_tool": "findscu once per AN, TCP_NODELAY=1",
-                              "pacsflow_missed_accessions": resolved["missed"],
-                              "target_an_per_s": 200, "target_ratio": 6}}
-    for name, method in (("retrieve_cmove", "c-move"), ("retrieve_cget", "c-get"),
-                         ("retrieve_cmove_dcmtk", "c-move-dcmtk")):
+    common = {
+        "cores": os.cpu_count(),
+        "instances": dcmtk.files,
+        "megabytes": round(dcmtk.bytes / 1e6, 1),
+        "rounds": args.repeat,
+        "reference_tool": "DCMTK movescu + storescp (+B, -pdu 131072), TCP_NODELAY=1",
+        "reference_instances_per_s": round(dcmtk.instances_per_s, 1),
+        "reference_peak_rss_mb": round(dcmtk.peak_rss / 2**20, 1),
+        "target_ratio": 0.6,
+    }
+    entries = {
+        "resolve_an": {
+            "unit": "AN/s",
+            "pacsflow": round(resolved["pacsflow"], 1),
+            "reference": round(resolved["findscu"], 1),
+            "accessions": args.accessions,
+            "reference_tool": "findscu once per AN, TCP_NODELAY=1",
+            "pacsflow_missed_accessions": resolved["missed"],
+            "target_an_per_s": 200,
+            "target_ratio": 6,
+        }
+    }
+    for name, method in (
+        ("retrieve_cmove", "c-move"),
+        ("retrieve_cget", "c-get"),
+        ("retrieve_cmove_dcmtk", "c-move-dcmtk"),
+    ):
         run = _median_run(retrieval[method])
-        entries[name] = {"unit": "MB/s", "pacsflow": round(run.mb_per_s, 1), "reference": round(dcmtk.mb_per_s, 1),
-                         "instances_per_s": round(run.instances_per_s, 1),
-                         "peak_rss_mb": round(run.peak_rss / 2**20, 1),
-                         "peak_rss_mb_per_study": {f"{study['completed']} instances": study["peak_rss_mb"]
-                                                   for study in run.detail["per_study"]},
-                         "peak_rss_mb_one_large_instance": round(large[method].peak_rss / 2**20, 1),
-                         "reference_peak_rss_mb_one_large_instance": round(large["dcmtk"].peak_rss / 2**20, 1),
-                         "large_instance_mb": round(large[method].bytes / 1e6, 1),
-                         "all_rounds_mb_per_s": [round(r.mb_per_s, 1) for r in retrieval[method]],
-                         "reference_all_rounds_mb_per_s": [round(r.mb_per_s, 1) for r in retrieval["dcmtk"]],
-                         **common}
+        entries[name] = {
+            "unit": "MB/s",
+            "pacsflow": round(run.mb_per_s, 1),
+            "reference": round(dcmtk.mb_per_s, 1),
+            "instances_per_s": round(run.instances_per_s, 1),
+            "peak_rss_mb": round(run.peak_rss / 2**20, 1),
+            "peak_rss_mb_per_study": {
+                f"{study['completed']} instances": study["peak_rss_mb"] for study in run.detail["per_study"]
+            },
+            "peak_rss_mb_one_large_instance": round(large[method].peak_rss / 2**20, 1),
+            "reference_peak_rss_mb_one_large_instance": round(large["dcmtk"].peak_rss / 2**20, 1),
+            "large_instance_mb": round(large[method].bytes / 1e6, 1),
+            "all_rounds_mb_per_s": [round(r.mb_per_s, 1) for r in retrieval[method]],
+            "reference_all_rounds_mb_per_s": [round(r.mb_per_s, 1) for r in retrieval["dcmtk"]],
+            **common,
+        }
     return entries
 
 
 def _print_table(entries: dict[str, dict[str, Any]]) -> None:
-    print(f"\n{'name':<22}{'unit':<7}{'pacsflow':>10}{'reference':>11}{'ratio':>7}{'inst/s':>9}{'ref inst/s':>11}"
-          f"{'peak RSS MB':>13}{'ref RSS MB':>12}")
+    print(
+        f"\n{'name':<22}{'unit':<7}{'pacsflow':>10}{'reference':>11}{'ratio':>7}{'inst/s':>9}{'ref inst/s':>11}"
+        f"{'peak RSS MB':>13}{'ref RSS MB':>12}"
+    )
     for name, entry in entries.items():
         ratio = entry["pacsflow"] / entry["reference"]
-        print(f"{name:<22}{entry['unit']:<7}{entry['pacsflow']:>10}{entry['reference']:>11}{ratio:>7.2f}"
-              f"{entry.get('instances_per_s', ''):>9}{entry.get('reference_instances_per_s', ''):>11}"
-              f"{entry.get('peak_rss_mb', ''):>13}{entry.get('reference_peak_rss_mb', ''):>12}")
+        print(
+            f"{name:<22}{entry['unit']:<7}{entry['pacsflow']:>10}{entry['reference']:>11}{ratio:>7.2f}"
+            f"{entry.get('instances_per_s', ''):>9}{entry.get('reference_instances_per_s', ''):>11}"
+            f"{entry.get('peak_rss_mb', ''):>13}{entry.get('reference_peak_rss_mb', ''):>12}"
+        )
 
 
 if __name__ == "__main__":

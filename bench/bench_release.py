@@ -25,11 +25,11 @@ from typing import Any
 import psutil
 import pydicom
 from dicognito.anonymizer import Anonymizer
+from pacsflow.core.release.runner import FileOutcome, ReleaseJob, release_files
+from pacsflow.core.release.settings import ReleaseSettings
 
 from bench.bench_export import PeakRss, ensure_cohort, timed
 from bench.results import record
-from pacsflow.core.release.runner import FileOutcome, ReleaseJob, release_files
-from pacsflow.core.release.settings import ReleaseSettings
 
 SECRET = b"bench-release-secret-0123456789ab"
 TARGET_RATIO = 2
@@ -63,8 +63,11 @@ def compare_rates(paths: list[Path], work: Path, workers: int | None, repeat: in
     for round_ in range(repeat):
         for name in rates:
             out = work / f"{name}-{round_}"
-            run = (lambda: naive_release(paths, out)) if name == "naive" else (
-                lambda: pacsflow_release(paths, out, workers))
+            run = (
+                (lambda: naive_release(paths, out))
+                if name == "naive"
+                else (lambda: pacsflow_release(paths, out, workers))
+            )
             seconds, _ = timed(run)
             rates[name].append(len(paths) / seconds)
             shutil.rmtree(out, ignore_errors=True)
@@ -87,8 +90,10 @@ assert released == count, released
 def release_peak_rss(cohort: Path, count: int, work: Path) -> tuple[float, int, int]:
     out = work / f"memory-{count}"
     started = time.perf_counter()
-    child = psutil.Popen([sys.executable, "-c", _RELEASE_IN_CHILD, str(cohort), str(count), str(out),
-                          SECRET.decode()], env=os.environ.copy())
+    child = psutil.Popen(
+        [sys.executable, "-c", _RELEASE_IN_CHILD, str(cohort), str(count), str(out), SECRET.decode()],
+        env=os.environ.copy(),
+    )
     with PeakRss(child.pid) as peak:
         returncode = child.wait()
     seconds = time.perf_counter() - started
@@ -104,11 +109,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pixels", type=int, default=64, help="rows = columns of the synthetic images")
     parser.add_argument("--workers", type=int, default=None, help="release worker processes (default: cores)")
     parser.add_argument("--repeat", type=int, default=3, help="rounds of the rate comparison (median)")
-    parser.add_argument("--memory-scan", nargs="+", type=int, default=[2_000, 10_000], metavar="N",
-                        help="file counts of the peak-RSS scan (default: 2000 10000)")
+    parser.add_argument(
+        "--memory-scan",
+        nargs="+",
+        type=int,
+        default=[2_000, 10_000],
+        metavar="N",
+        help="file counts of the peak-RSS scan (default: 2000 10000)",
+    )
     parser.add_argument("--no-memory-scan", action="store_true", help="only the rate comparison")
-    parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "pacsflow-bench-ct",
-                        help="cache of generated files (shared with bench_export)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "pacsflow-bench-ct",
+        help="cache of generated files (shared with bench_export)",
+    )
     parser.add_argument("--no-record", action="store_true", help="do not write bench/results.json")
     args = parser.parse_args(argv)
     cohort = args.data / f"ct-{args.pixels}px"
@@ -126,14 +141,22 @@ def _rate(cohort: Path, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     load_before = os.getloadavg()[0]
     rates = compare_rates(paths, work, args.workers, args.repeat)
     ratio = rates["pacsflow"] / rates["naive"]
-    print(f"release_deid: {args.files} CT files, {paths[0].stat().st_size} bytes, {os.cpu_count()} cores, "
-          f"median of {args.repeat}, load average {load_before:.2f}")
+    print(
+        f"release_deid: {args.files} CT files, {paths[0].stat().st_size} bytes, {os.cpu_count()} cores, "
+        f"median of {args.repeat}, load average {load_before:.2f}"
+    )
     print(f"  {'naive dicognito loop (1 process)':<40} {rates['naive']:>8.0f} files/s")
-    print(f"  {'pacsflow release_files':<40} {rates['pacsflow']:>8.0f} files/s   {ratio:.2f}x "
-          f"(target {TARGET_RATIO}x)")
-    return {"pacsflow": round(rates["pacsflow"], 1), "reference": round(rates["naive"], 1),
-            "target_ratio": TARGET_RATIO, "files": args.files, "file_bytes": paths[0].stat().st_size,
-            "cores": os.cpu_count(), "repeat": args.repeat, "load_average_before": round(load_before, 2)}
+    print(f"  {'pacsflow release_files':<40} {rates['pacsflow']:>8.0f} files/s   {ratio:.2f}x (target {TARGET_RATIO}x)")
+    return {
+        "pacsflow": round(rates["pacsflow"], 1),
+        "reference": round(rates["naive"], 1),
+        "target_ratio": TARGET_RATIO,
+        "files": args.files,
+        "file_bytes": paths[0].stat().st_size,
+        "cores": os.cpu_count(),
+        "repeat": args.repeat,
+        "load_average_before": round(load_before, 2),
+    }
 
 
 def _memory_scan(cohort: Path, args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -146,8 +169,11 @@ def _memory_scan(cohort: Path, args: argparse.Namespace, work: Path) -> dict[str
         seconds, parent, total = release_peak_rss(cohort, count, work)
         parent_mb[str(count)], total_mb[str(count)] = round(parent / 2**20, 1), round(total / 2**20, 1)
         print(f"  {count:>10} {count / seconds:>9.0f} {parent_mb[str(count)]:>14.1f} {total_mb[str(count)]:>22.1f}")
-    return {"peak_rss_mb_parent": parent_mb, "peak_rss_mb_with_workers": total_mb,
-            "peak_rss_growth": round(total_mb[str(counts[-1])] / total_mb[str(counts[0])], 3)}
+    return {
+        "peak_rss_mb_parent": parent_mb,
+        "peak_rss_mb_with_workers": total_mb,
+        "peak_rss_growth": round(total_mb[str(counts[-1])] / total_mb[str(counts[0])], 3),
+    }
 
 
 if __name__ == "__main__":

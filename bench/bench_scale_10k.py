@@ -31,9 +31,6 @@ from typing import Any
 
 import psutil
 import yaml
-from sqlalchemy import create_engine
-
-from bench.results import record
 from pacsflow.core.audit import AuditStore
 from pacsflow.core.dicom.client import PacsClient
 from pacsflow.core.dicom.config import PacsConfig, ReceiverConfig
@@ -46,6 +43,9 @@ from pacsflow.core.storage import StorageLayout
 from pacsflow.demo.environment import DEMO_DAG_ID, DEMO_DEFINITION, REPO_ROOT, connection_environment
 from pacsflow.demo.hospital import Hospital, build_hospital, expected_instances, expected_outcomes, load_ground_truth
 from pacsflow.demo.sandbox import free_port, orthanc
+from sqlalchemy import create_engine
+
+from bench.results import record
 from tests.dags.celery_deployment import celery_deployment, postgres_database, postgres_server, redis_server
 
 DAG_ID = DEMO_DAG_ID
@@ -79,7 +79,7 @@ class RssSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         self._thread.start()
         return self
 
@@ -97,8 +97,13 @@ class RssSampler:
             self._stop.wait(SAMPLE_SECONDS)
 
     def report(self) -> dict[str, dict[str, float]]:
-        return {name: {"tree_mb": round(self.peak_tree[name] / MB, 1),
-                       "largest_process_mb": round(self.peak_process[name] / MB, 1)} for name in self.roots}
+        return {
+            name: {
+                "tree_mb": round(self.peak_tree[name] / MB, 1),
+                "largest_process_mb": round(self.peak_process[name] / MB, 1),
+            }
+            for name in self.roots
+        }
 
 
 def _tree_rss(pid: int) -> list[int]:
@@ -132,35 +137,52 @@ def check_against_truth(truth: dict, data_root: Path, audit_url: str, run_key: s
 
 
 # -- reference: the library in one process --------------------------------------------------------------------------
-def _library_run(hospital: Hospital, pacs: PacsConfig, receiver: ReceiverConfig, demo: ExtractionDefinition,
-                 data_root: Path, audit_url: str, elapsed: Any) -> None:
+def _library_run(
+    hospital: Hospital,
+    pacs: PacsConfig,
+    receiver: ReceiverConfig,
+    demo: ExtractionDefinition,
+    data_root: Path,
+    audit_url: str,
+    elapsed: Any,
+) -> None:
     started = time.perf_counter()
     layout = StorageLayout(data_root / "dicom")
     settings = ExtractionSettings(
-        resolution=demo.resolution, rules=demo.series_rules, layout=layout,
-        destination_ae=receiver.ae_title, batch_size=demo.retrieval.batch_size, metadata_dir=data_root / "metadata")
+        resolution=demo.resolution,
+        rules=demo.series_rules,
+        layout=layout,
+        destination_ae=receiver.ae_title,
+        batch_size=demo.retrieval.batch_size,
+        metadata_dir=data_root / "metadata",
+    )
     ris = create_engine(hospital.ris_url)
     sql = load_template(demo.cohort.sql_template, REPO_ROOT / "include" / "sql")
     start, end = (value.replace(tzinfo=None) for value in hospital.interval)
     exams = query_cohort(ris, sql, interval_start=start, interval_end=end, params=demo.cohort.params)
     with open_receiver(receiver, layout), AuditStore.connect(audit_url) as store:
-        ctx = RunContext(store=store, run_key="bench/library",
-                         pseudonymizer=Pseudonymizer.from_environment(data_root / ".pacsflow-key"))
+        ctx = RunContext(
+            store=store,
+            run_key="bench/library",
+            pseudonymizer=Pseudonymizer.from_environment(data_root / ".pacsflow-key"),
+        )
         run_extraction(ctx, exams, partial(PacsClient, pacs), settings)
     ris.dispose()
     elapsed.value = time.perf_counter() - started
 
 
-def run_library(hospital: Hospital, pacs: PacsConfig, receiver: ReceiverConfig, demo: ExtractionDefinition,
-                work: Path, truth: dict) -> dict[str, Any]:
+def run_library(
+    hospital: Hospital, pacs: PacsConfig, receiver: ReceiverConfig, demo: ExtractionDefinition, work: Path, truth: dict
+) -> dict[str, Any]:
     data_root = work / "library"
     data_root.mkdir(parents=True)
     audit_url = f"sqlite:///{data_root / 'audit.sqlite'}"
     context = multiprocessing.get_context("spawn")
     elapsed = context.Value("d", 0.0)
-    process = context.Process(target=_library_run,
-                              args=(hospital, pacs, replace(receiver, mode="embedded"), demo, data_root, audit_url,
-                                    elapsed))
+    process = context.Process(
+        target=_library_run,
+        args=(hospital, pacs, replace(receiver, mode="embedded"), demo, data_root, audit_url, elapsed),
+    )
     load_before = os.getloadavg()[0]
     process.start()
     with RssSampler({"library": process.pid}) as sampler:
@@ -169,26 +191,48 @@ def run_library(hospital: Hospital, pacs: PacsConfig, receiver: ReceiverConfig, 
         raise SystemExit(f"the library run failed (exit code {process.exitcode})")
     studies = check_against_truth(truth, data_root, audit_url, "bench/library")
     shutil.rmtree(data_root, ignore_errors=True)
-    return {"seconds": round(elapsed.value, 1), "studies": studies,
-            "studies_per_hour": round(studies / elapsed.value * 3600), "peak_rss": sampler.report(),
-            "load_average_1min": [load_before, os.getloadavg()[0]]}
+    return {
+        "seconds": round(elapsed.value, 1),
+        "studies": studies,
+        "studies_per_hour": round(studies / elapsed.value * 3600),
+        "peak_rss": sampler.report(),
+        "load_average_1min": [load_before, os.getloadavg()[0]],
+    }
 
 
 # -- pacsflow: the distributed deployment --------------------------------------------------------------------------
-def run_deployment(hospital: Hospital, pacs: PacsConfig, receiver: ReceiverConfig, demo: ExtractionDefinition,
-                   work: Path, truth: dict, server_url: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_deployment(
+    hospital: Hospital,
+    pacs: PacsConfig,
+    receiver: ReceiverConfig,
+    demo: ExtractionDefinition,
+    work: Path,
+    truth: dict,
+    server_url: str,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
     suffix = secrets.token_hex(4)
     data_root = work / "deployment"
-    with (postgres_database(server_url, f"airflow_{suffix}") as metadata_url,
-          postgres_database(server_url, f"audit_{suffix}") as audit_url,
-          redis_server(work / "redis") as broker_url):
-        connections = {**connection_environment(ris_url=hospital.ris_url, audit_url=audit_url, pacs=pacs,
-                                                receiver=receiver),
-                       "PACSFLOW_EXTRACTIONS_DIR": str(definitions_dir(demo, work / "extractions"))}
-        with celery_deployment(work / "airflow", metadata_url=metadata_url, broker_url=broker_url,
-                               data_root=data_root, receiver=receiver, pacs_pool_slots=args.pool,
-                               workers=args.workers, worker_concurrency=args.worker_concurrency,
-                               extra_env=connections) as airflow:
+    with (
+        postgres_database(server_url, f"airflow_{suffix}") as metadata_url,
+        postgres_database(server_url, f"audit_{suffix}") as audit_url,
+        redis_server(work / "redis") as broker_url,
+    ):
+        connections = {
+            **connection_environment(ris_url=hospital.ris_url, audit_url=audit_url, pacs=pacs, receiver=receiver),
+            "PACSFLOW_EXTRACTIONS_DIR": str(definitions_dir(demo, work / "extractions")),
+        }
+        with celery_deployment(
+            work / "airflow",
+            metadata_url=metadata_url,
+            broker_url=broker_url,
+            data_root=data_root,
+            receiver=receiver,
+            pacs_pool_slots=args.pool,
+            workers=args.workers,
+            worker_concurrency=args.worker_concurrency,
+            extra_env=connections,
+        ) as airflow:
             airflow.wait_for_dag(DAG_ID)
             airflow.unpause(DAG_ID)
             roots = {svc.name: svc.process.pid for svc in airflow.services}
@@ -204,8 +248,14 @@ def run_deployment(hospital: Hospital, pacs: PacsConfig, receiver: ReceiverConfi
             load = [load_before, os.getloadavg()[0]]
         studies = check_against_truth(truth, data_root, audit_url, f"{DAG_ID}/{run_id}")
     shutil.rmtree(data_root, ignore_errors=True)
-    return {"seconds": round(elapsed, 1), "studies": studies, "studies_per_hour": round(studies / elapsed * 3600),
-            "task_instances": tasks, "peak_rss": sampler.report(), "load_average_1min": load}
+    return {
+        "seconds": round(elapsed, 1),
+        "studies": studies,
+        "studies_per_hour": round(studies / elapsed * 3600),
+        "task_instances": tasks,
+        "peak_rss": sampler.report(),
+        "load_average_1min": load,
+    }
 
 
 # -- one size -----------------------------------------------------------------------------------------------------
@@ -228,21 +278,31 @@ def measure(accessions: int, work: Path, server_url: str, args: argparse.Namespa
     hospital = build_hospital(work / "hospital", accessions=accessions, seed=args.seed)
     truth = load_ground_truth(hospital.ground_truth_path)
     instances = len(expected_instances(truth))
-    print(f"  hospital: {hospital.files_written} instances in the PACS, {instances} to retrieve "
-          f"(built in {time.perf_counter() - started:.0f} s)", flush=True)
+    print(
+        f"  hospital: {hospital.files_written} instances in the PACS, {instances} to retrieve "
+        f"(built in {time.perf_counter() - started:.0f} s)",
+        flush=True,
+    )
     if accessions >= 10_000 and hospital.files_written < 60_000:
         raise SystemExit(f"a 10,000-AN hospital must hold >= 60,000 instances, not {hospital.files_written}")
-    receiver = ReceiverConfig(ae_title="PACSFLOW", port=free_port(), allowed_calling_aes=("ORTHANC",),
-                              mode="service", backend=args.backend)
+    receiver = ReceiverConfig(
+        ae_title="PACSFLOW", port=free_port(), allowed_calling_aes=("ORTHANC",), mode="service", backend=args.backend
+    )
     demo = definition(args.batch_size)
     with loaded_pacs(hospital, receiver, work) as pacs:
         library = run_library(hospital, pacs, receiver, demo, work, truth)
         print(f"  library     {library['seconds']:8.1f} s  {library['studies_per_hour']:8d} studies/h", flush=True)
         deployment = run_deployment(hospital, pacs, receiver, demo, work, truth, server_url, args)
-        print(f"  deployment  {deployment['seconds']:8.1f} s  {deployment['studies_per_hour']:8d} studies/h",
-              flush=True)
-    return {"accessions": accessions, "pacs_instances": hospital.files_written, "retrieved_instances": instances,
-            "library": library, "deployment": deployment}
+        print(
+            f"  deployment  {deployment['seconds']:8.1f} s  {deployment['studies_per_hour']:8d} studies/h", flush=True
+        )
+    return {
+        "accessions": accessions,
+        "pacs_instances": hospital.files_written,
+        "retrieved_instances": instances,
+        "library": library,
+        "deployment": deployment,
+    }
 
 
 def rss_growth(small: dict[str, Any], large: dict[str, Any]) -> dict[str, float]:
@@ -258,12 +318,23 @@ def rss_growth(small: dict[str, Any], large: dict[str, Any]) -> dict[str, float]
 def record_entry(sizes: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     largest = sizes[-1]
     growth = rss_growth(sizes[0], largest) if len(sizes) > 1 else {}
-    return record("scale_10k", "studies/hour", largest["deployment"]["studies_per_hour"],
-                  largest["library"]["studies_per_hour"], accessions=largest["accessions"],
-                  target_ratio_at_least=0.8, peak_rss_growth=growth, target_peak_rss_growth_at_most=1.5,
-                  workers=args.workers, worker_concurrency=args.worker_concurrency, pacs_pool=args.pool,
-                  batch_size=args.batch_size, receiver_backend=args.backend, sizes=sizes,
-                  measured_on=time.strftime("%Y-%m-%d"))
+    return record(
+        "scale_10k",
+        "studies/hour",
+        largest["deployment"]["studies_per_hour"],
+        largest["library"]["studies_per_hour"],
+        accessions=largest["accessions"],
+        target_ratio_at_least=0.8,
+        peak_rss_growth=growth,
+        target_peak_rss_growth_at_most=1.5,
+        workers=args.workers,
+        worker_concurrency=args.worker_concurrency,
+        pacs_pool=args.pool,
+        batch_size=args.batch_size,
+        receiver_backend=args.backend,
+        sizes=sizes,
+        measured_on=time.strftime("%Y-%m-%d"),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,8 +13,9 @@ from typing import Any
 RESULTS_PATH = Path(__file__).resolve().with_name("results.json")
 
 
-def record(name: str, unit: str, pacsflow: float, reference: float, *, results_path: Path = RESULTS_PATH,
-           **extra: Any) -> dict[str, Any]:
+def record(
+    name: str, unit: str, pacsflow: float, reference: float, *, results_path: Path = RESULTS_PATH, **extra: Any
+) -> dict[str, Any]:
     """Store ``{"name", "unit", "pacsflow", "reference", "ratio", **extra}``, replacing the entry of that name.
 
     ``ratio`` is pacsflow / reference (higher is better for rates; say so in ``unit`` when lower is better).

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from pacsflow.demo.environment import airflow_environment
 
 AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="pacsflow-test-airflow-"))
@@ -43,8 +42,12 @@ def airflow_db() -> Path:
     """A migrated Airflow metadata database with the ``pacs`` pool."""
     airflow = str(Path(sys.executable).with_name("airflow"))
     subprocess.run([airflow, "db", "migrate"], check=True, stdout=subprocess.DEVNULL, env=os.environ.copy())
-    subprocess.run([airflow, "pools", "set", "pacs", "4", "PACS associations"], check=True,
-                   stdout=subprocess.DEVNULL, env=os.environ.copy())
+    subprocess.run(
+        [airflow, "pools", "set", "pacs", "4", "PACS associations"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        env=os.environ.copy(),
+    )
     return AIRFLOW_HOME
 
 

@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from pacsflow.deployment import CONTAINER_DATA_ROOT, DATA_ROOT_ENV, SERVICES, init_steps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,8 +44,7 @@ def compose() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def generated_env(tmp_path_factory) -> Path:
     env_file = tmp_path_factory.mktemp("env") / ".env"
-    subprocess.run(["bash", str(REPO / "scripts" / "make-env.sh"), str(env_file)], check=True,
-                   capture_output=True)
+    subprocess.run(["bash", str(REPO / "scripts" / "make-env.sh"), str(env_file)], check=True, capture_output=True)
     return env_file
 
 
@@ -58,8 +56,9 @@ def docker_compose(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def env_example() -> dict[str, str]:
-    pairs = (line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines()
-             if line.strip() and not line.startswith("#"))
+    pairs = (
+        line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines() if line.strip() and not line.startswith("#")
+    )
     return {name: value for name, value in pairs}
 
 
@@ -77,8 +76,9 @@ def test_docker_compose_validates_the_file(generated_env, profile):
 
 def test_the_generated_env_file_is_private_and_complete(generated_env):
     assert generated_env.stat().st_mode & 0o077 == 0
-    values = dict(line.split("=", 1) for line in generated_env.read_text().splitlines()
-                  if line and not line.startswith("#"))
+    values = dict(
+        line.split("=", 1) for line in generated_env.read_text().splitlines() if line and not line.startswith("#")
+    )
     assert set(values) == set(env_example())
     assert all(values.values())
 
@@ -160,8 +160,9 @@ def test_the_sandbox_pacs_knows_the_receiver_and_the_connection_knows_the_pacs(c
     receiver_env = compose["services"]["pacsflow-receiver"]["environment"]
     defaults = env_example()
     pacs = json.loads(VARIABLE.sub(lambda m: defaults[m.group(1)], env["AIRFLOW_CONN_PACSFLOW_PACS"]))
-    assert orthanc["DicomModalities"] == {"pacsflow": [pacs["extra"]["receiver_ae"], "pacsflow-receiver",
-                                                       pacs["extra"]["receiver_port"]]}
+    assert orthanc["DicomModalities"] == {
+        "pacsflow": [pacs["extra"]["receiver_ae"], "pacsflow-receiver", pacs["extra"]["receiver_port"]]
+    }
     assert (pacs["host"], pacs["port"], pacs["login"]) == ("orthanc", orthanc["DicomPort"], orthanc["DicomAet"])
     assert pacs["extra"]["receiver_mode"] == "service"
     allowed = VARIABLE.sub(lambda m: defaults[m.group(1)], receiver_env["PACSFLOW_RECEIVER_ALLOWED_AES"])
@@ -172,12 +173,14 @@ def test_the_sandbox_pacs_knows_the_receiver_and_the_connection_knows_the_pacs(c
 
 
 def test_the_build_context_holds_what_the_dockerfile_copies_and_no_secret():
-    patterns = [line for line in (REPO / ".dockerignore").read_text().splitlines()
-                if line and not line.startswith("#")]
+    patterns = [line for line in (REPO / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
     assert patterns[0] == "*"  # everything excluded, then what the image needs
     allowed = {pattern[1:].rstrip("/") for pattern in patterns if pattern.startswith("!")}
-    copied = {line.split()[-2].split("/")[0] for line in (REPO / "Dockerfile").read_text().splitlines()
-              if line.startswith("COPY ")}
+    copied = {
+        line.split()[-2].split("/")[0]
+        for line in (REPO / "Dockerfile").read_text().splitlines()
+        if line.startswith("COPY ")
+    }
     assert copied <= allowed
     assert not any(name.startswith(".env") or name == "var" for name in allowed)
     assert "/.env" in (REPO / ".gitignore").read_text().splitlines()

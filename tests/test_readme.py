@@ -15,22 +15,22 @@ import re
 import shlex
 import subprocess
 from dataclasses import replace
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 
 import pytest
 import yaml
-
 from pacsflow.core.audit import AuditStore
 from pacsflow.core.dicom.config import PacsConfig, ReceiverConfig
 from pacsflow.demo.environment import DEMO_DAG_ID, REPO_ROOT, connection_environment
 from pacsflow.demo.hospital import build_hospital, expected_instances, expected_outcomes, load_ground_truth, within
 from pacsflow.demo.sandbox import orthanc
+
 from tests.conftest import free_port
 
 README = REPO_ROOT / "README.md"
 MARKED_BLOCK = re.compile(r"<!-- readme-test: (?P<name>[a-z-]+) -->\n```bash\n(?P<body>.*?)\n```", re.DOTALL)
 DAG_ID = DEMO_DAG_ID
-YEAR_2024 = (datetime(2024, 1, 1, tzinfo=timezone.utc), datetime(2025, 1, 1, tzinfo=timezone.utc))  # the block's run
+YEAR_2024 = (datetime(2024, 1, 1, tzinfo=UTC), datetime(2025, 1, 1, tzinfo=UTC))  # the block's run
 RUN_SECONDS = 600
 
 
@@ -46,15 +46,22 @@ def exported_names(script: str) -> set[str]:
 
 def test_the_connections_block_sets_the_three_connections_as_json():
     (script,) = blocks("connections")
-    probe = script + "\npython3 -c 'import json, os; print(json.dumps({k: json.loads(v) for k, v in os.environ." \
-                     "items() if k.startswith(\"AIRFLOW_CONN_\")}))'"
-    done = subprocess.run(["bash", "-euo", "pipefail", "-c", probe], capture_output=True, text=True,
-                          env={"PATH": os.environ["PATH"]})
+    probe = (
+        script + "\npython3 -c 'import json, os; print(json.dumps({k: json.loads(v) for k, v in os.environ."
+        'items() if k.startswith("AIRFLOW_CONN_")}))\''
+    )
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", probe], capture_output=True, text=True, env={"PATH": os.environ["PATH"]}
+    )
     assert done.returncode == 0, done.stderr
     connections = json.loads(done.stdout)
     # the variables the quick-start test points at the sandbox are exactly those the README has users set
-    sandbox = connection_environment(ris_url="sqlite://", audit_url="sqlite://", receiver=ReceiverConfig(),
-                                     pacs=PacsConfig(host="127.0.0.1", port=104, called_ae="PACS_AE"))
+    sandbox = connection_environment(
+        ris_url="sqlite://",
+        audit_url="sqlite://",
+        receiver=ReceiverConfig(),
+        pacs=PacsConfig(host="127.0.0.1", port=104, called_ae="PACS_AE"),
+    )
     assert set(connections) == exported_names(script) == set(sandbox)
     assert connections["AIRFLOW_CONN_PACSFLOW_PACS"]["conn_type"] == "dicom"
 
@@ -63,8 +70,9 @@ def test_the_connections_block_sets_the_three_connections_as_json():
 @pytest.mark.airflow
 def test_the_quick_start_runs_as_written_against_a_sandbox_pacs(tmp_path):
     (script,) = blocks("run")
-    hospital = build_hospital(tmp_path / "hospital", accessions=20, seed=31, first_day=YEAR_2024[0].date(),
-                              last_day=date(2024, 12, 31))
+    hospital = build_hospital(
+        tmp_path / "hospital", accessions=20, seed=31, first_day=YEAR_2024[0].date(), last_day=date(2024, 12, 31)
+    )
     receiver = ReceiverConfig(ae_title="PACSFLOW", port=free_port())
     workdir = tmp_path / "checkout"  # the repository as the user has it; var/ lands here, not in the repo
     workdir.mkdir()
@@ -73,12 +81,22 @@ def test_the_quick_start_runs_as_written_against_a_sandbox_pacs(tmp_path):
     audit_url = f"sqlite:///{tmp_path / 'audit.sqlite'}"
     with orthanc(tmp_path / "orthanc", move_destinations={receiver.ae_title: (receiver.host, receiver.port)}) as pacs:
         pacs.load(sorted(hospital.dicom_dir.rglob("*.dcm")))
-        connections = connection_environment(ris_url=hospital.ris_url, audit_url=audit_url,
-                                             pacs=replace(pacs.config, calling_ae="PACSFLOW"), receiver=receiver)
+        connections = connection_environment(
+            ris_url=hospital.ris_url,
+            audit_url=audit_url,
+            pacs=replace(pacs.config, calling_ae="PACSFLOW"),
+            receiver=receiver,
+        )
         env = {name: value for name, value in os.environ.items() if not name.startswith("AIRFLOW")}
         env.update(connections)
-        done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=workdir, env=env,
-                              capture_output=True, text=True, timeout=RUN_SECONDS)
+        done = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script],
+            cwd=workdir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=RUN_SECONDS,
+        )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     truth = within(load_ground_truth(hospital.ground_truth_path), *YEAR_2024)
     data_root = workdir / "var" / "data"
@@ -93,8 +111,10 @@ def test_the_quick_start_runs_as_written_against_a_sandbox_pacs(tmp_path):
 
 def test_the_compose_commands_name_services_and_profiles_that_exist():
     compose = yaml.safe_load((REPO_ROOT / "docker-compose.yaml").read_text())
-    services, profiles = set(compose["services"]), {p for s in compose["services"].values()
-                                                     for p in s.get("profiles", [])}
+    services, profiles = (
+        set(compose["services"]),
+        {p for s in compose["services"].values() for p in s.get("profiles", [])},
+    )
     lines = [line.split("#")[0].strip() for block in blocks("compose") for line in block.splitlines()]
     commands = [shlex.split(line) for line in lines if line.startswith("docker compose")]
     assert commands

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pacsflow.core.audit import AttemptState, AuditStore
@@ -31,8 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pacsflow")
     commands = parser.add_subparsers(dest="command", required=True)
     summary = commands.add_parser("summary", help="the reconciled summary and state of a run")
-    summary.add_argument("--audit-url", help="SQLAlchemy URL of the audit database; default: the Airflow "
-                                             "connection --conn-id")
+    summary.add_argument(
+        "--audit-url", help="SQLAlchemy URL of the audit database; default: the Airflow connection --conn-id"
+    )
     summary.add_argument("--conn-id", default=AUDIT_CONN_ID)
     which = summary.add_mutually_exclusive_group(required=True)
     which.add_argument("--run-key", help="'<dag_id>/<run_id>'")
@@ -47,13 +48,18 @@ def main(argv: list[str] | None = None) -> int:
     init_audit = commands.add_parser("init-audit", help="create or upgrade the audit store's tables")
     init_audit.add_argument("--audit-url", help="SQLAlchemy URL; default: the Airflow connection --conn-id")
     init_audit.add_argument("--conn-id", default=AUDIT_CONN_ID)
-    echo = commands.add_parser("echo", help="C-ECHO a DICOM peer; by default the receiver service of this "
-                                            "environment (the container health check)")
+    echo = commands.add_parser(
+        "echo",
+        help="C-ECHO a DICOM peer; by default the receiver service of this environment (the container health check)",
+    )
     echo.add_argument("--host", default="127.0.0.1")
     echo.add_argument("--port", type=int, default=int(os.environ.get("PACSFLOW_RECEIVER_PORT", "11113")))
     echo.add_argument("--called-ae", default=os.environ.get("PACSFLOW_RECEIVER_AE_TITLE", "PACSFLOW"))
-    echo.add_argument("--calling-ae", default=_first_allowed_ae(),
-                      help="default: the first of $PACSFLOW_RECEIVER_ALLOWED_AES (the receiver rejects others)")
+    echo.add_argument(
+        "--calling-ae",
+        default=_first_allowed_ae(),
+        help="default: the first of $PACSFLOW_RECEIVER_ALLOWED_AES (the receiver rejects others)",
+    )
     echo.add_argument("--timeout", type=float, default=10.0)
     args = parser.parse_args(argv)
     use_private_umask()  # an audit database created here holds patient data: the service account only
@@ -102,8 +108,15 @@ def _echo(args: argparse.Namespace) -> int:
     from pacsflow.core.dicom.config import PacsConfig
     from pacsflow.core.dicom.errors import PacsError
 
-    config = PacsConfig(host=args.host, port=args.port, called_ae=args.called_ae, calling_ae=args.calling_ae,
-                        acse_timeout=args.timeout, dimse_timeout=args.timeout, network_timeout=args.timeout)
+    config = PacsConfig(
+        host=args.host,
+        port=args.port,
+        called_ae=args.called_ae,
+        calling_ae=args.calling_ae,
+        acse_timeout=args.timeout,
+        dimse_timeout=args.timeout,
+        network_timeout=args.timeout,
+    )
     try:
         with PacsClient(config) as client:
             client.echo()
@@ -122,14 +135,20 @@ def dry_run(path: Path, ris_url: str, start: datetime, end: datetime, sql_dir: P
     except ConfigurationError as error:
         print(f"pacsflow cohort: {error}", file=sys.stderr)
         return EXIT_FAILED
-    bound_start, bound_end = (moment.astimezone(timezone.utc).replace(tzinfo=None) for moment in (start, end))
+    bound_start, bound_end = (moment.astimezone(UTC).replace(tzinfo=None) for moment in (start, end))
     print(f"template      {definition.cohort.sql_template}")
-    print(f"interval      {bound_start} .. {bound_end} (naive UTC datetime; day text {bound_start:%Y%m%d} .. "
-          f"{bound_end:%Y%m%d})")
+    print(
+        f"interval      {bound_start} .. {bound_end} (naive UTC datetime; day text {bound_start:%Y%m%d} .. "
+        f"{bound_end:%Y%m%d})"
+    )
     engine = make_engine(ris_url)
     try:
-        accessions = Counter(exam.accession_number for exam in query_cohort(
-            engine, sql, interval_start=bound_start, interval_end=bound_end, params=definition.cohort.params))
+        accessions = Counter(
+            exam.accession_number
+            for exam in query_cohort(
+                engine, sql, interval_start=bound_start, interval_end=bound_end, params=definition.cohort.params
+            )
+        )
     finally:
         engine.dispose()
     rows = sum(accessions.values())
@@ -137,14 +156,16 @@ def dry_run(path: Path, ris_url: str, start: datetime, end: datetime, sql_dir: P
     if len(accessions) > definition.cohort.max_size:
         print(f"the cohort is over cohort.max_size ({definition.cohort.max_size}): a run would fail")
     if not accessions:
-        print("the cohort is empty: if the interval holds exams, check how the template compares dates "
-              "(README: cohort templates)")
+        print(
+            "the cohort is empty: if the interval holds exams, check how the template compares dates "
+            "(README: cohort templates)"
+        )
     return 0
 
 
 def _utc(value: str) -> datetime:
     moment = datetime.fromisoformat(value)
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from airflow.sdk import DAG, Asset, CronDataIntervalTimetable
@@ -44,11 +44,16 @@ def extraction_dags(include_dir: Path) -> dict[str, DAG]:
 
 def invalid_definition_dag(path: Path, error: DefinitionError) -> DAG:
     dag_id = "pacsflow__" + re.sub(r"[^a-z0-9_]+", "_", path.stem.lower())
-    with DAG(dag_id=dag_id, description=f"INVALID DEFINITION {path.name}: fix the file", schedule=None,
-             start_date=datetime(2020, 1, 1, tzinfo=timezone.utc), tags=["pacsflow", "invalid-definition"],
-             doc_md=f"# Invalid extraction definition\n\n`{path.name}`: {error}\n\nFix the file; this DAG "
-                    "then becomes the extraction it describes.",
-             default_args={"owner": "pacsflow", "retries": 0}) as dag:
+    with DAG(
+        dag_id=dag_id,
+        description=f"INVALID DEFINITION {path.name}: fix the file",
+        schedule=None,
+        start_date=datetime(2020, 1, 1, tzinfo=UTC),
+        tags=["pacsflow", "invalid-definition"],
+        doc_md=f"# Invalid extraction definition\n\n`{path.name}`: {error}\n\nFix the file; this DAG "
+        "then becomes the extraction it describes.",
+        default_args={"owner": "pacsflow", "retries": 0},
+    ) as dag:
         InvalidDefinitionOperator(task_id="invalid_definition", problem=str(error))
     return dag
 
@@ -81,41 +86,59 @@ def build_dag(definition: ExtractionDefinition, include_dir: Path) -> DAG:
         },
     ) as dag:
         cohort = RisCohortOperator(
-            task_id="ris_cohort", template_dir=str(include_dir / "sql"), sql_template=definition.cohort.sql_template,
-            cohort_params=dict(definition.cohort.params), ris_conn_id=connections.ris,
-            batch_size=definition.retrieval.batch_size, max_cohort_size=definition.cohort.max_size,
+            task_id="ris_cohort",
+            template_dir=str(include_dir / "sql"),
+            sql_template=definition.cohort.sql_template,
+            cohort_params=dict(definition.cohort.params),
+            ris_conn_id=connections.ris,
+            batch_size=definition.retrieval.batch_size,
+            max_cohort_size=definition.cohort.max_size,
             definition=definition.model_dump(mode="json"),
         )
         resolve = ResolveAccessionsOperator(
-            task_id="resolve_accessions", pool=definition.retrieval.pool, dicom_conn_id=connections.pacs,
-            resolution=definition.resolution.model_dump(mode="json"), batch_size=definition.retrieval.batch_size,
+            task_id="resolve_accessions",
+            pool=definition.retrieval.pool,
+            dicom_conn_id=connections.pacs,
+            resolution=definition.resolution.model_dump(mode="json"),
+            batch_size=definition.retrieval.batch_size,
         )
         retrieve = RetrieveStudiesOperator.partial(
-            task_id="retrieve_batch", pool=definition.retrieval.pool, dicom_conn_id=connections.pacs,
+            task_id="retrieve_batch",
+            pool=definition.retrieval.pool,
+            dicom_conn_id=connections.pacs,
             series_rules=definition.series_rules.model_dump(mode="json"),
         ).expand(batch=resolve.output)
         # Both wait for every retrieval attempt (retries included) to end: the export takes what arrived,
         # the summary settles only when nothing is still running, and as the only leaf it decides the run.
-        export = ExportMetadataOperator(task_id="export_metadata", trigger_rule="all_done",
-                                        outlets=[Asset(name=f"pacsflow_metadata__{definition.id}")])
+        export = ExportMetadataOperator(
+            task_id="export_metadata",
+            trigger_rule="all_done",
+            outlets=[Asset(name=f"pacsflow_metadata__{definition.id}")],
+        )
         summary = AuditSummaryOperator(task_id="audit_summary", trigger_rule="all_done", retries=0)
         cohort >> resolve >> retrieve >> export >> summary
         [cohort, resolve, retrieve] >> summary
         if definition.release.enabled:
-            release = ReleaseOperator(task_id="release",
-                                      release=definition.release_settings.model_dump(mode="json"))
+            release = ReleaseOperator(task_id="release", release=definition.release_settings.model_dump(mode="json"))
             export >> release >> summary
     return dag
 
 
 def _doc(definition: ExtractionDefinition) -> str:
     when = f"`{definition.schedule}` (each run extracts its data interval)" if definition.schedule else "on demand"
-    return "\n".join([
-        f"# {definition.id}", "", definition.description, "",
-        f"- owner: {definition.owner}", f"- schedule: {when}, from {definition.start_date:%Y-%m-%d}, "
-        f"catch-up {'on' if definition.catchup else 'off'}",
-        f"- cohort: `{definition.cohort.sql_template}` with {sorted(definition.cohort.params)}, "
-        f"at most {definition.cohort.max_size} ANs",
-        f"- retrieval: batches of {definition.retrieval.batch_size} ANs in pool `{definition.retrieval.pool}`",
-        "", "Trigger from the UI with a logical date (the last complete interval before it) or a data interval.",
-    ])
+    return "\n".join(
+        [
+            f"# {definition.id}",
+            "",
+            definition.description,
+            "",
+            f"- owner: {definition.owner}",
+            f"- schedule: {when}, from {definition.start_date:%Y-%m-%d}, "
+            f"catch-up {'on' if definition.catchup else 'off'}",
+            f"- cohort: `{definition.cohort.sql_template}` with {sorted(definition.cohort.params)}, "
+            f"at most {definition.cohort.max_size} ANs",
+            f"- retrieval: batches of {definition.retrieval.batch_size} ANs in pool `{definition.retrieval.pool}`",
+            "",
+            "Trigger from the UI with a logical date (the last complete interval before it) or a data interval.",
+        ]
+    )

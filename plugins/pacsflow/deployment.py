@@ -17,40 +17,44 @@ DATA_ROOT_ENV = "PACSFLOW_DATA_ROOT"
 PACS_POOL = "pacs"
 
 # What every Airflow process of a CeleryExecutor deployment must agree on.
-AIRFLOW_ENV = frozenset({
-    "AIRFLOW__CORE__EXECUTOR",
-    "AIRFLOW__CORE__LOAD_EXAMPLES",
-    "AIRFLOW__CORE__DAGS_FOLDER",
-    "AIRFLOW__CORE__EXECUTION_API_SERVER_URL",
-    "AIRFLOW__CORE__TEST_CONNECTION",  # "Enabled": the dicom connection's C-ECHO test button
-    "AIRFLOW__CORE__FERNET_KEY",
-    "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS",
-    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
-    "AIRFLOW__CELERY__BROKER_URL",
-    "AIRFLOW__CELERY__RESULT_BACKEND",
-    "AIRFLOW__CELERY__WORKER_CONCURRENCY",
-    "AIRFLOW__API__BASE_URL",
-    "AIRFLOW__API__SECRET_KEY",
-    "AIRFLOW__API_AUTH__JWT_SECRET",
-    # The DAG reads the data root at parse time (its default) and the tasks at run time.
-    DATA_ROOT_ENV,
-    "PACSFLOW_LOG_KEY",
-    "AIRFLOW_CONN_PACSFLOW_RIS",
-    "AIRFLOW_CONN_PACSFLOW_PACS",
-    "AIRFLOW_CONN_PACSFLOW_AUDIT",
-})
+AIRFLOW_ENV = frozenset(
+    {
+        "AIRFLOW__CORE__EXECUTOR",
+        "AIRFLOW__CORE__LOAD_EXAMPLES",
+        "AIRFLOW__CORE__DAGS_FOLDER",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL",
+        "AIRFLOW__CORE__TEST_CONNECTION",  # "Enabled": the dicom connection's C-ECHO test button
+        "AIRFLOW__CORE__FERNET_KEY",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
+        "AIRFLOW__CELERY__BROKER_URL",
+        "AIRFLOW__CELERY__RESULT_BACKEND",
+        "AIRFLOW__CELERY__WORKER_CONCURRENCY",
+        "AIRFLOW__API__BASE_URL",
+        "AIRFLOW__API__SECRET_KEY",
+        "AIRFLOW__API_AUTH__JWT_SECRET",
+        # The DAG reads the data root at parse time (its default) and the tasks at run time.
+        DATA_ROOT_ENV,
+        "PACSFLOW_LOG_KEY",
+        "AIRFLOW_CONN_PACSFLOW_RIS",
+        "AIRFLOW_CONN_PACSFLOW_PACS",
+        "AIRFLOW_CONN_PACSFLOW_AUDIT",
+    }
+)
 
 # The standalone receiver (``python -m pacsflow.core.dicom``) reads these when no option is given.
-RECEIVER_ENV = frozenset({
-    DATA_ROOT_ENV,
-    "PACSFLOW_RECEIVER_AE_TITLE",
-    "PACSFLOW_RECEIVER_HOST",
-    "PACSFLOW_RECEIVER_PORT",
-    "PACSFLOW_RECEIVER_BACKEND",
-    "PACSFLOW_RECEIVER_ALLOWED_AES",
-    "PACSFLOW_RECEIVER_ALLOWED_ADDRESSES",
-    "PACSFLOW_RECEIVER_MAX_ASSOCIATIONS",
-})
+RECEIVER_ENV = frozenset(
+    {
+        DATA_ROOT_ENV,
+        "PACSFLOW_RECEIVER_AE_TITLE",
+        "PACSFLOW_RECEIVER_HOST",
+        "PACSFLOW_RECEIVER_PORT",
+        "PACSFLOW_RECEIVER_BACKEND",
+        "PACSFLOW_RECEIVER_ALLOWED_AES",
+        "PACSFLOW_RECEIVER_ALLOWED_ADDRESSES",
+        "PACSFLOW_RECEIVER_MAX_ASSOCIATIONS",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -68,8 +72,13 @@ SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec("airflow-dag-processor", ("airflow", "dag-processor"), AIRFLOW_ENV),
     ServiceSpec("airflow-triggerer", ("airflow", "triggerer"), AIRFLOW_ENV),
     # mingle and gossip only add broker chatter between workers that share nothing
-    ServiceSpec("airflow-worker", ("airflow", "celery", "worker", "--without-mingle", "--without-gossip"),
-                AIRFLOW_ENV, data_root=True, scalable=True),
+    ServiceSpec(
+        "airflow-worker",
+        ("airflow", "celery", "worker", "--without-mingle", "--without-gossip"),
+        AIRFLOW_ENV,
+        data_root=True,
+        scalable=True,
+    ),
     ServiceSpec("pacsflow-receiver", ("python", "-m", "pacsflow.core.dicom"), RECEIVER_ENV, data_root=True),
 )
 

@@ -34,7 +34,8 @@ class RunFailedWebhook(BaseNotifier):
             "reason": str(context.get("reason") or "a task failed; see the audit_summary task log"),
         }
         headers = {"Content-Type": "application/json", **dict(conn.extra_dejson.get("headers") or {})}
-        request = urllib.request.Request(str(conn.host), data=json.dumps(payload).encode(), headers=headers,
-                                         method="POST")
-        with urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS) as response:  # noqa: S310 (an operator's URL)
+        request = urllib.request.Request(
+            str(conn.host), data=json.dumps(payload).encode(), headers=headers, method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS) as response:
             log.info("run failure sent to %s: HTTP %s", self.conn_id, response.status)

@@ -1,7 +1,6 @@
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
-
 from pacsflow.core.audit import (
     RESOLUTION_NEVER_RAN,
     RETRIEVAL_FAILED,
@@ -18,43 +17,72 @@ RUN = "pacsflow_extract/manual__1"
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def store(request, tmp_path):
-    url = (f"sqlite:///{tmp_path / 'audit.sqlite'}" if request.param == "sqlite"
-           else request.getfixturevalue("postgres_url"))
+    url = (
+        f"sqlite:///{tmp_path / 'audit.sqlite'}"
+        if request.param == "sqlite"
+        else request.getfixturevalue("postgres_url")
+    )
     with AuditStore.connect(url) as audit:
         yield audit
         from pacsflow.core.audit import metadata
+
         metadata.drop_all(audit.engine)
 
 
 def cohort_row(an: str) -> dict:
-    return {"accession_number": an, "an_ref": f"an:{an}", "patient_id": "P", "ris_study_uid": None,
-            "exam_datetime": datetime(2021, 1, 1), "modality": "CT", "occurrences": 1}
+    return {
+        "accession_number": an,
+        "an_ref": f"an:{an}",
+        "patient_id": "P",
+        "ris_study_uid": None,
+        "exam_datetime": datetime(2021, 1, 1),
+        "modality": "CT",
+        "occurrences": 1,
+    }
 
 
 def listed(uid: str, drop_reason: str | None = None) -> dict:
-    return {"series_uid": uid, "modality": "CT", "description": "AX", "body_part": None,
-            "pacs_instance_count": 2, "drop_reason": drop_reason,
-            "status": SeriesStatus.DROPPED if drop_reason else SeriesStatus.PENDING}
+    return {
+        "series_uid": uid,
+        "modality": "CT",
+        "description": "AX",
+        "body_part": None,
+        "pacs_instance_count": 2,
+        "drop_reason": drop_reason,
+        "status": SeriesStatus.DROPPED if drop_reason else SeriesStatus.PENDING,
+    }
 
 
-def attempt(store, stage: Stage, batch: int | None = None, state: AttemptState = AttemptState.SUCCESS,
-            error: str | None = None) -> None:
+def attempt(
+    store, stage: Stage, batch: int | None = None, state: AttemptState = AttemptState.SUCCESS, error: str | None = None
+) -> None:
     attempt_id = store.begin_attempt(RUN, stage, batch=batch, try_number=1)
     if state is not AttemptState.RUNNING:
         store.end_attempt(attempt_id, state, error=error)
 
 
 def start(store) -> None:
-    store.start_run(RUN, dag_id="pacsflow_extract", run_id="manual__1", params={},
-                    interval=(datetime(2021, 1, 1, tzinfo=timezone.utc), datetime(2022, 1, 1, tzinfo=timezone.utc)))
+    store.start_run(
+        RUN,
+        dag_id="pacsflow_extract",
+        run_id="manual__1",
+        params={},
+        interval=(datetime(2021, 1, 1, tzinfo=UTC), datetime(2022, 1, 1, tzinfo=UTC)),
+    )
 
 
 def test_every_accession_ends_in_exactly_one_outcome(store):
-    store.start_run(RUN, dag_id="pacsflow_extract", run_id="manual__1", params={"a": 1},
-                    interval=(datetime(2021, 1, 1, tzinfo=timezone.utc), datetime(2022, 1, 1, tzinfo=timezone.utc)))
+    store.start_run(
+        RUN,
+        dag_id="pacsflow_extract",
+        run_id="manual__1",
+        params={"a": 1},
+        interval=(datetime(2021, 1, 1, tzinfo=UTC), datetime(2022, 1, 1, tzinfo=UTC)),
+    )
     store.replace_cohort(RUN, [cohort_row(an) for an in ("A1", "A2", "A3", "A4", "A5", "A6")])
-    resolve = dict(resolved_by="accession_number", detail=None, rules_tried=["accession_number"],
-                   batch_of=lambda uid: 0)
+    resolve = dict(
+        resolved_by="accession_number", detail=None, rules_tried=["accession_number"], batch_of=lambda uid: 0
+    )
     store.record_resolution(RUN, "A1", resolution="resolved", study_uids=["1.1"], **resolve)
     store.record_resolution(RUN, "A2", resolution="resolved", study_uids=["1.2"], **resolve)
     store.record_resolution(RUN, "A3", resolution="not_found", study_uids=[], **resolve)
@@ -74,8 +102,14 @@ def test_every_accession_ends_in_exactly_one_outcome(store):
     store.settle_outcomes(RUN)
     store.finish_run(RUN)
     outcomes = {an: row["outcome"] for an, row in store.accession_outcomes(RUN).items()}
-    assert outcomes == {"A1": Outcome.RETRIEVED, "A2": Outcome.FILTERED, "A3": Outcome.NOT_FOUND,
-                        "A4": Outcome.FAILED, "A5": Outcome.FAILED, "A6": Outcome.FAILED}
+    assert outcomes == {
+        "A1": Outcome.RETRIEVED,
+        "A2": Outcome.FILTERED,
+        "A3": Outcome.NOT_FOUND,
+        "A4": Outcome.FAILED,
+        "A5": Outcome.FAILED,
+        "A6": Outcome.FAILED,
+    }
     summary = store.summary(RUN)
     assert summary.cohort == 6 and summary.reconciled
     assert summary.verdict.state == "success" and not summary.succeeded  # every stage ran; A6 is unfinished
@@ -87,8 +121,16 @@ def test_every_accession_ends_in_exactly_one_outcome(store):
 
 def test_extracting_again_replaces_the_run_state(store):
     store.replace_cohort(RUN, [cohort_row("A1"), cohort_row("A2")])
-    store.record_resolution(RUN, "A1", resolution="resolved", resolved_by="accession_number", detail=None,
-                            rules_tried=[], study_uids=["1.1"], batch_of=lambda uid: 3)
+    store.record_resolution(
+        RUN,
+        "A1",
+        resolution="resolved",
+        resolved_by="accession_number",
+        detail=None,
+        rules_tried=[],
+        study_uids=["1.1"],
+        batch_of=lambda uid: 3,
+    )
     assert store.study_batches(RUN) == [3]
     store.replace_cohort(RUN, [cohort_row("A2")])
     assert store.cohort_order(RUN) == ["A2"]
@@ -97,8 +139,16 @@ def test_extracting_again_replaces_the_run_state(store):
 
 def test_series_listing_keeps_known_series_state(store):
     store.replace_cohort(RUN, [cohort_row("A1")])
-    store.record_resolution(RUN, "A1", resolution="resolved", resolved_by="accession_number", detail=None,
-                            rules_tried=[], study_uids=["1.1"], batch_of=lambda uid: 0)
+    store.record_resolution(
+        RUN,
+        "A1",
+        resolution="resolved",
+        resolved_by="accession_number",
+        detail=None,
+        rules_tried=[],
+        study_uids=["1.1"],
+        batch_of=lambda uid: 0,
+    )
     store.record_series_listing(RUN, "A1", "1.1", [listed("1.1.1")])
     store.update_series(RUN, "1.1", "1.1.1", status=SeriesStatus.COMPLETE)
     store.record_series_listing(RUN, "A1", "1.1", [listed("1.1.1"), listed("1.1.2")])
@@ -113,8 +163,16 @@ def test_the_summary_command_prints_the_reconciled_run(tmp_path, capsys):
     with AuditStore.connect(url) as store:
         start(store)
         store.replace_cohort(RUN, [cohort_row("A1")])
-        store.record_resolution(RUN, "A1", resolution="not_found", resolved_by=None, detail=None, rules_tried=[],
-                                study_uids=[], batch_of=lambda uid: 0)
+        store.record_resolution(
+            RUN,
+            "A1",
+            resolution="not_found",
+            resolved_by=None,
+            detail=None,
+            rules_tried=[],
+            study_uids=[],
+            batch_of=lambda uid: 0,
+        )
         for stage in (Stage.COHORT, Stage.RESOLVE, Stage.EXPORT):
             attempt(store, stage)
         assert main(["summary", "--audit-url", url, "--run-key", RUN]) == 3  # not settled yet: running
@@ -152,8 +210,16 @@ def test_unfinished_work_is_told_apart_by_why_it_stopped(store):
     start(store)
     store.replace_cohort(RUN, [cohort_row(an) for an in ("A1", "A2", "A3", "A4", "A5")])
     for an, batch in (("A1", 0), ("A2", 1), ("A3", 1), ("A4", 2)):
-        store.record_resolution(RUN, an, resolution="resolved", resolved_by="accession_number", detail=None,
-                                rules_tried=[], study_uids=[f"1.{an[1]}"], batch_of=lambda uid, b=batch: b)
+        store.record_resolution(
+            RUN,
+            an,
+            resolution="resolved",
+            resolved_by="accession_number",
+            detail=None,
+            rules_tried=[],
+            study_uids=[f"1.{an[1]}"],
+            batch_of=lambda uid, b=batch: b,
+        )
     for an in ("A1", "A2", "A3"):
         store.record_series_listing(RUN, an, f"1.{an[1]}", [listed(f"1.{an[1]}.1")])
     store.update_series(RUN, "1.1", "1.1.1", status=SeriesStatus.COMPLETE, expected=1, received=1, bytes=1)

@@ -10,13 +10,12 @@ import threading
 from datetime import datetime
 
 import pytest
-from sqlalchemy import Column, DateTime, MetaData, String, Table, create_engine, insert, select
-from sqlalchemy.exc import OperationalError
-
 from pacsflow.core.audit import AuditStore, SeriesStatus, series
 from pacsflow.core.pipeline import RunContext, extract_cohort
 from pacsflow.core.privacy import Pseudonymizer
 from pacsflow.core.ris import RisExam, query_cohort
+from sqlalchemy import Column, DateTime, MetaData, String, Table, create_engine, insert, select
+from sqlalchemy.exc import OperationalError
 
 RUN_KEY = "test/containment"
 AN, PATIENT_ID = "20240001", "PID-7731-CONFIDENTIAL"
@@ -42,8 +41,16 @@ def test_a_locked_audit_database_shows_no_identifier(tmp_path, caplog):
     try:
         with caplog.at_level(logging.DEBUG), AuditStore.connect(f"sqlite:///{path}?timeout=0.2") as store:
             with pytest.raises(OperationalError) as raised:
-                store.record_resolution(RUN_KEY, AN, resolution="resolved", resolved_by="accession_number",
-                                        detail=None, rules_tried=[], study_uids=[STUDY_UID], batch_of=lambda _: 0)
+                store.record_resolution(
+                    RUN_KEY,
+                    AN,
+                    resolution="resolved",
+                    resolved_by="accession_number",
+                    detail=None,
+                    rules_tried=[],
+                    study_uids=[STUDY_UID],
+                    batch_of=lambda _: 0,
+                )
     finally:
         locker.rollback()
         locker.close()
@@ -66,20 +73,35 @@ def audit_url(request, tmp_path):
 
 def test_an_over_long_ris_value_makes_only_its_an_invalid(audit_url, tmp_path, caplog):
     ris = create_engine(f"sqlite:///{tmp_path / 'ris.sqlite'}", hide_parameters=True)
-    exams = Table("exams", MetaData(), Column("accession_number", String), Column("patient_id", String),
-                  Column("modality", String), Column("exam_datetime", DateTime))
+    exams = Table(
+        "exams",
+        MetaData(),
+        Column("accession_number", String),
+        Column("patient_id", String),
+        Column("modality", String),
+        Column("exam_datetime", DateTime),
+    )
     exams.create(ris)
     moment = datetime(2024, 3, 1, 10, 0)
-    rows = [{"accession_number": f"2024{i:04d}", "patient_id": f"P{i}", "modality": "CT", "exam_datetime": moment}
-            for i in range(2, 18)]
-    rows.append({"accession_number": AN, "patient_id": PATIENT_ID, "modality": "CT ARTHRO SHOULDER LEFT",
-                 "exam_datetime": moment})  # longer than the 16 characters of a DICOM CS / the audit column
+    rows = [
+        {"accession_number": f"2024{i:04d}", "patient_id": f"P{i}", "modality": "CT", "exam_datetime": moment}
+        for i in range(2, 18)
+    ]
+    rows.append(
+        {
+            "accession_number": AN,
+            "patient_id": PATIENT_ID,
+            "modality": "CT ARTHRO SHOULDER LEFT",
+            "exam_datetime": moment,
+        }
+    )  # longer than the 16 characters of a DICOM CS / the audit column
     with ris.begin() as conn:
         conn.execute(insert(exams), rows)
     sql = "SELECT * FROM exams WHERE exam_datetime >= :interval_start AND exam_datetime < :interval_end"
     with caplog.at_level(logging.DEBUG), AuditStore.connect(audit_url) as store:
-        found = query_cohort(ris, sql, interval_start=datetime(2024, 1, 1), interval_end=datetime(2025, 1, 1),
-                             params={})
+        found = query_cohort(
+            ris, sql, interval_start=datetime(2024, 1, 1), interval_end=datetime(2025, 1, 1), params={}
+        )
         counts = extract_cohort(_context(store), lambda: found, batch_size=10)
         outcomes = store.accession_outcomes(RUN_KEY)
     ris.dispose()
@@ -95,22 +117,40 @@ def test_two_tasks_listing_the_same_study_do_not_collide(audit_url, caplog):
     """Task A's listing is in flight (its transaction holds the row) when task B lists the same study."""
     with AuditStore.connect(audit_url) as store:
         extract_cohort(_context(store), lambda: [RisExam(AN, PATIENT_ID)], batch_size=10)
-        store.record_resolution(RUN_KEY, AN, resolution="resolved", resolved_by="accession_number", detail=None,
-                                rules_tried=[], study_uids=[STUDY_UID], batch_of=lambda _: 0)
-        listed = [{"series_uid": SERIES_UID, "modality": "CT", "description": None, "body_part": None,
-                   "pacs_instance_count": 3, "drop_reason": None, "status": SeriesStatus.PENDING}]
+        store.record_resolution(
+            RUN_KEY,
+            AN,
+            resolution="resolved",
+            resolved_by="accession_number",
+            detail=None,
+            rules_tried=[],
+            study_uids=[STUDY_UID],
+            batch_of=lambda _: 0,
+        )
+        listed = [
+            {
+                "series_uid": SERIES_UID,
+                "modality": "CT",
+                "description": None,
+                "body_part": None,
+                "pacs_instance_count": 3,
+                "drop_reason": None,
+                "status": SeriesStatus.PENDING,
+            }
+        ]
         errors: list[BaseException] = []
 
         def task_b() -> None:
             try:
                 store.record_series_listing(RUN_KEY, AN, STUDY_UID, listed)
-            except BaseException as error:  # noqa: BLE001 - the test reports it below
+            except BaseException as error:
                 errors.append(error)
 
         task_a = store.engine.connect()
         transaction = task_a.begin()
-        task_a.execute(insert(series), [{"run_key": RUN_KEY, "study_uid": STUDY_UID, "accession_number": AN,
-                                         **listed[0]}])
+        task_a.execute(
+            insert(series), [{"run_key": RUN_KEY, "study_uid": STUDY_UID, "accession_number": AN, **listed[0]}]
+        )
         other = threading.Thread(target=task_b)
         with caplog.at_level(logging.DEBUG):
             other.start()
@@ -138,9 +178,8 @@ def test_every_engine_hides_bound_parameters(tmp_path):
 
 def test_database_error_details_are_withheld_at_the_operator_boundary(postgres_url):
     """PostgreSQL's DETAIL quotes the key even with hidden parameters; operators re-raise without it."""
-    from sqlalchemy.exc import IntegrityError
-
     from pacsflow.core.privacy import DatabaseError, database_errors_withheld
+    from sqlalchemy.exc import IntegrityError
 
     engine = create_engine(postgres_url, hide_parameters=True)
     table = Table("containment_keys", MetaData(), Column("an", String(16), primary_key=True))
@@ -148,13 +187,11 @@ def test_database_error_details_are_withheld_at_the_operator_boundary(postgres_u
     table.create(engine)
     with engine.begin() as conn:
         conn.execute(insert(table), [{"an": AN}])
-    with pytest.raises(IntegrityError) as raw:
-        with engine.begin() as conn:
-            conn.execute(insert(table), [{"an": AN}])
+    with pytest.raises(IntegrityError) as raw, engine.begin() as conn:
+        conn.execute(insert(table), [{"an": AN}])
     assert AN in str(raw.value)  # what hide_parameters alone lets through
-    with pytest.raises(DatabaseError) as withheld:
-        with database_errors_withheld(), engine.begin() as conn:
-            conn.execute(insert(table), [{"an": AN}])
+    with pytest.raises(DatabaseError) as withheld, database_errors_withheld(), engine.begin() as conn:
+        conn.execute(insert(table), [{"an": AN}])
     engine.dispose()
     assert "UniqueViolation 23505" in str(withheld.value)
     assert withheld.value.__cause__ is None and withheld.value.__suppress_context__
@@ -165,7 +202,6 @@ def test_uids_in_library_log_records_are_replaced_by_keyed_references(caplog):
     """pynetdicom warns with the SOP Instance UID in clear (e.g. a non-conformant UID); its modules log
     through child loggers, which a filter on the parent logger alone would not reach."""
     import pynetdicom.utils
-
     from pacsflow.core.privacy import redact_uids_in_library_logs
 
     pseudonymizer = Pseudonymizer(b"k" * 32)

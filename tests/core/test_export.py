@@ -14,19 +14,26 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
-from pydicom.uid import (
-    CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit, PYDICOM_IMPLEMENTATION_UID,
-)
-
 from pacsflow.core.export import (
-    ExportReport, export_instances, open_dataset, run_token, schema_document,
+    ExportReport,
+    export_instances,
+    open_dataset,
+    run_token,
+    schema_document,
 )
 from pacsflow.core.export.reader import parse_date, parse_datetime, parse_time
 from pacsflow.core.export.schema import COLUMNS_BY_TABLE, NULL_PARTITION
 from pacsflow.core.export.writer import MAX_OPEN_WRITERS
 from pacsflow.core.processes import worker_context
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+)
 
 SCHEMA_FILE = Path(__file__).resolve().parents[2] / "include" / "schemas" / "metadata_v1.json"
 RUN = "manual__2026-11-22T09:00:00+00:00"
@@ -36,20 +43,40 @@ PATIENT_ID = "PID-SECRET-42"
 
 # The schema file's type names as Arrow and DuckDB types.
 ARROW_TYPES = {
-    "string": pa.string(), "int32": pa.int32(), "int64": pa.int64(), "float64": pa.float64(),
-    "list<string>": pa.list_(pa.string()), "list<float64>": pa.list_(pa.float64()), "date32": pa.date32(),
-    "timestamp[us]": pa.timestamp("us"), "map<string, string>": pa.map_(pa.string(), pa.string()),
+    "string": pa.string(),
+    "int32": pa.int32(),
+    "int64": pa.int64(),
+    "float64": pa.float64(),
+    "list<string>": pa.list_(pa.string()),
+    "list<float64>": pa.list_(pa.float64()),
+    "date32": pa.date32(),
+    "timestamp[us]": pa.timestamp("us"),
+    "map<string, string>": pa.map_(pa.string(), pa.string()),
 }
 DUCKDB_TYPES = {
-    "string": "VARCHAR", "int32": "INTEGER", "int64": "BIGINT", "float64": "DOUBLE", "list<string>": "VARCHAR[]",
-    "list<float64>": "DOUBLE[]", "date32": "DATE", "timestamp[us]": "TIMESTAMP",
+    "string": "VARCHAR",
+    "int32": "INTEGER",
+    "int64": "BIGINT",
+    "float64": "DOUBLE",
+    "list<string>": "VARCHAR[]",
+    "list<float64>": "DOUBLE[]",
+    "date32": "DATE",
+    "timestamp[us]": "TIMESTAMP",
     "map<string, string>": "MAP(VARCHAR, VARCHAR)",
 }
 
 
 # -- building real DICOM files ----------------------------------------------------------------------
-def ct(study: int = 1, series: int = 1, instance: int = 1, *, study_date: str | None = "20240102",
-       charset: str | list[str] | None = "ISO_IR 100", name: str = PATIENT_NAME, **attributes: Any) -> Dataset:
+def ct(
+    study: int = 1,
+    series: int = 1,
+    instance: int = 1,
+    *,
+    study_date: str | None = "20240102",
+    charset: str | list[str] | None = "ISO_IR 100",
+    name: str = PATIENT_NAME,
+    **attributes: Any,
+) -> Dataset:
     ds = Dataset()
     if charset is not None:
         ds.SpecificCharacterSet = charset
@@ -103,8 +130,12 @@ def write(ds: Dataset, path: Path, transfer_syntax: str = ExplicitVRLittleEndian
 
 def cohort(directory: Path, dates: list[str | None], per_series: int = 3) -> list[Path]:
     """One study per date, two series each of ``per_series`` instances."""
-    return [write(ct(study, series, instance, study_date=date), directory / f"{study}-{series}-{instance}.dcm")
-            for study, date in enumerate(dates, start=1) for series in (1, 2) for instance in range(1, per_series + 1)]
+    return [
+        write(ct(study, series, instance, study_date=date), directory / f"{study}-{series}-{instance}.dcm")
+        for study, date in enumerate(dates, start=1)
+        for series in (1, 2)
+        for instance in range(1, per_series + 1)
+    ]
 
 
 def export(files: list[Path], out: Path, run_id: str = RUN, **options: Any) -> ExportReport:
@@ -112,8 +143,12 @@ def export(files: list[Path], out: Path, run_id: str = RUN, **options: Any) -> E
 
 
 def instances(out: Path) -> list[dict[str, Any]]:
-    return open_dataset(out, "instances").to_table().sort_by([("run_id", "ascending"),
-                                                              ("sop_instance_uid", "ascending")]).to_pylist()
+    return (
+        open_dataset(out, "instances")
+        .to_table()
+        .sort_by([("run_id", "ascending"), ("sop_instance_uid", "ascending")])
+        .to_pylist()
+    )
 
 
 def parquet_files(out: Path) -> list[str]:
@@ -146,8 +181,9 @@ def test_round_trip_with_pyarrow_has_the_documented_types(tmp_path: Path, out: P
         expected.append(("study_date", ARROW_TYPES[document["partitioning"]["column"]["type"]]))
         assert [(field.name, field.type) for field in schema] == expected
         file_schema = pq.read_schema(next((out / table).rglob("*.parquet")))
-        assert [field.name for field in file_schema if not field.nullable] == \
-            [column["name"] for column in spec["columns"] if not column["nullable"]]
+        assert [field.name for field in file_schema if not field.nullable] == [
+            column["name"] for column in spec["columns"] if not column["nullable"]
+        ]
 
 
 def test_round_trip_with_duckdb_has_the_documented_types(tmp_path: Path, out: Path) -> None:
@@ -159,16 +195,31 @@ def test_round_trip_with_duckdb_has_the_documented_types(tmp_path: Path, out: Pa
             expected = {column["name"]: DUCKDB_TYPES[column["type"]] for column in spec["columns"]}
             expected["study_date"] = "DATE"
             assert dict(zip(relation.columns, map(str, relation.types))) == expected
-        dates = db.sql(f"SELECT study_date, count(*) FROM read_parquet('{out}/instances/**/*.parquet', "
-                       "hive_partitioning=true) GROUP BY ALL ORDER BY 1 NULLS LAST").fetchall()
+        dates = db.sql(
+            f"SELECT study_date, count(*) FROM read_parquet('{out}/instances/**/*.parquet', "
+            "hive_partitioning=true) GROUP BY ALL ORDER BY 1 NULLS LAST"
+        ).fetchall()
     assert dates == [(dt.date(2024, 1, 2), 6), (None, 6)]
 
 
 def test_values_are_typed_and_missing_values_are_nulls(tmp_path: Path, out: Path) -> None:
-    full = write(ct(1, 1, 7, AcquisitionDateTime="20240102101530.25+0100", KVP="120", NumberOfFrames=None),
-                 tmp_path / "full.dcm")
-    sparse = write(ct(2, 1, 1, AccessionNumber=None, BodyPartExamined=None, SliceThickness="",
-                      PatientBirthDate="20240230", StudyTime=None, Modality=None), tmp_path / "sparse.dcm")
+    full = write(
+        ct(1, 1, 7, AcquisitionDateTime="20240102101530.25+0100", KVP="120", NumberOfFrames=None), tmp_path / "full.dcm"
+    )
+    sparse = write(
+        ct(
+            2,
+            1,
+            1,
+            AccessionNumber=None,
+            BodyPartExamined=None,
+            SliceThickness="",
+            PatientBirthDate="20240230",
+            StudyTime=None,
+            Modality=None,
+        ),
+        tmp_path / "sparse.dcm",
+    )
     export([full, sparse], out)
     first, second = instances(out)
     assert first["image_type"] == ["ORIGINAL", "PRIMARY", "AXIAL"]
@@ -183,12 +234,22 @@ def test_values_are_typed_and_missing_values_are_nulls(tmp_path: Path, out: Path
     assert first["transfer_syntax_uid"] == ExplicitVRLittleEndian
     assert first["file_size"] == full.stat().st_size and len(first["file_sha256"]) == 64
     assert first["number_of_frames"] is None and first["private_tags"] is None
-    for column in ("accession_number", "body_part_examined", "slice_thickness", "patient_birth_date",
-                   "study_datetime", "modality", "station_name", "kvp"):
+    for column in (
+        "accession_number",
+        "body_part_examined",
+        "slice_thickness",
+        "patient_birth_date",
+        "study_datetime",
+        "modality",
+        "station_name",
+        "kvp",
+    ):
         assert second[column] is None, column
     with duckdb.connect() as db:
-        nones = db.sql(f"SELECT count(*) FROM read_parquet('{out}/instances/**/*.parquet') "
-                       "WHERE accession_number = 'None' OR modality = 'None'").fetchall()
+        nones = db.sql(
+            f"SELECT count(*) FROM read_parquet('{out}/instances/**/*.parquet') "
+            "WHERE accession_number = 'None' OR modality = 'None'"
+        ).fetchall()
     assert nones == [(0,)]
 
 
@@ -201,17 +262,23 @@ def test_checksum_is_the_sha256_of_the_file(tmp_path: Path, out: Path) -> None:
 
 
 # -- character sets ---------------------------------------------------------------------------------
-@pytest.mark.parametrize(("charset", "name"), [
-    ("ISO_IR 100", "Müller^Jürgen"),
-    ("ISO_IR 192", "Nguyễn^Văn=阮^文"),
-    ("ISO_IR 144", "Иванов^Иван"),
-    (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎"),
-    (None, "Plain^Ascii"),
-])
-def test_person_names_are_decoded_per_specific_character_set(tmp_path: Path, out: Path,
-                                                             charset: Any, name: str) -> None:
-    path = write(ct(charset=charset, name=name, ReferringPhysicianName=name, StudyDescription=name.split("=")[0]),
-                 tmp_path / "a.dcm")
+@pytest.mark.parametrize(
+    ("charset", "name"),
+    [
+        ("ISO_IR 100", "Müller^Jürgen"),
+        ("ISO_IR 192", "Nguyễn^Văn=阮^文"),
+        ("ISO_IR 144", "Иванов^Иван"),
+        (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎"),
+        (None, "Plain^Ascii"),
+    ],
+)
+def test_person_names_are_decoded_per_specific_character_set(
+    tmp_path: Path, out: Path, charset: Any, name: str
+) -> None:
+    path = write(
+        ct(charset=charset, name=name, ReferringPhysicianName=name, StudyDescription=name.split("=", maxsplit=1)[0]),
+        tmp_path / "a.dcm",
+    )
     export([path], out)
     row = instances(out)[0]
     reference = pydicom.dcmread(path)
@@ -282,8 +349,16 @@ def test_encapsulated_pixel_data_is_checked_fragment_by_fragment(tmp_path: Path,
 
 
 def test_a_non_image_object_without_pixel_data_is_exported(tmp_path: Path, out: Path) -> None:
-    ds = ct(Rows=None, Columns=None, BitsAllocated=None, BitsStored=None, HighBit=None, SamplesPerPixel=None,
-            PixelRepresentation=None, PhotometricInterpretation=None)
+    ds = ct(
+        Rows=None,
+        Columns=None,
+        BitsAllocated=None,
+        BitsStored=None,
+        HighBit=None,
+        SamplesPerPixel=None,
+        PixelRepresentation=None,
+        PhotometricInterpretation=None,
+    )
     del ds.PixelData
     report = export([write(ds, tmp_path / "sr.dcm")], out)
     assert report.instances == 1 and not report.rejected
@@ -293,9 +368,11 @@ def test_a_non_image_object_without_pixel_data_is_exported(tmp_path: Path, out: 
 def test_partitioned_by_study_date_in_hive_style(tmp_path: Path, out: Path) -> None:
     report = export(cohort(tmp_path / "in", ["20240102", "20240103", None]), out)
     token = run_token(RUN)
-    assert parquet_files(out) == sorted(f"{table}/study_date={date}/{token}-0.parquet"
-                                        for table in ("instances", "series", "studies")
-                                        for date in ("2024-01-02", "2024-01-03", NULL_PARTITION))
+    assert parquet_files(out) == sorted(
+        f"{table}/study_date={date}/{token}-0.parquet"
+        for table in ("instances", "series", "studies")
+        for date in ("2024-01-02", "2024-01-03", NULL_PARTITION)
+    )
     assert sorted(map(str, report.paths)) == sorted(str(out / name) for name in parquet_files(out))
     assert report.bytes_written == sum(path.stat().st_size for path in report.paths)
     assert (report.instances, report.series, report.studies) == (18, 6, 3)
@@ -320,8 +397,10 @@ def test_re_running_a_run_replaces_its_rows(tmp_path: Path, out: Path) -> None:
     assert len(instances(out)) == 6
     assert not list((out / "instances" / "study_date=2024-01-03").glob("*.parquet"))
     with duckdb.connect() as db:
-        counts = db.sql(f"SELECT count(*), count(DISTINCT sop_instance_uid) FROM "
-                        f"read_parquet('{out}/instances/**/*.parquet', hive_partitioning=true)").fetchall()
+        counts = db.sql(
+            f"SELECT count(*), count(DISTINCT sop_instance_uid) FROM "
+            f"read_parquet('{out}/instances/**/*.parquet', hive_partitioning=true)"
+        ).fetchall()
     assert counts == [(6, 6)]
 
 
@@ -332,7 +411,9 @@ def test_two_runs_append_and_keep_their_own_rows(tmp_path: Path, out: Path) -> N
     export(files, out, "scheduled__2026-11-21T02:00:00+00:00")
     runs = open_dataset(out).to_table().group_by("run_id").aggregate([("sop_instance_uid", "count")]).to_pylist()
     assert sorted((row["run_id"], row["sop_instance_uid_count"]) for row in runs) == [
-        ("scheduled__2026-11-21T02:00:00+00:00", 6), ("scheduled__2026-11-22T02:00:00+00:00", 2)]
+        ("scheduled__2026-11-21T02:00:00+00:00", 6),
+        ("scheduled__2026-11-22T02:00:00+00:00", 2),
+    ]
     assert len(list((out / "studies").rglob("*.parquet"))) == 2
 
 
@@ -365,14 +446,16 @@ def test_temp_files_of_a_crashed_attempt_are_swept(tmp_path: Path, out: Path) ->
 def test_rows_are_written_in_row_groups_across_many_partitions(tmp_path: Path, out: Path) -> None:
     dates = [f"202401{day:02d}" for day in range(1, MAX_OPEN_WRITERS + 4)]
     by_study = cohort(tmp_path / "in", dates, per_series=2)
-    interleaved = [path for group in zip(*[by_study[i::len(dates)] for i in range(len(dates))]) for path in group]
+    interleaved = [path for group in zip(*[by_study[i :: len(dates)] for i in range(len(dates))]) for path in group]
     report = export(iter(interleaved), out, row_group_size=3)
     rows = instances(out)
     assert report.instances == len(rows) == len(by_study)
     assert {row["sop_instance_uid"] for row in rows} == {pydicom.dcmread(p).SOPInstanceUID for p in by_study}
     for path in (out / "instances").rglob("*.parquet"):
-        assert max(pq.ParquetFile(path).metadata.row_group(i).num_rows
-                   for i in range(pq.ParquetFile(path).num_row_groups)) <= 3
+        assert (
+            max(pq.ParquetFile(path).metadata.row_group(i).num_rows for i in range(pq.ParquetFile(path).num_row_groups))
+            <= 3
+        )
     assert sum(pq.ParquetFile(path).num_row_groups for path in (out / "instances").rglob("*.parquet")) > len(dates)
 
 
@@ -412,8 +495,11 @@ def test_series_and_study_tables_aggregate_the_instances(tmp_path: Path, out: Pa
     studies = {row["study_instance_uid"]: row for row in open_dataset(out, "studies").to_table().to_pylist()}
     study = studies[f"{ROOT}1.1"]
     assert (study["series_count"], study["instance_count"], study["modalities"]) == (2, 4, ["CT", "SR"])
-    assert (study["patient_name"], study["accession_number"], study["study_date"]) == \
-        (PATIENT_NAME, "ACC1", dt.date(2024, 1, 2))
+    assert (study["patient_name"], study["accession_number"], study["study_date"]) == (
+        PATIENT_NAME,
+        "ACC1",
+        dt.date(2024, 1, 2),
+    )
     assert studies[f"{ROOT}1.2"]["study_date"] == dt.date(2024, 1, 5)
 
 
@@ -428,28 +514,54 @@ def test_private_tags_only_when_asked_for(tmp_path: Path, out: Path) -> None:
     assert instances(out)[0]["private_tags"] is None
     export([path], out, include_private=True)
     assert dict(instances(out)[0]["private_tags"]) == {
-        "(0019,0010)": "ACME 1.0", "(0019,1010)": "secret protocol", "(0019,1011)": "1.5\\2"}
+        "(0019,0010)": "ACME 1.0",
+        "(0019,1010)": "secret protocol",
+        "(0019,1011)": "1.5\\2",
+    }
 
 
 # -- DICOM date and time parsing --------------------------------------------------------------------
-@pytest.mark.parametrize(("text", "expected"), [
-    ("20240229", dt.date(2024, 2, 29)), ("2024.02.29", dt.date(2024, 2, 29)), ("20230229", None),
-    ("2024", None), ("", None), ("abcdefgh", None)])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("20240229", dt.date(2024, 2, 29)),
+        ("2024.02.29", dt.date(2024, 2, 29)),
+        ("20230229", None),
+        ("2024", None),
+        ("", None),
+        ("abcdefgh", None),
+    ],
+)
 def test_parse_date(text: str, expected: dt.date | None) -> None:
     assert parse_date(text) == expected
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("10", dt.time(10)), ("1012", dt.time(10, 12)), ("101230.5", dt.time(10, 12, 30, 500000)),
-    ("10:12:30", dt.time(10, 12, 30)), ("235960", dt.time(23, 59, 59)), ("2512", None), ("10.", dt.time(10)),
-    ("1x", None)])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("10", dt.time(10)),
+        ("1012", dt.time(10, 12)),
+        ("101230.5", dt.time(10, 12, 30, 500000)),
+        ("10:12:30", dt.time(10, 12, 30)),
+        ("235960", dt.time(23, 59, 59)),
+        ("2512", None),
+        ("10.", dt.time(10)),
+        ("1x", None),
+    ],
+)
 def test_parse_time(text: str, expected: dt.time | None) -> None:
     assert parse_time(text) == expected
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("20240102101530.123456-0500", dt.datetime(2024, 1, 2, 10, 15, 30, 123456)),
-    ("20240102", dt.datetime(2024, 1, 2)), ("202401", None), ("20240102xx", None)])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("20240102101530.123456-0500", dt.datetime(2024, 1, 2, 10, 15, 30, 123456)),
+        ("20240102", dt.datetime(2024, 1, 2)),
+        ("202401", None),
+        ("20240102xx", None),
+    ],
+)
 def test_parse_datetime(text: str, expected: dt.datetime | None) -> None:
     assert parse_datetime(text) == expected
 
@@ -468,8 +580,9 @@ def test_export_runs_inside_a_daemonic_process(tmp_path) -> None:
 
     files = cohort(tmp_path / "dicom", ["20240102"], per_series=3)
     queue = multiprocessing.get_context("fork").Queue()
-    process = multiprocessing.get_context("fork").Process(target=_export_in_a_daemon,
-                                                            args=(files, tmp_path / "out", queue), daemon=True)
+    process = multiprocessing.get_context("fork").Process(
+        target=_export_in_a_daemon, args=(files, tmp_path / "out", queue), daemon=True
+    )
     process.start()
     process.join(60)
     assert process.exitcode == 0 and queue.get(timeout=5) == len(files)

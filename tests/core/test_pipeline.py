@@ -65,11 +65,11 @@ def receiver() -> ReceiverConfig:
 
 @pytest.fixture(scope="module")
 def pacs(hospital, receiver, tmp_path_factory) -> Iterator:
-    with orthanc(tmp_path_factory.mktemp("orthanc"),
-                 move_destinations={receiver.ae_title: (receiver.host, receiver.port)}) as sandbox:
+    with orthanc(
+        tmp_path_factory.mktemp("orthanc"), move_destinations={receiver.ae_title: (receiver.host, receiver.port)}
+    ) as sandbox:
         sandbox.load(sorted(hospital.dicom_dir.rglob("*.dcm")))
         yield sandbox
-
 
 
 def test_each_quirk_resolves_by_its_rule(pacs, hospital, truth):
@@ -135,11 +135,18 @@ def test_a_run_killed_mid_retrieval_resumes_without_refetching(pacs, hospital, t
         batches = resolve_cohort(ctx, connect, DEMO.resolution, 100)
     wanted = expected_instances(truth)
 
-    args = {"root": str(layout.root), "audit_url": audit_url, "run_key": RUN_KEY, "batches": batches,
-            "rules": DEMO.series_rules.model_dump(mode="json"), "receiver": {"ae_title": receiver.ae_title, "port": receiver.port},
-            "pacs": {"host": pacs.config.host, "port": pacs.config.port, "called_ae": pacs.config.called_ae}}
-    child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)],
-                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    args = {
+        "root": str(layout.root),
+        "audit_url": audit_url,
+        "run_key": RUN_KEY,
+        "batches": batches,
+        "rules": DEMO.series_rules.model_dump(mode="json"),
+        "receiver": {"ae_title": receiver.ae_title, "port": receiver.port},
+        "pacs": {"host": pacs.config.host, "port": pacs.config.port, "called_ae": pacs.config.called_ae},
+    }
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, json.dumps(args)], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    )
     deadline = time.monotonic() + 120
     while len(_stored_files(layout)) < len(wanted) // 3 and time.monotonic() < deadline:
         assert child.poll() is None, "the retrieval finished before it could be interrupted"
@@ -152,9 +159,17 @@ def test_a_run_killed_mid_retrieval_resumes_without_refetching(pacs, hospital, t
     with AuditStore.connect(audit_url) as store:
         ctx = RunContext(store, RUN_KEY, Pseudonymizer(b"0123456789abcdef"))
         fetched = sum(
-            retrieve_batch(ctx, batch, connect, rules=rules, layout=layout, destination_ae=receiver.ae_title,
-                           receiver=partial(StoreReceiver, receiver, layout))["instances_fetched"]
-            for batch in batches)
+            retrieve_batch(
+                ctx,
+                batch,
+                connect,
+                rules=rules,
+                layout=layout,
+                destination_ae=receiver.ae_title,
+                receiver=partial(StoreReceiver, receiver, layout),
+            )["instances_fetched"]
+            for batch in batches
+        )
         summary = settle_run(ctx)
         outcomes = {an: row["outcome"] for an, row in store.accession_outcomes(RUN_KEY).items()}
 
@@ -174,8 +189,7 @@ def test_a_pacs_that_cannot_reach_the_receiver_fails_the_task_with_the_fix(pacs,
         extract_cohort(ctx, lambda: demo_cohort(hospital), batch_size=100)
         batches = resolve_cohort(ctx, connect, DEMO.resolution, 100)
         with pytest.raises(PacsConfigurationError, match="move destination"):
-            retrieve_batch(ctx, batches[0], connect, rules=DEMO.series_rules,
-                           layout=layout, destination_ae="NOBODY")
+            retrieve_batch(ctx, batches[0], connect, rules=DEMO.series_rules, layout=layout, destination_ae="NOBODY")
 
 
 def test_the_dcmtk_receiver_backend_retrieves_the_cohort_verified(pacs, hospital, truth, receiver, tmp_path):
@@ -186,9 +200,18 @@ def test_the_dcmtk_receiver_backend_retrieves_the_cohort_verified(pacs, hospital
         ctx = RunContext(store, "library/dcmtk-backend", Pseudonymizer(b"0123456789abcdef"))
         extract_cohort(ctx, lambda: demo_cohort(hospital), batch_size=100)
         batches = resolve_cohort(ctx, connect, DEMO.resolution, 100)
-        counts = [retrieve_batch(ctx, batch, connect, rules=DEMO.series_rules,
-                                 layout=layout, destination_ae=receiver.ae_title, receiver=incoming)
-                  for batch in batches]
+        counts = [
+            retrieve_batch(
+                ctx,
+                batch,
+                connect,
+                rules=DEMO.series_rules,
+                layout=layout,
+                destination_ae=receiver.ae_title,
+                receiver=incoming,
+            )
+            for batch in batches
+        ]
         summary = settle_run(ctx)
         outcomes = {an: row["outcome"] for an, row in store.accession_outcomes(ctx.run_key).items()}
     on_disk = {(p.parent.parent.name, p.parent.name, p.stem) for p in _stored_files(layout)}

@@ -15,20 +15,19 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pydicom
 import pytest
-from pydicom.dataset import Dataset
-from sqlalchemy import create_engine, select
-
 from pacsflow.core.audit import AuditStore, SeriesStatus
 from pacsflow.core.pipeline import RunContext
 from pacsflow.core.privacy import Pseudonymizer
-from pacsflow.core.release.settings import ReleaseSettings
-from pacsflow.core.release.stage import release_run, release_series_rows
 from pacsflow.core.release.keys import ReleaseKeys, key_file
 from pacsflow.core.release.profile import Deidentifier
+from pacsflow.core.release.settings import ReleaseSettings
+from pacsflow.core.release.stage import release_run, release_series_rows
 from pacsflow.core.storage import StorageLayout
 from pacsflow.demo.hospital import build_hospital, load_ground_truth
 from pacsflow.demo.hospital.plan import INSTITUTIONS, OPERATORS, REFERRING_PHYSICIANS
 from pacsflow.demo.hospital.ris import exams_table
+from pydicom.dataset import Dataset
+from sqlalchemy import create_engine, select
 
 SECRET = b"release-test-secret-0123456789abcdef"
 RUN_KEY = "test/release"
@@ -67,21 +66,49 @@ def _register_every_series(store: AuditStore, root: Path) -> None:
     studies = sorted(by_study)
     store.replace_cohort(RUN_KEY, [{"accession_number": f"AN{i}", "an_ref": f"an:{i}"} for i in range(len(studies))])
     for index, study_uid in enumerate(studies):
-        store.record_resolution(RUN_KEY, f"AN{index}", resolution="resolved", resolved_by="accession_number",
-                                detail=None, rules_tried=[], study_uids=[study_uid], batch_of=lambda _uid: 0)
-        store.record_series_listing(RUN_KEY, f"AN{index}", study_uid, [
-            {"series_uid": uid, "modality": None, "description": None, "body_part": None,
-             "pacs_instance_count": None, "drop_reason": None, "status": SeriesStatus.COMPLETE}
-            for uid in sorted(by_study[study_uid])])
+        store.record_resolution(
+            RUN_KEY,
+            f"AN{index}",
+            resolution="resolved",
+            resolved_by="accession_number",
+            detail=None,
+            rules_tried=[],
+            study_uids=[study_uid],
+            batch_of=lambda _uid: 0,
+        )
+        store.record_series_listing(
+            RUN_KEY,
+            f"AN{index}",
+            study_uid,
+            [
+                {
+                    "series_uid": uid,
+                    "modality": None,
+                    "description": None,
+                    "body_part": None,
+                    "pacs_instance_count": None,
+                    "drop_reason": None,
+                    "status": SeriesStatus.COMPLETE,
+                }
+                for uid in sorted(by_study[study_uid])
+            ],
+        )
 
 
 def _release(hospital, out: Path, settings: ReleaseSettings | None = None, workers: int = 2):
     with AuditStore.connect(f"sqlite:///{out / 'audit.sqlite'}") as store:
         _register_every_series(store, hospital.dicom_dir)
         ctx = RunContext(store=store, run_key=RUN_KEY, pseudonymizer=Pseudonymizer(b"k" * 32))
-        report = release_run(ctx, StorageLayout(hospital.dicom_dir), settings or ReleaseSettings(project="default"),
-                             release_root=out / "release", key_dir=out / "keys", run_id="manual__test",
-                             secret=SECRET, workers=workers)
+        report = release_run(
+            ctx,
+            StorageLayout(hospital.dicom_dir),
+            settings or ReleaseSettings(project="default"),
+            release_root=out / "release",
+            key_dir=out / "keys",
+            run_id="manual__test",
+            secret=SECRET,
+            workers=workers,
+        )
         rows = release_series_rows(store.engine, RUN_KEY)
     return report, rows
 
@@ -213,7 +240,8 @@ def test_pixel_data_unchanged(hospital, released):
     for source in hospital.dicom_dir.rglob("*.dcm"):
         ds = pydicom.dcmread(source)
         target = StorageLayout(release_root / "dicom").instance_path(
-            keys.uid(ds.StudyInstanceUID), keys.uid(ds.SeriesInstanceUID), keys.uid(ds.SOPInstanceUID))
+            keys.uid(ds.StudyInstanceUID), keys.uid(ds.SeriesInstanceUID), keys.uid(ds.SOPInstanceUID)
+        )
         if target.exists():
             assert pydicom.dcmread(target).PixelData == ds.PixelData
             compared += 1
@@ -223,10 +251,14 @@ def test_pixel_data_unchanged(hospital, released):
 def test_rerun_gives_byte_identical_files(hospital, released, tmp_path):
     release_root, _, _ = released
     _release(hospital, tmp_path, workers=1)
-    first = {p.relative_to(release_root): hashlib.sha256(p.read_bytes()).hexdigest()
-             for p in (release_root / "dicom").rglob("*.dcm")}
-    again = {p.relative_to(tmp_path / "release"): hashlib.sha256(p.read_bytes()).hexdigest()
-             for p in (tmp_path / "release" / "dicom").rglob("*.dcm")}
+    first = {
+        p.relative_to(release_root): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in (release_root / "dicom").rglob("*.dcm")
+    }
+    again = {
+        p.relative_to(tmp_path / "release"): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in (tmp_path / "release" / "dicom").rglob("*.dcm")
+    }
     assert first == again
 
 
@@ -243,8 +275,13 @@ def test_held_back_instances_are_reported_per_series(hospital, released):
     assert by_series[BURNED_IN_SERIES]["reasons"] == "burned-in annotation: 1"
     assert by_series[SECONDARY_CAPTURE_SERIES]["reasons"] == "secondary capture: 1"
     truth = load_ground_truth(hospital.ground_truth_path)
-    us_series = {s["series_instance_uid"] for a in truth["accessions"] for st in a["studies"] for s in st["series"]
-                 if s["modality"] == "US"}
+    us_series = {
+        s["series_instance_uid"]
+        for a in truth["accessions"]
+        for st in a["studies"]
+        for s in st["series"]
+        if s["modality"] == "US"
+    }
     assert us_series and all(by_series[uid]["status"] == "held_back" for uid in us_series)
     assert all(by_series[uid]["reasons"].startswith("ultrasound: ") for uid in us_series)
     assert report.held_back == sum(row["held_back"] for row in rows)
@@ -268,8 +305,11 @@ def test_released_series_loads_as_one_volume(released):
 
 def _dciodvfy_errors(path: Path) -> set[str]:
     result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, errors="replace", timeout=60)
-    return {re.sub(r"\d+", "N", line.strip()) for line in (result.stdout + result.stderr).splitlines()
-            if line.startswith("Error")}
+    return {
+        re.sub(r"\d+", "N", line.strip())
+        for line in (result.stdout + result.stderr).splitlines()
+        if line.startswith("Error")
+    }
 
 
 def test_dciodvfy_reports_no_new_errors(hospital, released):
@@ -280,7 +320,8 @@ def test_dciodvfy_reports_no_new_errors(hospital, released):
     for source in sorted(hospital.dicom_dir.rglob("*.dcm"))[::7]:
         ds = pydicom.dcmread(source, stop_before_pixels=True)
         target = StorageLayout(release_root / "dicom").instance_path(
-            keys.uid(ds.StudyInstanceUID), keys.uid(ds.SeriesInstanceUID), keys.uid(ds.SOPInstanceUID))
+            keys.uid(ds.StudyInstanceUID), keys.uid(ds.SeriesInstanceUID), keys.uid(ds.SOPInstanceUID)
+        )
         if not target.exists():
             continue
         assert _dciodvfy_errors(target) - _dciodvfy_errors(source) == set(), source.name
@@ -332,6 +373,7 @@ def test_patient_dates_shift_together(hospital):
     Deidentifier(ReleaseSettings(), keys).deidentify(ds)
     assert ds.StudyTime == original[2]  # whole days: times of day kept
     from datetime import datetime
+
     shift = datetime.strptime(ds.StudyDate, "%Y%m%d") - datetime.strptime(original[0], "%Y%m%d")
     assert -730 <= shift.days <= -62
     assert (datetime.strptime(ds.AcquisitionDate, "%Y%m%d") - datetime.strptime(original[1], "%Y%m%d")) == shift
@@ -341,6 +383,7 @@ def test_key_file_is_created_once_private_and_complete(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
     from pacsflow.core.release.keys import project_secret
+
     with ThreadPoolExecutor(8) as pool:
         keys = set(pool.map(lambda _: project_secret("proj-a", tmp_path / "keys"), range(16)))
     path = key_file(tmp_path / "keys", "proj-a")

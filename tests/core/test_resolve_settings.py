@@ -1,5 +1,4 @@
 import pytest
-
 from pacsflow.core.resolve import Resolution, ResolutionSettings, ResolutionSettingsError, Rule, resolve_accession
 from pacsflow.core.ris import RisExam
 
@@ -19,8 +18,12 @@ def test_variants_strip_zeros_and_add_or_remove_site_prefixes():
 
 
 def test_rules_are_ordered_and_validated():
-    assert ResolutionSettings().rules == (Rule.ACCESSION_NUMBER, Rule.RIS_STUDY_UID, Rule.NORMALIZED_ACCESSION,
-                                          Rule.PATIENT_DATE)
+    assert ResolutionSettings().rules == (
+        Rule.ACCESSION_NUMBER,
+        Rule.RIS_STUDY_UID,
+        Rule.NORMALIZED_ACCESSION,
+        Rule.PATIENT_DATE,
+    )
     assert ResolutionSettings.parse({"rules": ["ris_study_uid"]}).rules == (Rule.RIS_STUDY_UID,)
     with pytest.raises(ResolutionSettingsError, match="rules"):
         ResolutionSettings.parse({"rules": ["guess"]})

@@ -1,11 +1,10 @@
 from datetime import datetime
 
 import pytest
-from sqlalchemy import Column, DateTime, MetaData, String, Table, create_engine, insert
-from sqlalchemy.exc import ProgrammingError
-
 from pacsflow.core.ris import CohortQueryError, RisExam, load_template, query_cohort
 from pacsflow.demo.environment import REPO_ROOT
+from sqlalchemy import Column, DateTime, MetaData, String, Table, create_engine, insert
+from sqlalchemy.exc import ProgrammingError
 
 SQL_DIR = REPO_ROOT / "include" / "sql"
 INTERVAL = {"interval_start": datetime(2021, 1, 1), "interval_end": datetime(2022, 1, 1)}
@@ -15,7 +14,8 @@ def ris_engine(url: str):
     engine = create_engine(url)
     metadata = MetaData()
     exams = Table(
-        "exams", metadata,
+        "exams",
+        metadata,
         Column("accession_number", String(16), primary_key=True),
         Column("patient_id", String(64)),
         Column("study_instance_uid", String(64)),
@@ -26,17 +26,44 @@ def ris_engine(url: str):
     metadata.drop_all(engine)
     metadata.create_all(engine)
     with engine.begin() as conn:
-        conn.execute(insert(exams), [
-            {"accession_number": "A1", "patient_id": "P1", "study_instance_uid": "1.2.3", "modality": "CT",
-             "exam_datetime": datetime(2021, 3, 1, 10, 0), "exam_code": "CTSHA"},
-            {"accession_number": "A2", "patient_id": "P2", "study_instance_uid": None, "modality": "MG",
-             "exam_datetime": datetime(2021, 12, 31, 23, 59), "exam_code": "MGSCR"},
-            {"accession_number": "A3", "patient_id": "P3", "study_instance_uid": "1.2.4", "modality": "MR",
-             "exam_datetime": datetime(2021, 6, 1), "exam_code": "MRKNE"},
-            # Exactly at the end of the interval: excluded (half-open), so backfills never overlap.
-            {"accession_number": "A4", "patient_id": "P4", "study_instance_uid": "1.2.5", "modality": "CT",
-             "exam_datetime": datetime(2022, 1, 1), "exam_code": "CTSHA"},
-        ])
+        conn.execute(
+            insert(exams),
+            [
+                {
+                    "accession_number": "A1",
+                    "patient_id": "P1",
+                    "study_instance_uid": "1.2.3",
+                    "modality": "CT",
+                    "exam_datetime": datetime(2021, 3, 1, 10, 0),
+                    "exam_code": "CTSHA",
+                },
+                {
+                    "accession_number": "A2",
+                    "patient_id": "P2",
+                    "study_instance_uid": None,
+                    "modality": "MG",
+                    "exam_datetime": datetime(2021, 12, 31, 23, 59),
+                    "exam_code": "MGSCR",
+                },
+                {
+                    "accession_number": "A3",
+                    "patient_id": "P3",
+                    "study_instance_uid": "1.2.4",
+                    "modality": "MR",
+                    "exam_datetime": datetime(2021, 6, 1),
+                    "exam_code": "MRKNE",
+                },
+                # Exactly at the end of the interval: excluded (half-open), so backfills never overlap.
+                {
+                    "accession_number": "A4",
+                    "patient_id": "P4",
+                    "study_instance_uid": "1.2.5",
+                    "modality": "CT",
+                    "exam_datetime": datetime(2022, 1, 1),
+                    "exam_code": "CTSHA",
+                },
+            ],
+        )
     return engine
 
 
@@ -95,27 +122,38 @@ def test_a_ris_with_text_dates_needs_the_day_bounds(backend, tmp_path, request):
     url = f"sqlite:///{tmp_path / 'ris.sqlite'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
     engine = create_engine(url)
     metadata = MetaData()
-    exams = Table("exams_text_dates", metadata, Column("accession_number", String(16), primary_key=True),
-                  Column("patient_id", String(64)), Column("study_instance_uid", String(64)),
-                  Column("exam_date", String(8)), Column("modality", String(16)))
+    exams = Table(
+        "exams_text_dates",
+        metadata,
+        Column("accession_number", String(16), primary_key=True),
+        Column("patient_id", String(64)),
+        Column("study_instance_uid", String(64)),
+        Column("exam_date", String(8)),
+        Column("modality", String(16)),
+    )
     metadata.drop_all(engine)
     metadata.create_all(engine)
     with engine.begin() as conn:
-        conn.execute(insert(exams), [
-            {"accession_number": "T1", "exam_date": "20210215", "modality": "CT"},
-            {"accession_number": "T2", "exam_date": "20210131", "modality": "CT"},  # the day before
-            {"accession_number": "T3", "exam_date": "20210301", "modality": "CT"},  # the end: excluded
-            {"accession_number": "T4", "exam_date": "20210228", "modality": "CT"},
-        ])
+        conn.execute(
+            insert(exams),
+            [
+                {"accession_number": "T1", "exam_date": "20210215", "modality": "CT"},
+                {"accession_number": "T2", "exam_date": "20210131", "modality": "CT"},  # the day before
+                {"accession_number": "T3", "exam_date": "20210301", "modality": "CT"},  # the end: excluded
+                {"accession_number": "T4", "exam_date": "20210228", "modality": "CT"},
+            ],
+        )
     february = {"interval_start": datetime(2021, 2, 1), "interval_end": datetime(2021, 3, 1)}
-    naive = ("SELECT accession_number FROM exams_text_dates "
-             "WHERE exam_date >= :interval_start AND exam_date < :interval_end")
+    naive = (
+        "SELECT accession_number FROM exams_text_dates WHERE exam_date >= :interval_start AND exam_date < :interval_end"
+    )
     if backend == "sqlite":
         assert list(query_cohort(engine, naive, params={}, **february)) == []
     else:
         with pytest.raises(ProgrammingError):
             list(query_cohort(engine, naive, params={}, **february))
-    found = query_cohort(engine, load_template("cohort_text_dates.sql", SQL_DIR), params={"modalities": ["CT"]},
-                         **february)
+    found = query_cohort(
+        engine, load_template("cohort_text_dates.sql", SQL_DIR), params={"modalities": ["CT"]}, **february
+    )
     assert [exam.accession_number for exam in found] == ["T1", "T4"]
     engine.dispose()

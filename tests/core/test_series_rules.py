@@ -1,18 +1,23 @@
 import pytest
-
 from pacsflow.core.series_rules import DropReason, SeriesRules, SeriesRulesError
 
-RULES = SeriesRules.parse({
-    "include_modalities": ["ct", "MG"],
-    "exclude_descriptions": ["scout", "topogram"],
-    "include_body_parts": [],
-    "min_instances": 2,
-})
+RULES = SeriesRules.parse(
+    {
+        "include_modalities": ["ct", "MG"],
+        "exclude_descriptions": ["scout", "topogram"],
+        "include_body_parts": [],
+        "min_instances": 2,
+    }
+)
 
 
 def series(modality="CT", description="AX 1.0", body_part="SHOULDER", count=10):
-    return {"Modality": modality, "SeriesDescription": description, "BodyPartExamined": body_part,
-            "NumberOfSeriesRelatedInstances": count}
+    return {
+        "Modality": modality,
+        "SeriesDescription": description,
+        "BodyPartExamined": body_part,
+        "NumberOfSeriesRelatedInstances": count,
+    }
 
 
 def test_keeps_a_matching_series():

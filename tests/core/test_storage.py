@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from pacsflow.core import storage
 from pacsflow.core.storage import Placement, StorageLayout
 

@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from pacsflow.core.volume import NotAVolume, load_volume, read_slice, scan_series, series_files
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-from pacsflow.core.volume import NotAVolume, load_volume, read_slice, scan_series, series_files
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -148,14 +147,17 @@ def _rewrite(path: Path, **values: object) -> None:
     ds.save_as(path)
 
 
-@pytest.mark.parametrize(("damage", "reason"), [
-    ("missing", "missing slices"),
-    ("size", "different sizes"),
-    ("orientation", "varying ImageOrientationPatient"),
-    ("duplicate", "same position"),
-    ("projection", "no ImagePositionPatient"),
-    ("empty", "no instances"),
-])
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        ("missing", "missing slices"),
+        ("size", "different sizes"),
+        ("orientation", "varying ImageOrientationPatient"),
+        ("duplicate", "same position"),
+        ("projection", "no ImagePositionPatient"),
+        ("empty", "no instances"),
+    ],
+)
 def test_a_series_that_is_not_one_volume_is_refused_with_the_reason(tmp_path, damage, reason):
     directory = tmp_path / "ct"
     paths = write_ct_series(directory, _pixels(4), skip=3 if damage == "missing" else None)

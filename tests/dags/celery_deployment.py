@@ -24,9 +24,6 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
-
 from pacsflow.core.dicom.config import ReceiverConfig
 from pacsflow.demo.deployment import (
     Deployment,
@@ -39,6 +36,8 @@ from pacsflow.demo.deployment import (
     wait_until,
 )
 from pacsflow.deployment import SERVICES, ServiceSpec
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 REDIS_SERVER = "/usr/bin/redis-server"
 CeleryDeployment = Deployment
@@ -49,8 +48,19 @@ def redis_server(workdir: Path) -> Iterator[str]:
     """A throw-away Redis (no persistence) on a free loopback port; yields the broker URL."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    command = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-               "--dir", str(workdir)]
+    command = [
+        REDIS_SERVER,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(workdir),
+    ]
     with service("redis", command, workdir / "redis.log", cwd=workdir) as redis:
         wait_until(lambda: _answers_ping(port), "redis", 30, (redis,))
         yield f"redis://127.0.0.1:{port}/0"
@@ -88,18 +98,38 @@ def postgres_server(workdir: Path) -> Iterator[str]:
         as_postgres = ["runuser", "-u", "postgres", "--"]
     port = free_port()
     data = workdir / "data"
-    subprocess.run([*as_postgres, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
-                    "--no-sync"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [*as_postgres, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     options = f"-p {port} -k {workdir} -c listen_addresses=127.0.0.1 -c fsync=off"
-    subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-w", "-l",
-                    str(workdir / "server.log"), "start"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            *as_postgres,
+            str(bindir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-o",
+            options,
+            "-w",
+            "-l",
+            str(workdir / "server.log"),
+            "start",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     try:
-        subprocess.run([*as_postgres, str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U",
-                        "postgres", "pacsflow"], check=True)
+        subprocess.run(
+            [*as_postgres, str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "pacsflow"],
+            check=True,
+        )
         yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/pacsflow"
     finally:
-        subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"],
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], stdout=subprocess.DEVNULL
+        )
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -119,23 +149,37 @@ def postgres_database(server_url: str, name: str) -> Iterator[str]:
         admin.dispose()
 
 
-def celery_environment(home: Path, api_port: int, password_file: Path, *, metadata_url: str, broker_url: str,
-                       worker_concurrency: int, data_root: Path, receiver: ReceiverConfig,
-                       extra: Mapping[str, str]) -> dict[str, str]:
+def celery_environment(
+    home: Path,
+    api_port: int,
+    password_file: Path,
+    *,
+    metadata_url: str,
+    broker_url: str,
+    worker_concurrency: int,
+    data_root: Path,
+    receiver: ReceiverConfig,
+    extra: Mapping[str, str],
+) -> dict[str, str]:
     """The one environment every process of the deployment shares."""
-    result_backend = "db+" + make_url(metadata_url).set(drivername="postgresql").render_as_string(
-        hide_password=False)
-    return base_environment(home, api_port=api_port, password_file=password_file, data_root=data_root, extra={
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_url,
-        "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
-        "AIRFLOW__CELERY__BROKER_URL": broker_url,
-        "AIRFLOW__CELERY__RESULT_BACKEND": result_backend,
-        "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(worker_concurrency),
-        # Only the runs we trigger: no scheduled (cron) run of a freshly unpaused DAG.
-        "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
-        **receiver_environment(receiver),
-        **extra,
-    })
+    result_backend = "db+" + make_url(metadata_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    return base_environment(
+        home,
+        api_port=api_port,
+        password_file=password_file,
+        data_root=data_root,
+        extra={
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_url,
+            "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+            "AIRFLOW__CELERY__BROKER_URL": broker_url,
+            "AIRFLOW__CELERY__RESULT_BACKEND": result_backend,
+            "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(worker_concurrency),
+            # Only the runs we trigger: no scheduled (cron) run of a freshly unpaused DAG.
+            "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
+            **receiver_environment(receiver),
+            **extra,
+        },
+    )
 
 
 def receiver_environment(receiver: ReceiverConfig) -> dict[str, str]:
@@ -166,16 +210,33 @@ def receiver_answers(airflow: Deployment) -> bool:
 
 
 @contextmanager
-def celery_deployment(workdir: Path, *, metadata_url: str, broker_url: str, data_root: Path,
-                      receiver: ReceiverConfig, pacs_pool_slots: int = 4, workers: int = 1,
-                      worker_concurrency: int = 2, extra_env: Mapping[str, str] | None = None
-                      ) -> Iterator[Deployment]:
+def celery_deployment(
+    workdir: Path,
+    *,
+    metadata_url: str,
+    broker_url: str,
+    data_root: Path,
+    receiver: ReceiverConfig,
+    pacs_pool_slots: int = 4,
+    workers: int = 1,
+    worker_concurrency: int = 2,
+    extra_env: Mapping[str, str] | None = None,
+) -> Iterator[Deployment]:
     """Run the topology's init steps, start every service of ``pacsflow.deployment.SERVICES`` (``workers``
     replicas of the scalable one) and wait until the api-server serves and the receiver answers C-ECHO."""
+
     def env_for(home: Path, api_port: int, password_file: Path) -> dict[str, str]:
-        return celery_environment(home, api_port, password_file, metadata_url=metadata_url, broker_url=broker_url,
-                                  worker_concurrency=worker_concurrency, data_root=data_root, receiver=receiver,
-                                  extra=extra_env or {})
+        return celery_environment(
+            home,
+            api_port,
+            password_file,
+            metadata_url=metadata_url,
+            broker_url=broker_url,
+            worker_concurrency=worker_concurrency,
+            data_root=data_root,
+            receiver=receiver,
+            extra=extra_env or {},
+        )
 
     def processes_for(env: dict[str, str]) -> list[Process]:
         processes = []
@@ -187,6 +248,7 @@ def celery_deployment(workdir: Path, *, metadata_url: str, broker_url: str, data
                 processes.append(Process(name, spec.command, checked_environment(spec, replica_env)))
         return processes
 
-    with deployment(workdir, env_for=env_for, processes_for=processes_for, pool_slots=pacs_pool_slots,
-                    ready=receiver_answers) as airflow:
+    with deployment(
+        workdir, env_for=env_for, processes_for=processes_for, pool_slots=pacs_pool_slots, ready=receiver_answers
+    ) as airflow:
         yield airflow

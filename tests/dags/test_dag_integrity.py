@@ -11,7 +11,6 @@ import time
 
 import pytest
 from airflow.dag_processing.dagbag import DagBag
-
 from pacsflow.demo.environment import DEMO_DAG_ID, REPO_ROOT
 
 PACS_FACING = {"resolve_accessions", "retrieve_batch"}
@@ -43,9 +42,8 @@ def test_dags_have_owner_tags_retries_and_timeouts(dagbag):
 
 
 def test_scheduled_dags_have_a_data_interval_timetable(dagbag):
-    from airflow.timetables.interval import CronDataIntervalTimetable
-
     from airflow.serialization.encoders import coerce_to_core_timetable
+    from airflow.timetables.interval import CronDataIntervalTimetable
 
     for dag in dagbag.dags.values():
         if dag.timetable.can_be_scheduled:
@@ -77,8 +75,12 @@ def test_the_metadata_export_emits_an_asset(dagbag):
 def test_a_broken_definition_is_named_and_leaves_the_others_importable(tmp_path, monkeypatch, caplog):
     for path in DEFINITIONS:
         shutil.copy(path, tmp_path / path.name)
-    (tmp_path / "broken.yaml").write_text((tmp_path / "demo.yaml").read_text().replace("id: demo", "id: broken")
-                                          .replace("batch_size: 10", "batch_size: -3"))
+    (tmp_path / "broken.yaml").write_text(
+        (tmp_path / "demo.yaml")
+        .read_text()
+        .replace("id: demo", "id: broken")
+        .replace("batch_size: 10", "batch_size: -3")
+    )
     monkeypatch.setenv("PACSFLOW_EXTRACTIONS_DIR", str(tmp_path))
     with caplog.at_level(logging.ERROR, logger="pacsflow"):
         bag = DagBag(dag_folder=str(REPO_ROOT / "dags"))
@@ -94,9 +96,17 @@ def test_parsing_the_dag_file_does_no_work(tmp_path):
     """Import time in a fresh interpreter, with every connection pointing nowhere: it must neither connect
     nor take long."""
     started = time.monotonic()
-    subprocess.run([sys.executable, "-c", "import runpy; runpy.run_path('dags/pacsflow_extractions.py')"],
-                   cwd=REPO_ROOT, check=True, timeout=60,
-                   env={"PATH": "/usr/bin:/bin", "PACSFLOW_DATA_ROOT": str(tmp_path / "nowhere"),
-                        "AIRFLOW_HOME": str(tmp_path), "PYTHONPATH": ":".join(sys.path)})
+    subprocess.run(
+        [sys.executable, "-c", "import runpy; runpy.run_path('dags/pacsflow_extractions.py')"],
+        cwd=REPO_ROOT,
+        check=True,
+        timeout=60,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "PACSFLOW_DATA_ROOT": str(tmp_path / "nowhere"),
+            "AIRFLOW_HOME": str(tmp_path),
+            "PYTHONPATH": ":".join(sys.path),
+        },
+    )
     assert time.monotonic() - started < 30
     assert not (tmp_path / "nowhere").exists()

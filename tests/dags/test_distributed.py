@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from pacsflow.core.audit import AuditStore, Stage
 from pacsflow.core.dicom.config import ReceiverConfig
 from pacsflow.demo.environment import DEMO_DAG_ID, DEMO_DEFINITION, connection_environment
 from pacsflow.demo.hospital import build_hospital, expected_instances, expected_outcomes, load_ground_truth
 from pacsflow.demo.sandbox import orthanc
 from pacsflow.deployment import DATA_ROOT_ENV, SERVICES
+
 from tests.conftest import free_port
 from tests.dags.celery_deployment import CeleryDeployment, celery_deployment, postgres_database, redis_server
 
@@ -73,28 +73,43 @@ def distributed_run(postgres_url, tmp_path_factory) -> Iterator[DistributedRun]:
 
 def _distributed_run(workdir: Path, postgres_url: str) -> Iterator[DistributedRun]:
     hospital = build_hospital(workdir / "hospital", accessions=40, seed=23)
-    receiver = ReceiverConfig(ae_title="PACSFLOW", port=free_port(), allowed_calling_aes=("ORTHANC",),
-                              mode="service")
+    receiver = ReceiverConfig(ae_title="PACSFLOW", port=free_port(), allowed_calling_aes=("ORTHANC",), mode="service")
     data_root = workdir / "data"
     suffix = secrets.token_hex(4)
-    with (orthanc(workdir / "orthanc", move_destinations={receiver.ae_title: (receiver.host, receiver.port)}) as pacs,
-          postgres_database(postgres_url, f"airflow_{suffix}") as metadata_url,
-          postgres_database(postgres_url, f"audit_{suffix}") as audit_url,
-          redis_server(workdir / "redis") as broker_url):
+    with (
+        orthanc(workdir / "orthanc", move_destinations={receiver.ae_title: (receiver.host, receiver.port)}) as pacs,
+        postgres_database(postgres_url, f"airflow_{suffix}") as metadata_url,
+        postgres_database(postgres_url, f"audit_{suffix}") as audit_url,
+        redis_server(workdir / "redis") as broker_url,
+    ):
         pacs.load(sorted(hospital.dicom_dir.rglob("*.dcm")))
-        connections = {**connection_environment(ris_url=hospital.ris_url, audit_url=audit_url,
-                                                pacs=replace(pacs.config, calling_ae="PACSFLOW"), receiver=receiver),
-                       "PACSFLOW_EXTRACTIONS_DIR": str(definitions(workdir / "extractions"))}
-        with celery_deployment(workdir / "airflow", metadata_url=metadata_url, broker_url=broker_url,
-                               data_root=data_root, receiver=receiver, pacs_pool_slots=PACS_POOL_SLOTS,
-                               workers=WORKERS, worker_concurrency=WORKER_CONCURRENCY,
-                               extra_env=connections) as airflow:
+        connections = {
+            **connection_environment(
+                ris_url=hospital.ris_url,
+                audit_url=audit_url,
+                pacs=replace(pacs.config, calling_ae="PACSFLOW"),
+                receiver=receiver,
+            ),
+            "PACSFLOW_EXTRACTIONS_DIR": str(definitions(workdir / "extractions")),
+        }
+        with celery_deployment(
+            workdir / "airflow",
+            metadata_url=metadata_url,
+            broker_url=broker_url,
+            data_root=data_root,
+            receiver=receiver,
+            pacs_pool_slots=PACS_POOL_SLOTS,
+            workers=WORKERS,
+            worker_concurrency=WORKER_CONCURRENCY,
+            extra_env=connections,
+        ) as airflow:
             airflow.wait_for_dag(DAG_ID)
             airflow.unpause(DAG_ID)
             run_id = airflow.trigger(DAG_ID, data_interval=hospital.interval)
             state = airflow.wait_for_run(DAG_ID, run_id, RUN_TIMEOUT_SECONDS)
-            yield DistributedRun(airflow, run_id, state, data_root, audit_url,
-                                 load_ground_truth(hospital.ground_truth_path))
+            yield DistributedRun(
+                airflow, run_id, state, data_root, audit_url, load_ground_truth(hospital.ground_truth_path)
+            )
 
 
 def test_the_run_succeeds_on_the_celery_worker(distributed_run):
@@ -124,8 +139,11 @@ def test_every_accession_ends_in_its_true_outcome(distributed_run):
 
 def test_the_deployment_is_the_topology_of_the_compose_file(distributed_run):
     started = {svc.name: svc for svc in distributed_run.airflow.services}
-    expected = {f"{spec.name}-{n}" if spec.scalable else spec.name: spec
-                for spec in SERVICES for n in range(1, (WORKERS if spec.scalable else 1) + 1)}
+    expected = {
+        f"{spec.name}-{n}" if spec.scalable else spec.name: spec
+        for spec in SERVICES
+        for n in range(1, (WORKERS if spec.scalable else 1) + 1)
+    }
     assert sorted(started) == sorted(expected)
     for name, spec in expected.items():
         program, *args = started[name].command
@@ -140,9 +158,13 @@ def test_the_pacs_pool_caps_the_retrievals_and_both_workers_work(distributed_run
     with AuditStore.connect(run.audit_url) as store:
         events = [a for a in store.attempts(run.run_key) if a["stage"] == Stage.RETRIEVE]
     assert len(events) > PACS_POOL_SLOTS, run.airflow.logs()
-    most_at_once = max(sum(1 for other in events if other["started_at"] <= event["started_at"] < other["finished_at"])
-                       for event in events)
+    most_at_once = max(
+        sum(1 for other in events if other["started_at"] <= event["started_at"] < other["finished_at"])
+        for event in events
+    )
     assert most_at_once <= PACS_POOL_SLOTS
-    executed = {name: log.count("Executing workload in Celery")
-                for name, log in run.airflow.service_logs("airflow-worker").items()}
+    executed = {
+        name: log.count("Executing workload in Celery")
+        for name, log in run.airflow.service_logs("airflow-worker").items()
+    }
     assert len(executed) == WORKERS and all(executed.values()), executed

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from sqlalchemy import create_engine, inspect, select
-
 from pacsflow.core.ris import load_template, query_cohort
 from pacsflow.core.series_rules import SeriesRules
 from pacsflow.demo.environment import REPO_ROOT
@@ -28,13 +26,19 @@ from pacsflow.demo.hospital import (
     load_ground_truth,
     plan_hospital,
 )
+from sqlalchemy import create_engine, inspect, select
+
 from tests.conftest import fits_latin1
 
 SEED = 5
 SIZE = 40
 IMAGE_SIZE = 8
-SOP_CLASSES = {"CT": "1.2.840.10008.5.1.4.1.1.2", "MG": "1.2.840.10008.5.1.4.1.1.1.2",
-               "US": "1.2.840.10008.5.1.4.1.1.6.1", "MR": "1.2.840.10008.5.1.4.1.1.4"}
+SOP_CLASSES = {
+    "CT": "1.2.840.10008.5.1.4.1.1.2",
+    "MG": "1.2.840.10008.5.1.4.1.1.1.2",
+    "US": "1.2.840.10008.5.1.4.1.1.6.1",
+    "MR": "1.2.840.10008.5.1.4.1.1.4",
+}
 
 
 def build(directory: Path, accessions: int = SIZE, seed: int = SEED) -> Hospital:
@@ -42,16 +46,20 @@ def build(directory: Path, accessions: int = SIZE, seed: int = SEED) -> Hospital
 
 
 def file_hashes(hospital: Hospital) -> dict[str, str]:
-    return {str(p.relative_to(hospital.dicom_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(hospital.dicom_dir.rglob("*.dcm"))}
+    return {
+        str(p.relative_to(hospital.dicom_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(hospital.dicom_dir.rglob("*.dcm"))
+    }
 
 
 def ris_rows(url: str) -> list[dict]:
     engine = create_engine(url)
     try:
         with engine.connect() as connection:
-            return [dict(row) for row in connection.execute(
-                select(exams_table).order_by(exams_table.c.accession_number)).mappings()]
+            return [
+                dict(row)
+                for row in connection.execute(select(exams_table).order_by(exams_table.c.accession_number)).mappings()
+            ]
     finally:
         engine.dispose()
 
@@ -105,7 +113,8 @@ def test_a_rebuild_in_the_same_directory_replaces_everything(tmp_path):
     on_disk = {(p.parent.parent.name, p.parent.name, p.stem) for p in smaller.dicom_dir.glob("*/*/*.dcm")}
     assert on_disk == all_instances(truth)
     assert [row["accession_number"] for row in ris_rows(smaller.ris_url)] == [
-        a["accession_number"] for a in truth["accessions"]]
+        a["accession_number"] for a in truth["accessions"]
+    ]
 
 
 def test_arguments_are_validated(tmp_path):
@@ -153,7 +162,8 @@ def test_each_quirk_is_what_its_name_says(truth, ris, studies_on_disk):
             (study,) = pacs
             assert pacs_an == {""} and row["study_instance_uid"] not in studies_on_disk
             assert {(ds.PatientID, ds.StudyDate, ds.Modality) for ds in study} == {
-                (row["patient_id"], row["exam_datetime"].strftime("%Y%m%d"), row["modality"])}
+                (row["patient_id"], row["exam_datetime"].strftime("%Y%m%d"), row["modality"])
+            }
         elif quirk == "multi_study":
             assert len(uids) == 2 and pacs_an == {an} and row["study_instance_uid"] in uids
         else:
@@ -190,16 +200,23 @@ def test_returning_patients_are_never_seen_twice_within_three_days():
 
 # -- ground truth against the files -------------------------------------------------------------------------
 def all_instances(truth: dict) -> set[tuple[str, str, str]]:
-    return {(study["study_instance_uid"], series["series_instance_uid"], sop)
-            for a in truth["accessions"] for study in a["studies"] for series in study["series"]
-            for sop in series["sop_instance_uids"]}
+    return {
+        (study["study_instance_uid"], series["series_instance_uid"], sop)
+        for a in truth["accessions"]
+        for study in a["studies"]
+        for series in study["series"]
+        for sop in series["sop_instance_uids"]
+    }
 
 
 def test_every_file_is_in_the_truth_with_matching_uids(headers, truth):
     on_disk = set()
     for path, ds in headers.items():
         assert (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID) == (
-            path.parent.parent.name, path.parent.name, path.stem)
+            path.parent.parent.name,
+            path.parent.name,
+            path.stem,
+        )
         on_disk.add((ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID))
     assert on_disk == all_instances(truth)
 
@@ -211,11 +228,26 @@ def test_files_are_valid_part10_images_of_the_right_sop_class(headers):
         assert meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
         assert meta.MediaStorageSOPClassUID == ds.SOPClassUID == SOP_CLASSES[ds.Modality]
         assert (ds.Rows, ds.Columns, ds.BitsAllocated, ds.PhotometricInterpretation) == (
-            IMAGE_SIZE, IMAGE_SIZE, 16, "MONOCHROME2")
+            IMAGE_SIZE,
+            IMAGE_SIZE,
+            16,
+            "MONOCHROME2",
+        )
         assert len(ds.PixelData) == IMAGE_SIZE * IMAGE_SIZE * 2
-        for keyword in ("PatientBirthDate", "PatientSex", "StudyTime", "ReferringPhysicianName",
-                        "StudyDescription", "SeriesNumber", "BodyPartExamined", "Manufacturer",
-                        "ManufacturerModelName", "InstanceNumber", "AcquisitionDate", "AcquisitionTime"):
+        for keyword in (
+            "PatientBirthDate",
+            "PatientSex",
+            "StudyTime",
+            "ReferringPhysicianName",
+            "StudyDescription",
+            "SeriesNumber",
+            "BodyPartExamined",
+            "Manufacturer",
+            "ManufacturerModelName",
+            "InstanceNumber",
+            "AcquisitionDate",
+            "AcquisitionTime",
+        ):
             assert ds.get(keyword) not in (None, ""), keyword
         if ds.Modality == "CT":
             assert ds.ImagePositionPatient and ds.ImageOrientationPatient and ds.PixelSpacing
@@ -229,7 +261,8 @@ def test_series_sizes_are_realistic(truth):
                 count = len(series["sop_instance_uids"])
                 scout = series["drop_reason"] == "description"
                 expected = {"MG": {4}, "US": {2}, "CT": {1} if scout else set(range(3, 9))}.get(
-                    series["modality"], set(range(3, 6)))
+                    series["modality"], set(range(3, 6))
+                )
                 assert count in expected
 
 
@@ -243,9 +276,14 @@ def test_the_default_rules_applied_to_the_headers_give_the_truths_drop_reasons(h
             for series in study["series"]:
                 datasets = by_series[series["series_instance_uid"]]
                 first = datasets[0]
-                reason = rules.drop_reason({"Modality": first.Modality, "SeriesDescription": first.SeriesDescription,
-                                            "BodyPartExamined": first.BodyPartExamined,
-                                            "NumberOfSeriesRelatedInstances": len(datasets)})
+                reason = rules.drop_reason(
+                    {
+                        "Modality": first.Modality,
+                        "SeriesDescription": first.SeriesDescription,
+                        "BodyPartExamined": first.BodyPartExamined,
+                        "NumberOfSeriesRelatedInstances": len(datasets),
+                    }
+                )
                 assert (reason and reason.value) == series["drop_reason"]
                 assert series["kept"] is (reason is None)
                 assert (first.Modality, first.SeriesDescription) == (series["modality"], series["description"])
@@ -259,17 +297,27 @@ def test_helpers_select_the_cohort(truth):
     assert instances < all_instances(truth)
     assert not {series for _, series, _ in instances} & set(dropped_series(truth))
     assert set(dropped_series(truth).values()) == {"modality", "description"}
-    out_of_cohort_series = {s["series_instance_uid"] for a in truth["accessions"] if not a["in_cohort"]
-                            for study in a["studies"] for s in study["series"]}
+    out_of_cohort_series = {
+        s["series_instance_uid"]
+        for a in truth["accessions"]
+        if not a["in_cohort"]
+        for study in a["studies"]
+        for s in study["series"]
+    }
     assert out_of_cohort_series and not out_of_cohort_series & {series for _, series, _ in instances}
     assert not out_of_cohort_series & set(dropped_series(truth))
 
 
 def test_truth_records_the_resolution_each_quirk_needs(truth):
     for accession in truth["accessions"]:
-        resolved_by = {"absent": None, "out_of_cohort": None, "ris_uid_only": "ris_study_uid",
-                       "an_leading_zeros": "normalized_accession", "an_site_prefix": "normalized_accession",
-                       "patient_date": "patient_date"}.get(accession["quirk"], "accession_number")
+        resolved_by = {
+            "absent": None,
+            "out_of_cohort": None,
+            "ris_uid_only": "ris_study_uid",
+            "an_leading_zeros": "normalized_accession",
+            "an_site_prefix": "normalized_accession",
+            "patient_date": "patient_date",
+        }.get(accession["quirk"], "accession_number")
         assert accession["resolved_by"] == resolved_by
         if accession["quirk"] == "out_of_cohort":
             assert accession["expected_outcome"] is None
@@ -313,9 +361,15 @@ def assert_cohort_query_matches(hospital: Hospital, truth: dict) -> None:
     assert all(start <= datetime.fromisoformat(a["exam_datetime"] + "+00:00") < end for a in truth["accessions"])
     engine = create_engine(hospital.ris_url)
     try:
-        exams = list(query_cohort(engine, load_template("cohort_by_modality.sql", REPO_ROOT / "include" / "sql"),
-                                  interval_start=start.replace(tzinfo=None), interval_end=end.replace(tzinfo=None),
-                                  params={"modalities": truth["cohort_modalities"]}))
+        exams = list(
+            query_cohort(
+                engine,
+                load_template("cohort_by_modality.sql", REPO_ROOT / "include" / "sql"),
+                interval_start=start.replace(tzinfo=None),
+                interval_end=end.replace(tzinfo=None),
+                params={"modalities": truth["cohort_modalities"]},
+            )
+        )
     finally:
         engine.dispose()
     assert [e.accession_number for e in exams] == sorted(expected_outcomes(truth))
@@ -334,9 +388,24 @@ def test_the_ris_works_on_postgresql(postgres_url, tmp_path):
 # -- CLI ---------------------------------------------------------------------------------------------------
 def test_the_cli_prints_counts_and_no_patient_data(tmp_path):
     completed = subprocess.run(
-        [sys.executable, "-m", "pacsflow.demo.hospital", "--out", str(tmp_path), "--accessions", "20",
-         "--seed", "3", "--image-size", "4"],
-        capture_output=True, text=True, check=True, env={"PYTHONPATH": str(REPO_ROOT / "plugins")})
+        [
+            sys.executable,
+            "-m",
+            "pacsflow.demo.hospital",
+            "--out",
+            str(tmp_path),
+            "--accessions",
+            "20",
+            "--seed",
+            "3",
+            "--image-size",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": str(REPO_ROOT / "plugins")},
+    )
     truth = load_ground_truth(tmp_path / "ground_truth.json")
     assert "accessions        20" in completed.stdout
     rows = ris_rows(f"sqlite:///{tmp_path / 'ris.sqlite'}")

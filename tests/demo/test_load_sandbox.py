@@ -6,11 +6,10 @@ import subprocess
 import sys
 
 import pytest
-from sqlalchemy import create_engine, func, select
-
 from pacsflow.core.dicom.client import PacsClient
 from pacsflow.demo.hospital import exams_table, load_ground_truth
 from pacsflow.demo.sandbox import orthanc
+from sqlalchemy import create_engine, func, select
 
 pytestmark = pytest.mark.orthanc
 
@@ -18,14 +17,31 @@ pytestmark = pytest.mark.orthanc
 def test_the_loader_fills_the_pacs_and_leaves_the_ris_and_the_truth(tmp_path):
     out = tmp_path / "sandbox"
     with orthanc(tmp_path / "orthanc", move_destinations={}) as pacs:
-        done = subprocess.run([sys.executable, "-m", "pacsflow.demo.load_sandbox", "--out", str(out),
-                               "--accessions", "20", "--pacs-host", pacs.config.host,
-                               "--pacs-port", str(pacs.config.port), "--pacs-ae", pacs.config.called_ae],
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pacsflow.demo.load_sandbox",
+                "--out",
+                str(out),
+                "--accessions",
+                "20",
+                "--pacs-host",
+                pacs.config.host,
+                "--pacs-port",
+                str(pacs.config.port),
+                "--pacs-ae",
+                pacs.config.called_ae,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         truth = load_ground_truth(out / "ground_truth.json")
-        study_uids = {study["study_instance_uid"] for accession in truth["accessions"]
-                      for study in accession["studies"]}
+        study_uids = {
+            study["study_instance_uid"] for accession in truth["accessions"] for study in accession["studies"]
+        }
         with PacsClient(pacs.config) as client:
             found = {match["StudyInstanceUID"] for match in client.find("STUDY", {"StudyInstanceUID": ""}).matches}
     assert found == study_uids
@@ -38,8 +54,25 @@ def test_the_loader_fills_the_pacs_and_leaves_the_ris_and_the_truth(tmp_path):
 
 
 def test_the_loader_names_the_pacs_it_waited_for(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "pacsflow.demo.load_sandbox", "--out", str(tmp_path),
-                           "--pacs-host", "127.0.0.1", "--pacs-port", "9", "--pacs-ae", "NOBODY",
-                           "--timeout", "1"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pacsflow.demo.load_sandbox",
+            "--out",
+            str(tmp_path),
+            "--pacs-host",
+            "127.0.0.1",
+            "--pacs-port",
+            "9",
+            "--pacs-ae",
+            "NOBODY",
+            "--timeout",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode != 0
     assert "NOBODY@127.0.0.1:9 did not answer C-ECHO" in done.stderr

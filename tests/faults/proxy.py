@@ -52,8 +52,9 @@ class FaultProxy:
         self._thread.start()
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         self._stop.set()
         self._thread.join()
         self._listener.close()
@@ -67,7 +68,8 @@ class FaultProxy:
             with self._lock:
                 self.connections += 1
                 faulty = self.connections % self.fault.every == 0 and (
-                    self.fault.times is None or self.faulted < self.fault.times)
+                    self.fault.times is None or self.faulted < self.fault.times
+                )
                 self.faulted += faulty
             threading.Thread(target=self._serve, args=(client, faulty), daemon=True).start()
 
@@ -84,15 +86,18 @@ class FaultProxy:
         budget = _Budget(fault)
         if fault.first_byte_delay:
             time.sleep(fault.first_byte_delay)
-        pumps = [threading.Thread(target=self._pump, args=(a, b, budget, (client, upstream)), daemon=True)
-                 for a, b in ((client, upstream), (upstream, client))]
+        pumps = [
+            threading.Thread(target=self._pump, args=(a, b, budget, (client, upstream)), daemon=True)
+            for a, b in ((client, upstream), (upstream, client))
+        ]
         for pump in pumps:
             pump.start()
         for pump in pumps:
             pump.join()
 
-    def _pump(self, source: socket.socket, sink: socket.socket, budget: _Budget,
-              both: tuple[socket.socket, socket.socket]) -> None:
+    def _pump(
+        self, source: socket.socket, sink: socket.socket, budget: _Budget, both: tuple[socket.socket, socket.socket]
+    ) -> None:
         source.settimeout(IDLE_SECONDS)
         try:
             while not self._stop.is_set():

@@ -44,15 +44,17 @@ def _echo(conn: socket.socket) -> None:
 
 
 def exchange(port: int, payload: bytes, timeout: float = 5.0) -> bytes:
+    """What came back before the peer closed; a reset (even while connecting: a refused connection is reset
+    right after the accept, which can race the handshake) ends the exchange like a close."""
     received = b""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        try:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
             sock.sendall(payload)
             sock.shutdown(socket.SHUT_WR)
             while data := sock.recv(65536):
                 received += data
-        except OSError:
-            pass
+    except OSError:
+        pass
     return received
 
 

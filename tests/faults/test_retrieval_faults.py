@@ -63,7 +63,6 @@ def pacs(hospital, proxy_port, tmp_path_factory) -> Iterator:
         yield box
 
 
-
 class _Listening(FaultProxy):
     """The proxy on a port chosen before Orthanc started (Orthanc's move destination names it)."""
 
@@ -81,13 +80,24 @@ def test_a_cut_c_store_stream_is_finished_in_the_same_task(pacs, hospital, recei
     truth = load_ground_truth(hospital.ground_truth_path)
     layout = StorageLayout(tmp_path / "dicom")
     connect = partial(PacsClient, replace(pacs.config, calling_ae="PACSFLOW"))
-    with (AuditStore.connect(f"sqlite:///{tmp_path / 'audit.sqlite'}") as store,
-          _Listening(proxy_port, target=(receiver.host, receiver.port), fault=fault) as proxy):
+    with (
+        AuditStore.connect(f"sqlite:///{tmp_path / 'audit.sqlite'}") as store,
+        _Listening(proxy_port, target=(receiver.host, receiver.port), fault=fault) as proxy,
+    ):
         ctx = RunContext(store, "library/faults", Pseudonymizer(b"0123456789abcdef"))
         extract_cohort(ctx, lambda: demo_cohort(hospital), batch_size=100)
-        counts = [retrieve_batch(ctx, batch, connect, rules=DEMO.series_rules, layout=layout,
-                                 destination_ae=receiver.ae_title, receiver=partial(open_receiver, receiver, layout))
-                  for batch in resolve_cohort(ctx, connect, DEMO.resolution, 100)]
+        counts = [
+            retrieve_batch(
+                ctx,
+                batch,
+                connect,
+                rules=DEMO.series_rules,
+                layout=layout,
+                destination_ae=receiver.ae_title,
+                receiver=partial(open_receiver, receiver, layout),
+            )
+            for batch in resolve_cohort(ctx, connect, DEMO.resolution, 100)
+        ]
         summary = settle_run(ctx)
         series = store.series_rows(ctx.run_key, kept=True)
         outcomes = {an: row["outcome"] for an, row in store.accession_outcomes(ctx.run_key).items()}

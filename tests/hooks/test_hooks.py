@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from sqlalchemy import text
-
 from pacsflow.core.dicom.config import PacsConfig, ReceiverConfig, ReceiverConfigError, TlsConfig
 from pacsflow.hooks.database import DatabaseHook
 from pacsflow.hooks.dicom import DicomHook
+from sqlalchemy import text
 
 
 def set_connection(monkeypatch, conn_id: str, connection: dict) -> None:
@@ -17,49 +16,120 @@ def set_connection(monkeypatch, conn_id: str, connection: dict) -> None:
 
 
 def test_dicom_connection_to_pacs_and_receiver_config(monkeypatch):
-    set_connection(monkeypatch, "pacs_test", {
-        "conn_type": "dicom", "host": "pacs.local", "port": 104, "login": "PACS_AE",
-        "extra": {"calling_ae": "PF", "receiver_port": 4006, "allowed_calling_aes": "PACS_AE, OTHER",
-                  "extra__dicom__dimse_timeout": "600", "retrieve_method": "c-get", "result_cap": 200},
-    })
+    set_connection(
+        monkeypatch,
+        "pacs_test",
+        {
+            "conn_type": "dicom",
+            "host": "pacs.local",
+            "port": 104,
+            "login": "PACS_AE",
+            "extra": {
+                "calling_ae": "PF",
+                "receiver_port": 4006,
+                "allowed_calling_aes": "PACS_AE, OTHER",
+                "extra__dicom__dimse_timeout": "600",
+                "retrieve_method": "c-get",
+                "result_cap": 200,
+            },
+        },
+    )
     hook = DicomHook("pacs_test")
-    assert hook.pacs_config() == PacsConfig(host="pacs.local", port=104, called_ae="PACS_AE", calling_ae="PF",
-                                            dimse_timeout=600.0, retrieve_method="c-get", result_cap=200)
+    assert hook.pacs_config() == PacsConfig(
+        host="pacs.local",
+        port=104,
+        called_ae="PACS_AE",
+        calling_ae="PF",
+        dimse_timeout=600.0,
+        retrieve_method="c-get",
+        result_cap=200,
+    )
     assert hook.receiver_config() == ReceiverConfig(port=4006, allowed_calling_aes=("PACS_AE", "OTHER"))
 
 
 def test_every_receiver_setting_comes_from_the_connection(monkeypatch):
-    set_connection(monkeypatch, "pacs_test", {"conn_type": "dicom", "host": "pacs.local", "port": 104,
-                                              "login": "PACS_AE", "extra": {
-        "receiver_host": "0.0.0.0", "receiver_allowed_addresses": "10.0.0.5, 10.0.0.6",
-        "receiver_max_associations": 4, "receiver_tls_cert_file": "c.pem", "receiver_tls_key_file": "k.pem",
-        "receiver_tls_ca_file": "ca.pem", "receiver_acse_timeout": 5, "receiver_dimse_timeout": "20",
-        "receiver_network_timeout": 40, "receiver_max_pdu": 65536, "receiver_max_inflated_bytes": 1000,
-        "receiver_transfer_syntaxes": ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99"]}})
+    set_connection(
+        monkeypatch,
+        "pacs_test",
+        {
+            "conn_type": "dicom",
+            "host": "pacs.local",
+            "port": 104,
+            "login": "PACS_AE",
+            "extra": {
+                "receiver_host": "0.0.0.0",
+                "receiver_allowed_addresses": "10.0.0.5, 10.0.0.6",
+                "receiver_max_associations": 4,
+                "receiver_tls_cert_file": "c.pem",
+                "receiver_tls_key_file": "k.pem",
+                "receiver_tls_ca_file": "ca.pem",
+                "receiver_acse_timeout": 5,
+                "receiver_dimse_timeout": "20",
+                "receiver_network_timeout": 40,
+                "receiver_max_pdu": 65536,
+                "receiver_max_inflated_bytes": 1000,
+                "receiver_transfer_syntaxes": ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99"],
+            },
+        },
+    )
     assert DicomHook("pacs_test").receiver_config() == ReceiverConfig(
-        host="0.0.0.0", allowed_addresses=("10.0.0.5", "10.0.0.6"), max_associations=4,
-        tls=TlsConfig(ca_file="ca.pem", cert_file="c.pem", key_file="k.pem"), acse_timeout=5.0, dimse_timeout=20.0,
-        network_timeout=40.0, max_pdu=65536, max_inflated_bytes=1000,
-        transfer_syntaxes=("1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99"))
+        host="0.0.0.0",
+        allowed_addresses=("10.0.0.5", "10.0.0.6"),
+        max_associations=4,
+        tls=TlsConfig(ca_file="ca.pem", cert_file="c.pem", key_file="k.pem"),
+        acse_timeout=5.0,
+        dimse_timeout=20.0,
+        network_timeout=40.0,
+        max_pdu=65536,
+        max_inflated_bytes=1000,
+        transfer_syntaxes=("1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99"),
+    )
 
 
 def test_a_remote_bind_with_the_loopback_allow_list_is_refused_naming_the_setting(monkeypatch):
-    set_connection(monkeypatch, "pacs_test", {"conn_type": "dicom", "host": "pacs.local", "port": 104,
-                                              "login": "PACS_AE", "extra": {"receiver_host": "0.0.0.0"}})
+    set_connection(
+        monkeypatch,
+        "pacs_test",
+        {
+            "conn_type": "dicom",
+            "host": "pacs.local",
+            "port": 104,
+            "login": "PACS_AE",
+            "extra": {"receiver_host": "0.0.0.0"},
+        },
+    )
     with pytest.raises(ReceiverConfigError, match="allowed_addresses"):
         DicomHook("pacs_test").receiver_config()
 
 
 @pytest.mark.parametrize("backend", ["dcmtk", "pynetdicom"])
 def test_the_receiver_backend_comes_from_the_connection(monkeypatch, backend):
-    set_connection(monkeypatch, "pacs_test", {"conn_type": "dicom", "host": "pacs.local", "port": 104,
-                                              "login": "PACS_AE", "extra": {"receiver_backend": backend}})
+    set_connection(
+        monkeypatch,
+        "pacs_test",
+        {
+            "conn_type": "dicom",
+            "host": "pacs.local",
+            "port": 104,
+            "login": "PACS_AE",
+            "extra": {"receiver_backend": backend},
+        },
+    )
     assert DicomHook("pacs_test").receiver_config().backend == backend
 
 
 def test_an_unknown_receiver_backend_is_refused_with_the_choices(monkeypatch):
-    set_connection(monkeypatch, "pacs_test", {"conn_type": "dicom", "host": "pacs.local", "port": 104,
-                                              "login": "PACS_AE", "extra": {"receiver_backend": "storescp"}})
+    set_connection(
+        monkeypatch,
+        "pacs_test",
+        {
+            "conn_type": "dicom",
+            "host": "pacs.local",
+            "port": 104,
+            "login": "PACS_AE",
+            "extra": {"receiver_backend": "storescp"},
+        },
+    )
     with pytest.raises(ValueError, match="pynetdicom.*dcmtk"):
         DicomHook("pacs_test").receiver_config()
 
@@ -71,17 +141,28 @@ def test_dicom_connection_without_ae_title_is_explained(monkeypatch):
 
 
 def test_database_connection_from_url_or_fields(monkeypatch, tmp_path):
-    set_connection(monkeypatch, "ris_url", {"conn_type": "generic",
-                                            "extra": {"sqlalchemy_url": f"sqlite:///{tmp_path / 'ris.db'}"}})
+    set_connection(
+        monkeypatch,
+        "ris_url",
+        {"conn_type": "generic", "extra": {"sqlalchemy_url": f"sqlite:///{tmp_path / 'ris.db'}"}},
+    )
     engine = DatabaseHook("ris_url").get_conn()
     with engine.connect() as conn:
         assert conn.execute(text("SELECT 1")).scalar() == 1
     engine.dispose()
-    set_connection(monkeypatch, "ris_fields", {"conn_type": "postgres", "host": "db", "port": 5432,
-                                               "login": "reader", "password": "s3cret", "schema": "ris"})
+    set_connection(
+        monkeypatch,
+        "ris_fields",
+        {"conn_type": "postgres", "host": "db", "port": 5432, "login": "reader", "password": "s3cret", "schema": "ris"},
+    )
     url = DatabaseHook("ris_fields").sqlalchemy_url()
     assert (url.drivername, url.host, url.port, url.username, url.database) == (
-        "postgresql+psycopg2", "db", 5432, "reader", "ris")
+        "postgresql+psycopg2",
+        "db",
+        5432,
+        "reader",
+        "ris",
+    )
     set_connection(monkeypatch, "ris_unknown", {"conn_type": "ftp", "host": "x"})
     with pytest.raises(ValueError, match="sqlalchemy_url"):
         DatabaseHook("ris_unknown").sqlalchemy_url()

@@ -13,7 +13,7 @@ import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
@@ -21,8 +21,6 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from sqlalchemy import create_engine, text
-
 from pacsflow.core.audit import RETRIEVAL_FAILED, AuditStore, Stage
 from pacsflow.core.dicom.config import ReceiverConfig
 from pacsflow.core.pipeline import PACS_DOWN_AFTER
@@ -39,6 +37,7 @@ from pacsflow.demo.hospital import (
 )
 from pacsflow.demo.hospital.plan import INSTITUTIONS, OPERATORS, REFERRING_PHYSICIANS
 from pacsflow.demo.sandbox import orthanc
+from sqlalchemy import create_engine, text
 
 pytestmark = [pytest.mark.airflow, pytest.mark.orthanc]
 
@@ -82,7 +81,7 @@ def definition(folder: Path, id: str, **changes) -> None:
 class _AlertSink(BaseHTTPRequestHandler):
     received: list[dict] = []
 
-    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+    def do_POST(self) -> None:
         self.received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
         self.send_response(204)
         self.end_headers()
@@ -94,27 +93,56 @@ class _AlertSink(BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Iterator[Site]:
     workdir = tmp_path_factory.mktemp("scheduler")
-    sunday = last_sunday(datetime.now(timezone.utc).date())
+    sunday = last_sunday(datetime.now(UTC).date())
     first_day = sunday - 3 * WEEK
-    start = datetime(first_day.year, first_day.month, first_day.day, tzinfo=timezone.utc)
-    hospital = build_hospital(workdir / "hospital", accessions=30, seed=31, first_day=first_day,
-                              last_day=sunday - timedelta(days=1))
-    failing = build_hospital(workdir / "failing", accessions=12, seed=32, first_day=first_day,
-                             last_day=sunday - timedelta(days=1))
+    start = datetime(first_day.year, first_day.month, first_day.day, tzinfo=UTC)
+    hospital = build_hospital(
+        workdir / "hospital", accessions=30, seed=31, first_day=first_day, last_day=sunday - timedelta(days=1)
+    )
+    failing = build_hospital(
+        workdir / "failing", accessions=12, seed=32, first_day=first_day, last_day=sunday - timedelta(days=1)
+    )
     definitions = workdir / "extractions"
     definitions.mkdir()
     fast = {"retries": 1, "retry_delay_seconds": 2, "max_retry_delay_seconds": 5}
     start_date = first_day.isoformat()
-    definition(definitions, "weekly", schedule="@weekly", start_date=start_date, catchup=True,
-               retrieval={"batch_size": 2}, run=fast)
-    definition(definitions, "backfilled", schedule="@weekly", start_date=start_date, catchup=False,
-               retrieval={"batch_size": 3}, run=fast)
+    definition(
+        definitions,
+        "weekly",
+        schedule="@weekly",
+        start_date=start_date,
+        catchup=True,
+        retrieval={"batch_size": 2},
+        run=fast,
+    )
+    definition(
+        definitions,
+        "backfilled",
+        schedule="@weekly",
+        start_date=start_date,
+        catchup=False,
+        retrieval={"batch_size": 3},
+        run=fast,
+    )
     definition(definitions, "pooled", schedule=None, start_date=start_date, retrieval={"batch_size": 3}, run=fast)
-    definition(definitions, "ris_down", schedule=None, start_date=start_date, connections={"ris": "ris_down"},
-               run={**fast, "alert_conn_id": "pacsflow_alerts"})
+    definition(
+        definitions,
+        "ris_down",
+        schedule=None,
+        start_date=start_date,
+        connections={"ris": "ris_down"},
+        run={**fast, "alert_conn_id": "pacsflow_alerts"},
+    )
     definition(definitions, "over_limit", schedule=None, start_date=start_date, cohort={"max_size": 3}, run=fast)
-    definition(definitions, "failing_batch", schedule=None, start_date=start_date,
-               connections={"ris": "ris_failing", "pacs": "pacs_failing"}, retrieval={"batch_size": 6}, run=fast)
+    definition(
+        definitions,
+        "failing_batch",
+        schedule=None,
+        start_date=start_date,
+        connections={"ris": "ris_failing", "pacs": "pacs_failing"},
+        retrieval={"batch_size": 6},
+        run=fast,
+    )
 
     alerts = HTTPServer(("127.0.0.1", 0), _AlertSink)
     threading.Thread(target=alerts.serve_forever, daemon=True).start()
@@ -124,25 +152,41 @@ def site(tmp_path_factory) -> Iterator[Site]:
     destinations = {receiver.ae_title: (receiver.host, receiver.port)}
     try:
         # The two hospitals number their ANs alike: each has a PACS of its own.
-        with (orthanc(workdir / "orthanc", move_destinations=destinations) as pacs,
-              orthanc(workdir / "orthanc-failing", move_destinations=destinations) as failing_pacs):
+        with (
+            orthanc(workdir / "orthanc", move_destinations=destinations) as pacs,
+            orthanc(workdir / "orthanc-failing", move_destinations=destinations) as failing_pacs,
+        ):
             pacs.load(sorted(hospital.dicom_dir.rglob("*.dcm")))
             failing_pacs.load(sorted(failing.dicom_dir.rglob("*.dcm")))
-            failing_env = connection_environment(ris_url=failing.ris_url, audit_url=audit_url, receiver=receiver,
-                                                 pacs=replace(failing_pacs.config, calling_ae="PACSFLOW"))
+            failing_env = connection_environment(
+                ris_url=failing.ris_url,
+                audit_url=audit_url,
+                receiver=receiver,
+                pacs=replace(failing_pacs.config, calling_ae="PACSFLOW"),
+            )
             env = {
-                **connection_environment(ris_url=hospital.ris_url, audit_url=audit_url,
-                                         pacs=replace(pacs.config, calling_ae="PACSFLOW"), receiver=receiver),
+                **connection_environment(
+                    ris_url=hospital.ris_url,
+                    audit_url=audit_url,
+                    pacs=replace(pacs.config, calling_ae="PACSFLOW"),
+                    receiver=receiver,
+                ),
                 "AIRFLOW_CONN_PACS_FAILING": failing_env["AIRFLOW_CONN_PACSFLOW_PACS"],
-                "AIRFLOW_CONN_RIS_DOWN": json.dumps({"conn_type": "generic", "extra": {
-                    "sqlalchemy_url": f"postgresql+psycopg2://nobody@127.0.0.1:{free_port()}/ris"}}),
+                "AIRFLOW_CONN_RIS_DOWN": json.dumps(
+                    {
+                        "conn_type": "generic",
+                        "extra": {"sqlalchemy_url": f"postgresql+psycopg2://nobody@127.0.0.1:{free_port()}/ris"},
+                    }
+                ),
                 "AIRFLOW_CONN_RIS_FAILING": failing_env["AIRFLOW_CONN_PACSFLOW_RIS"],
-                "AIRFLOW_CONN_PACSFLOW_ALERTS": json.dumps({"conn_type": "http", "host":
-                                                            f"http://127.0.0.1:{alerts.server_port}/hook"}),
+                "AIRFLOW_CONN_PACSFLOW_ALERTS": json.dumps(
+                    {"conn_type": "http", "host": f"http://127.0.0.1:{alerts.server_port}/hook"}
+                ),
                 "PACSFLOW_EXTRACTIONS_DIR": str(definitions),
             }
-            with local_deployment(workdir / "airflow", data_root=data_root, pool_slots=POOL_SLOTS,
-                                  extra_env=env) as airflow:
+            with local_deployment(
+                workdir / "airflow", data_root=data_root, pool_slots=POOL_SLOTS, extra_env=env
+            ) as airflow:
                 for extraction in ("weekly", "backfilled", "pooled", "ris_down", "over_limit", "failing_batch"):
                     airflow.wait_for_dag(f"pacsflow__{extraction}")
                 yield Site(airflow, hospital, failing, data_root, audit_url, start, _AlertSink.received, workdir)
@@ -163,8 +207,7 @@ def assert_run_extracted_its_interval(site: Site, dag_id: str, run: dict) -> Non
         row = store.run_row(f"{dag_id}/{run['dag_run_id']}")
         outcomes = {an: r["outcome"] for an, r in store.accession_outcomes(f"{dag_id}/{run['dag_run_id']}").items()}
         summary = store.summary(f"{dag_id}/{run['dag_run_id']}")
-    assert (row["interval_start"].replace(tzinfo=timezone.utc), row["interval_end"].replace(tzinfo=timezone.utc)) == (
-        start, end)
+    assert (row["interval_start"].replace(tzinfo=UTC), row["interval_end"].replace(tzinfo=UTC)) == (start, end)
     assert outcomes == expected_outcomes(within(site.truth(), start, end))
     assert summary.succeeded and summary.verdict.state == "success"
 
@@ -183,10 +226,14 @@ def test_a_backfill_and_an_overlapping_manual_run_each_extract_their_interval(si
     manual = site.airflow.trigger(dag_id, data_interval=(site.start, site.start + 3 * WEEK))
     runs = site.airflow.wait_for_runs(dag_id, 4, RUN_SECONDS)
     intervals = sorted((interval_of(run), run["run_type"]) for run in runs)
-    assert intervals == sorted([
-        ((site.start, site.start + WEEK), "backfill"), ((site.start + WEEK, site.start + 2 * WEEK), "backfill"),
-        ((site.start + 2 * WEEK, site.start + 3 * WEEK), "scheduled"),
-        ((site.start, site.start + 3 * WEEK), "manual")])
+    assert intervals == sorted(
+        [
+            ((site.start, site.start + WEEK), "backfill"),
+            ((site.start + WEEK, site.start + 2 * WEEK), "backfill"),
+            ((site.start + 2 * WEEK, site.start + 3 * WEEK), "scheduled"),
+            ((site.start, site.start + 3 * WEEK), "manual"),
+        ]
+    )
     for run in runs:
         assert_run_extracted_its_interval(site, dag_id, run)
     on_disk = files_on_disk(site.data_root)
@@ -199,7 +246,8 @@ def test_scheduled_catch_up_runs_extract_each_interval(site):
     site.airflow.unpause(dag_id)
     runs = site.airflow.wait_for_runs(dag_id, 3, RUN_SECONDS)
     assert sorted(interval_of(run) for run in runs) == [
-        (site.start + k * WEEK, site.start + (k + 1) * WEEK) for k in range(3)]
+        (site.start + k * WEEK, site.start + (k + 1) * WEEK) for k in range(3)
+    ]
     assert {run["run_type"] for run in runs} == {"scheduled"}
     for run in runs:
         assert_run_extracted_its_interval(site, dag_id, run)
@@ -208,7 +256,7 @@ def test_scheduled_catch_up_runs_extract_each_interval(site):
 def test_a_trigger_with_only_a_logical_date_extracts_the_last_complete_interval(site):
     """What the UI's trigger form sends by default: a logical date (now) and no interval."""
     dag_id = "pacsflow__weekly"
-    run_id = site.airflow.trigger(dag_id, logical_date=datetime.now(timezone.utc))
+    run_id = site.airflow.trigger(dag_id, logical_date=datetime.now(UTC))
     site.airflow.wait_for_run(dag_id, run_id, RUN_SECONDS)
     run = site.airflow.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")
     assert interval_of(run) == (site.start + 2 * WEEK, site.start + 3 * WEEK)
@@ -271,9 +319,13 @@ def test_a_batch_that_fails_for_good_fails_the_run_and_the_rest_is_complete(site
     dag_id = "pacsflow__failing_batch"
     truth = site.truth(site.failing_hospital)
     cohort = sorted(a["accession_number"] for a in truth["accessions"] if a["in_cohort"])
-    kept_series = {an: [s for st in a["studies"] for s in st["series"] if s["kept"]]
-                   for a in truth["accessions"] if a["in_cohort"] for an in [a["accession_number"]]}
-    batches = [cohort[i:i + 6] for i in range(0, len(cohort), 6)]
+    kept_series = {
+        an: [s for st in a["studies"] for s in st["series"] if s["kept"]]
+        for a in truth["accessions"]
+        if a["in_cohort"]
+        for an in [a["accession_number"]]
+    }
+    batches = [cohort[i : i + 6] for i in range(0, len(cohort), 6)]
     doomed = max(range(len(batches)), key=lambda b: sum(len(kept_series[an]) for an in batches[b]))
     assert sum(len(kept_series[an]) for an in batches[doomed]) >= PACS_DOWN_AFTER
     layout_root = site.data_root / "dicom"
@@ -286,8 +338,11 @@ def test_a_batch_that_fails_for_good_fails_the_run_and_the_rest_is_complete(site
     site.airflow.unpause(dag_id)
     run_id = site.airflow.trigger(dag_id, data_interval=(site.start, site.start + 3 * WEEK))
     assert site.airflow.wait_for_run(dag_id, run_id, RUN_SECONDS, fail_on_retry=False) == "failed"
-    retrievals = {ti["map_index"]: ti["state"] for ti in site.airflow.task_instances(dag_id, run_id)
-                  if ti["task_id"] == "retrieve_batch"}
+    retrievals = {
+        ti["map_index"]: ti["state"]
+        for ti in site.airflow.task_instances(dag_id, run_id)
+        if ti["task_id"] == "retrieve_batch"
+    }
     assert retrievals == {b: "failed" if b == doomed else "success" for b in range(len(batches))}
     with site.audit() as store:
         rows = store.accession_outcomes(f"{dag_id}/{run_id}")
@@ -295,16 +350,27 @@ def test_a_batch_that_fails_for_good_fails_the_run_and_the_rest_is_complete(site
     expected = expected_outcomes(truth)
     for an, row in rows.items():
         if an in batches[doomed] and kept_series[an] and expected[an] == "retrieved":
-            assert (row["outcome"], row["outcome_reason"]) in {("failed", "series failed"),
-                                                               ("failed", RETRIEVAL_FAILED)}, an
+            assert (row["outcome"], row["outcome_reason"]) in {
+                ("failed", "series failed"),
+                ("failed", RETRIEVAL_FAILED),
+            }, an
         else:
             assert row["outcome"] == expected[an], an
     assert (summary.verdict.state, summary.verdict.failed_stage) == ("failed", "retrieve")
     assert summary.reconciled and summary.unfinished == sum(
-        1 for row in rows.values() if row["outcome_reason"] == RETRIEVAL_FAILED)
-    healthy = {key for key in expected_instances(truth) if key[0] not in
-               {st["study_instance_uid"] for a in truth["accessions"] if a["accession_number"] in batches[doomed]
-                for st in a["studies"]}}
+        1 for row in rows.values() if row["outcome_reason"] == RETRIEVAL_FAILED
+    )
+    healthy = {
+        key
+        for key in expected_instances(truth)
+        if key[0]
+        not in {
+            st["study_instance_uid"]
+            for a in truth["accessions"]
+            if a["accession_number"] in batches[doomed]
+            for st in a["studies"]
+        }
+    }
     assert healthy <= set(files_on_disk(site.data_root))
     assert not list(StorageLayout(layout_root).root.glob("*/*/.incoming-*"))
 
@@ -312,10 +378,16 @@ def test_a_batch_that_fails_for_good_fails_the_run_and_the_rest_is_complete(site
 def test_each_run_exports_its_metadata_and_its_audit_as_parquet(site):
     dag_id = "pacsflow__pooled"  # one manual run over the three weeks
     [run] = site.airflow.runs(dag_id)
-    table = ds.dataset(site.data_root / "metadata" / dag_id / "instances", format="parquet",
-                       partitioning="hive").to_table()
-    rows = set(zip(table["study_instance_uid"].to_pylist(), table["series_instance_uid"].to_pylist(),
-                   table["sop_instance_uid"].to_pylist()))
+    table = ds.dataset(
+        site.data_root / "metadata" / dag_id / "instances", format="parquet", partitioning="hive"
+    ).to_table()
+    rows = set(
+        zip(
+            table["study_instance_uid"].to_pylist(),
+            table["series_instance_uid"].to_pylist(),
+            table["sop_instance_uid"].to_pylist(),
+        )
+    )
     assert rows == expected_instances(site.truth())
     audit = site.data_root / "audit" / dag_id / run_token(run["dag_run_id"])
     accessions = pq.read_table(audit / "accessions.parquet")
@@ -363,6 +435,9 @@ def test_no_patient_identifier_reaches_any_log(site):
         identifiers |= {part for row in rows for part in row.patient_name.split("^") if len(part) > 3}
         truth = site.truth(hospital)
         identifiers |= {uid for instance in expected_instances(truth) for uid in instance}
-    leaked = {value for value in identifiers
-              if re.search(rf"(?<![0-9A-Za-z.]){re.escape(value)}(?![0-9A-Za-z]|\.[0-9])", logs)}
+    leaked = {
+        value
+        for value in identifiers
+        if re.search(rf"(?<![0-9A-Za-z.]){re.escape(value)}(?![0-9A-Za-z]|\.[0-9])", logs)
+    }
     assert leaked == set()

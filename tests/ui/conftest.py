@@ -63,7 +63,6 @@ class DemoAudit:
         return f"{DAG_ID}/{RUN_IDS[index]}"
 
 
-
 @pytest.fixture(scope="session")
 def demo_audit(tmp_path_factory) -> DemoAudit:
     work = tmp_path_factory.mktemp("audit-ui")
@@ -73,24 +72,43 @@ def demo_audit(tmp_path_factory) -> DemoAudit:
     audit_url = f"sqlite:///{data_root / 'audit.sqlite'}"
     layout = StorageLayout(data_root / "dicom")
     receiver = ReceiverConfig(ae_title="PACSFLOW", port=free_port())
-    settings = ExtractionSettings(resolution=DEMO.resolution, rules=DEMO.series_rules, layout=layout,
-                                  destination_ae=receiver.ae_title, metadata_dir=data_root / "metadata",
-                                  batch_size=DEMO.retrieval.batch_size)
+    settings = ExtractionSettings(
+        resolution=DEMO.resolution,
+        rules=DEMO.series_rules,
+        layout=layout,
+        destination_ae=receiver.ae_title,
+        metadata_dir=data_root / "metadata",
+        batch_size=DEMO.retrieval.batch_size,
+    )
     exams = demo_cohort(hospital)
     with orthanc(work / "orthanc", move_destinations={receiver.ae_title: (receiver.host, receiver.port)}) as pacs:
         pacs.load(sorted(hospital.dicom_dir.rglob("*.dcm")))
         config = replace(pacs.config, calling_ae="PACSFLOW")
         for run_id, cohort in zip(RUN_IDS, (exams[: len(exams) // 2], exams)):
             with AuditStore.connect(audit_url) as store:
-                ctx = RunContext(store, f"{DAG_ID}/{run_id}",
-                                 Pseudonymizer.from_environment(data_root / ".pacsflow-key"))
-                store.start_run(ctx.run_key, dag_id=DAG_ID, run_id=run_id, params={}, interval=hospital.interval,
-                                run_type="manual", triggered_by="auditor")
-                summary = run_extraction(ctx, cohort, partial(PacsClient, config), settings,
-                                         receiver=partial(StoreReceiver, receiver, layout))
+                ctx = RunContext(
+                    store, f"{DAG_ID}/{run_id}", Pseudonymizer.from_environment(data_root / ".pacsflow-key")
+                )
+                store.start_run(
+                    ctx.run_key,
+                    dag_id=DAG_ID,
+                    run_id=run_id,
+                    params={},
+                    interval=hospital.interval,
+                    run_type="manual",
+                    triggered_by="auditor",
+                )
+                summary = run_extraction(
+                    ctx,
+                    cohort,
+                    partial(PacsClient, config),
+                    settings,
+                    receiver=partial(StoreReceiver, receiver, layout),
+                )
                 assert summary.reconciled
-    names = frozenset(str(dcmread(path, stop_before_pixels=True).PatientName)
-                      for path in hospital.dicom_dir.rglob("*.dcm"))
+    names = frozenset(
+        str(dcmread(path, stop_before_pixels=True).PatientName) for path in hospital.dicom_dir.rglob("*.dcm")
+    )
     return DemoAudit(audit_url, data_root, load_ground_truth(hospital.ground_truth_path), names)
 
 
@@ -101,20 +119,28 @@ class ApiServer:
 
     def token(self, user: str) -> str:
         body = json.dumps({"username": user, "password": self.passwords[user]}).encode()
-        request = urllib.request.Request(f"{self.url}/auth/token", data=body, method="POST",
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{self.url}/auth/token", data=body, method="POST", headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.loads(response.read())["access_token"]
 
-    def get(self, path: str, user: str | None, *, data: bytes | None = None,
-            content_type: str = "application/x-www-form-urlencoded") -> tuple[int, bytes, dict[str, str]]:
+    def get(
+        self,
+        path: str,
+        user: str | None,
+        *,
+        data: bytes | None = None,
+        content_type: str = "application/x-www-form-urlencoded",
+    ) -> tuple[int, bytes, dict[str, str]]:
         """(status, body, headers) of a request as ``user`` (None: no credentials); with ``data`` a POST;
         redirects not followed."""
         headers = {"Authorization": f"Bearer {self.token(user)}"} if user else {}
         if data is not None:
             headers["Content-Type"] = content_type
-        request = urllib.request.Request(self.url + path, data=data, headers=headers,
-                                         method="POST" if data is not None else "GET")
+        request = urllib.request.Request(
+            self.url + path, data=data, headers=headers, method="POST" if data is not None else "GET"
+        )
         opener = urllib.request.build_opener(_NoRedirect)
         try:
             with opener.open(request, timeout=60) as response:
@@ -140,24 +166,25 @@ def api_server(demo_audit, tmp_path_factory) -> Iterator[ApiServer]:
     port = free_port()
     env = {name: value for name, value in os.environ.items() if not name.startswith("AIRFLOW")}
     env.update(airflow_environment(home))
-    env.update({
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(f"{u}:{r}" for u, r in USERS.items()),
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(password_file),
-        "AIRFLOW__API__HOST": "127.0.0.1",
-        "AIRFLOW__API__PORT": str(port),
-        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
-        "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(32),
-        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
-        "AIRFLOW_CONN_PACSFLOW_AUDIT": json.dumps({"conn_type": "generic",
-                                                   "extra": {"sqlalchemy_url": demo_audit.audit_url}}),
-        DATA_ROOT_ENV: str(demo_audit.data_root),
-    })
+    env.update(
+        {
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(f"{u}:{r}" for u, r in USERS.items()),
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(password_file),
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(port),
+            "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+            "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(32),
+            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
+            "AIRFLOW_CONN_PACSFLOW_AUDIT": json.dumps(
+                {"conn_type": "generic", "extra": {"sqlalchemy_url": demo_audit.audit_url}}
+            ),
+            DATA_ROOT_ENV: str(demo_audit.data_root),
+        }
+    )
     subprocess.run([AIRFLOW, "db", "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
     subprocess.run([AIRFLOW, "dags", "reserialize"], env=env, check=True, stdout=subprocess.DEVNULL, cwd=home)
     command = [AIRFLOW, "api-server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     with service("api-server", command, work / "api-server.log", env, cwd=home) as server:
         wait_until(lambda: api_healthy(f"http://127.0.0.1:{port}"), "the api-server", STARTUP_SECONDS, (server,))
         yield ApiServer(f"http://127.0.0.1:{port}", passwords)
-
-

@@ -11,8 +11,14 @@ import pytest
 from tests.ui.conftest import DAG_ID, RUN_IDS
 
 RUN_PATH = f"/pacsflow-audit/dags/{DAG_ID}/runs/{quote(RUN_IDS[1], safe='')}"
-RUN_ROUTES = ("", "/audit.csv", "/audit.parquet", "/accessions/an:0000000000000000",
-              "/series/0000000000000000", "/series/0000000000000000/preview.png")
+RUN_ROUTES = (
+    "",
+    "/audit.csv",
+    "/audit.parquet",
+    "/accessions/an:0000000000000000",
+    "/series/0000000000000000",
+    "/series/0000000000000000/preview.png",
+)
 
 pytestmark = [pytest.mark.airflow, pytest.mark.orthanc]
 
@@ -22,15 +28,21 @@ def test_the_api_server_registers_the_plugin_with_its_views(api_server):
     assert status == 200
     plugin = next(p for p in json.loads(body)["plugins"] if p["name"] == "pacsflow_audit")
     assert {(v["destination"], v["href"]) for v in plugin["external_views"]} == {
-        ("nav", "/pacsflow-audit/runs"), ("dag_run", "/pacsflow-audit/dags/{DAG_ID}/runs/{RUN_ID}")}
+        ("nav", "/pacsflow-audit/runs"),
+        ("dag_run", "/pacsflow-audit/dags/{DAG_ID}/runs/{RUN_ID}"),
+    }
     assert [app["url_prefix"] for app in plugin["fastapi_apps"]] == ["/pacsflow-audit"]
     status, body, _ = api_server.get("/api/v2/plugins/importErrors", "auditor")
     assert status == 200 and json.loads(body)["import_errors"] == []
 
 
 def test_without_credentials_every_route_is_refused(api_server):
-    for path in ("/pacsflow-audit/runs", "/pacsflow-audit/static/audit.css",
-                 *(RUN_PATH + route for route in RUN_ROUTES), f"/pacsflow-audit/dags/{DAG_ID}/compare"):
+    for path in (
+        "/pacsflow-audit/runs",
+        "/pacsflow-audit/static/audit.css",
+        *(RUN_PATH + route for route in RUN_ROUTES),
+        f"/pacsflow-audit/dags/{DAG_ID}/compare",
+    ):
         assert api_server.get(path, None)[0] == 401, path
 
 

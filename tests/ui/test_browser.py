@@ -18,22 +18,31 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+from pacsflow.core.audit import AuditStore, Outcome
+from pacsflow.core.privacy import Pseudonymizer
+from pacsflow.demo.environment import REPO_ROOT
+from pacsflow.demo.hospital.plan import UID_ROOT
 from pydicom import dcmread
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.wait import WebDriverWait
 
-from pacsflow.core.audit import AuditStore, Outcome
-from pacsflow.core.privacy import Pseudonymizer
-from pacsflow.demo.environment import REPO_ROOT
-from pacsflow.demo.hospital.plan import UID_ROOT
 from tests.ui.conftest import DAG_ID, RUN_IDS
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--window-size=1280,1000")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1280,1000",
+)
 DOCS = REPO_ROOT / "docs"
 
 pytestmark = [pytest.mark.airflow, pytest.mark.orthanc]
@@ -114,8 +123,9 @@ def test_an_auditor_follows_a_run_down_to_the_images(browser, api_server, demo_a
     browser.find_element(By.CSS_SELECTOR, "figure.wide").screenshot(str(tmp_path / "run_timeline.png"))
 
     # the AN search: a clear AN typed in, its story found by reference
-    known = next(an for an, row in sorted(stories.items()) if row["outcome"] == Outcome.RETRIEVED
-                 and row["modality"] == "CT")
+    known = next(
+        an for an, row in sorted(stories.items()) if row["outcome"] == Outcome.RETRIEVED and row["modality"] == "CT"
+    )
     search(browser, known)
     pages.seen("accession")
     assert browser.find_element(By.ID, "an-ref").text == key.ref(known)
@@ -149,8 +159,9 @@ def test_an_auditor_follows_a_run_down_to_the_images(browser, api_server, demo_a
     assert int(only_b) == summaries[1].cohort - summaries[0].cohort
 
     # a mammography series: the image itself
-    mammo = next(an for an, row in sorted(stories.items()) if row["outcome"] == Outcome.RETRIEVED
-                 and row["modality"] == "MG")
+    mammo = next(
+        an for an, row in sorted(stories.items()) if row["outcome"] == Outcome.RETRIEVED and row["modality"] == "MG"
+    )
     browser.get(api_server.url + run_path(1))
     search(browser, mammo)
     browser.find_element(By.XPATH, "//table[@id='an-series']//tr[td[2]='MG']//a").click()
@@ -177,8 +188,9 @@ def test_an_auditor_follows_a_run_down_to_the_images(browser, api_server, demo_a
 
 def test_the_audit_is_a_tab_of_the_dag_run_and_forbidden_to_an_outsider(browser, api_server, tmp_path):
     body = json.dumps({"dag_run_id": RUN_IDS[1], "logical_date": None, "conf": {}}).encode()
-    status, answer, _ = api_server.get(f"/api/v2/dags/{DAG_ID}/dagRuns", "operator", data=body,
-                                       content_type="application/json")
+    status, answer, _ = api_server.get(
+        f"/api/v2/dags/{DAG_ID}/dagRuns", "operator", data=body, content_type="application/json"
+    )
     assert status in (200, 409), answer[:300]  # 409: created by an earlier test of the session
     pages = Pages(browser, api_server.url, tmp_path)
     browser.get(f"{api_server.url}/dags/{DAG_ID}/runs/{quote(RUN_IDS[1], safe='')}/plugin/pacsflow-audit-run")
@@ -249,9 +261,9 @@ def png_size(data: bytes) -> tuple[int, int]:
     width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
     position, idat = 8, b""
     while position < len(data):
-        length, kind = struct.unpack(">I4s", data[position:position + 8])
-        payload = data[position + 8:position + 8 + length]
-        assert zlib.crc32(kind + payload) & 0xFFFFFFFF == struct.unpack(">I", data[position + 8 + length:][:4])[0]
+        length, kind = struct.unpack(">I4s", data[position : position + 8])
+        payload = data[position + 8 : position + 8 + length]
+        assert zlib.crc32(kind + payload) & 0xFFFFFFFF == struct.unpack(">I", data[position + 8 + length :][:4])[0]
         idat += payload if kind == b"IDAT" else b""
         position += 12 + length
     assert (depth, colour) == (8, 0)
@@ -262,8 +274,11 @@ def png_size(data: bytes) -> tuple[int, int]:
 def series_sizes(demo_audit, accession_number: str) -> set[tuple[int, int]]:
     """(rows, columns) of the AN's retrieved series, read from their files on disk."""
     with AuditStore.connect(demo_audit.audit_url) as store:
-        kept = [row for row in store.series_rows(demo_audit.run_key(1), kept=True)
-                if row["accession_number"] == accession_number]
+        kept = [
+            row
+            for row in store.series_rows(demo_audit.run_key(1), kept=True)
+            if row["accession_number"] == accession_number
+        ]
     sizes = set()
     for row in kept:
         for path in (demo_audit.data_root / "dicom" / row["study_uid"] / row["series_uid"]).glob("*.dcm"):

@@ -9,10 +9,10 @@ import zlib
 
 import numpy as np
 import pytest
-from pydicom import dcmread
-
 from pacsflow.core.volume import read_slice, scan_series, series_files
 from pacsflow.ui.preview import CACHE_NAME, NoPreview, encode_png, preview_png, render_preview, windowed
+from pydicom import dcmread
+
 from tests.core.test_volume import COLUMNS, ROWS, SLICES, _pixels, write_ct_series
 
 
@@ -21,9 +21,9 @@ def decode(png: bytes) -> np.ndarray:
     width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
     position, idat = 8, b""
     while position < len(png):
-        length = int.from_bytes(png[position:position + 4], "big")
-        if png[position + 4:position + 8] == b"IDAT":
-            idat += png[position + 8:position + 8 + length]
+        length = int.from_bytes(png[position : position + 4], "big")
+        if png[position + 4 : position + 8] == b"IDAT":
+            idat += png[position + 8 : position + 8 + length]
         position += 12 + length
     rows = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(height, width + 1)
     assert not rows[:, 0].any()

@@ -4,18 +4,16 @@ comparison of two runs."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
-
-from sqlalchemy import create_engine
-
 from pacsflow.core.audit import AttemptState, AuditStore, Stage, metadata
 from pacsflow.core.privacy import Pseudonymizer
 from pacsflow.ui.review import AccessionFilter, AuditReview, Page, RunFilter, series_ref
+from sqlalchemy import create_engine
 
 KEY = Pseudonymizer(b"review-test-key-0123456789")
-INTERVAL = (datetime(2026, 1, 1, tzinfo=timezone.utc), datetime(2026, 2, 1, tzinfo=timezone.utc))
+INTERVAL = (datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 2, 1, tzinfo=UTC))
 
 
 def fill_run(store: AuditStore, run_id: str, found: set[int], partial: set[int], size: int = 30) -> str:
@@ -24,26 +22,63 @@ def fill_run(store: AuditStore, run_id: str, found: set[int], partial: set[int],
     run_key = f"extract/{run_id}"
     store.start_run(run_key, dag_id="extract", run_id=run_id, params={}, interval=INTERVAL, run_type="manual")
     for stage, batch in ((Stage.COHORT, None), (Stage.RESOLVE, None), (Stage.RETRIEVE, 0), (Stage.EXPORT, None)):
-        store.end_attempt(store.begin_attempt(run_key, stage, batch=batch, try_number=1), AttemptState.SUCCESS,
-                          counts={"bytes_fetched": 1000} if stage is Stage.RETRIEVE else {})
+        store.end_attempt(
+            store.begin_attempt(run_key, stage, batch=batch, try_number=1),
+            AttemptState.SUCCESS,
+            counts={"bytes_fetched": 1000} if stage is Stage.RETRIEVE else {},
+        )
     numbers = [f"A{i:02d}" for i in range(size)]
     store.replace_cohort(run_key, [{"accession_number": n, "an_ref": KEY.ref(n), "modality": "CT"} for n in numbers])
     for i, number in enumerate(numbers):
         study = f"1.2.3.{i}"
-        store.record_resolution(run_key, number, resolution="resolved" if i in found else "not_found",
-                                resolved_by="accession_number" if i in found else None, detail=None,
-                                rules_tried=["accession_number"], study_uids=[study] if i in found else [],
-                                batch_of=lambda _uid: 0)
+        store.record_resolution(
+            run_key,
+            number,
+            resolution="resolved" if i in found else "not_found",
+            resolved_by="accession_number" if i in found else None,
+            detail=None,
+            rules_tried=["accession_number"],
+            study_uids=[study] if i in found else [],
+            batch_of=lambda _uid: 0,
+        )
         if i not in found:
             continue
-        store.record_series_listing(run_key, number, study, [
-            {"series_uid": f"{study}.1", "modality": "CT", "description": "AXIAL", "body_part": None,
-             "pacs_instance_count": 10, "drop_reason": None, "status": "pending"},
-            {"series_uid": f"{study}.2", "modality": "CT", "description": "SCOUT", "body_part": None,
-             "pacs_instance_count": 1, "drop_reason": "description", "status": "dropped"}])
+        store.record_series_listing(
+            run_key,
+            number,
+            study,
+            [
+                {
+                    "series_uid": f"{study}.1",
+                    "modality": "CT",
+                    "description": "AXIAL",
+                    "body_part": None,
+                    "pacs_instance_count": 10,
+                    "drop_reason": None,
+                    "status": "pending",
+                },
+                {
+                    "series_uid": f"{study}.2",
+                    "modality": "CT",
+                    "description": "SCOUT",
+                    "body_part": None,
+                    "pacs_instance_count": 1,
+                    "drop_reason": "description",
+                    "status": "dropped",
+                },
+            ],
+        )
         received = 5 if i in partial else 10
-        store.update_series(run_key, study, f"{study}.1", status="partial" if i in partial else "complete",
-                            expected=10, received=received, fetched=received, bytes=received * 1000)
+        store.update_series(
+            run_key,
+            study,
+            f"{study}.1",
+            status="partial" if i in partial else "complete",
+            expected=10,
+            received=received,
+            fetched=received,
+            bytes=received * 1000,
+        )
     store.settle_outcomes(run_key)
     store.finish_run(run_key)
     return run_key
@@ -51,12 +86,15 @@ def fill_run(store: AuditStore, run_id: str, found: set[int], partial: set[int],
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def review(request, tmp_path) -> AuditReview:
-    url = (f"sqlite:///{tmp_path / 'audit.sqlite'}" if request.param == "sqlite"
-           else request.getfixturevalue("postgres_url"))
+    url = (
+        f"sqlite:///{tmp_path / 'audit.sqlite'}"
+        if request.param == "sqlite"
+        else request.getfixturevalue("postgres_url")
+    )
     store = AuditStore(create_engine(url, hide_parameters=True))
     try:
-        fill_run(store, "first", found=set(range(0, 20)), partial={3, 4})
-        fill_run(store, "second", found=set(range(0, 25)), partial={4, 5, 6})
+        fill_run(store, "first", found=set(range(20)), partial={3, 4})
+        fill_run(store, "second", found=set(range(25)), partial={4, 5, 6})
         yield AuditReview(store)
     finally:
         metadata.drop_all(store.engine)  # the PostgreSQL database is shared by the session
@@ -67,8 +105,11 @@ def test_runs_are_listed_newest_first_for_the_readable_dags_only(review):
     listing = review.runs(["extract"], RunFilter(), Page.of(1, 25))
     assert [row["run"].run_id for row in listing.rows] == ["second", "first"]
     second = listing.rows[0]["run"]
-    assert (second.cohort, second.outcomes, second.reconciled) == (30, {"retrieved": 22, "failed": 3,
-                                                                      "not_found": 5}, True)
+    assert (second.cohort, second.outcomes, second.reconciled) == (
+        30,
+        {"retrieved": 22, "failed": 3, "not_found": 5},
+        True,
+    )
     assert second.studies_retrieved == 22 and second.bytes == (22 * 10 + 3 * 5) * 1000
     assert review.runs(["other"], RunFilter(), Page()).total == 0
     assert (second.state, first_state(review)) == ("success", "success")
@@ -84,8 +125,11 @@ def first_state(review: AuditReview) -> str:
 
 def test_a_run_whose_retrieval_failed_is_listed_as_failed_with_the_stage(review):
     store = review.store
-    store.end_attempt(store.begin_attempt("extract/first", Stage.RETRIEVE, batch=0, try_number=2),
-                      AttemptState.FAILED, error="the PACS looks unavailable")
+    store.end_attempt(
+        store.begin_attempt("extract/first", Stage.RETRIEVE, batch=0, try_number=2),
+        AttemptState.FAILED,
+        error="the PACS looks unavailable",
+    )
     failed = review.runs(["extract"], RunFilter(state="failed"), Page())
     assert [row["run"].run_id for row in failed.rows] == ["first"]
     assert failed.rows[0]["run"].failed_stage == "retrieve"

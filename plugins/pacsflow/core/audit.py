@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -169,7 +169,7 @@ UNFINISHED_REASONS = (RESOLUTION_NEVER_RAN, RESOLUTION_FAILED, RETRIEVAL_NEVER_R
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
@@ -214,18 +214,28 @@ class RunSummary:
         if self.verdict.failed_stage:
             parts.append(f"the run failed at stage {self.verdict.failed_stage}: {self.verdict.reason}")
         if self.unfinished:
-            parts.append(f"{self.unfinished} of {self.cohort} ANs are unfinished; clear the failed tasks (with "
-                         "their downstream tasks) to resume: nothing already on disk is fetched again")
+            parts.append(
+                f"{self.unfinished} of {self.cohort} ANs are unfinished; clear the failed tasks (with "
+                "their downstream tasks) to resume: nothing already on disk is fetched again"
+            )
         if not self.reconciled and self.cohort_recorded:
             parts.append("the audit does not reconcile: some ANs have no outcome")
         return "; ".join(parts) or "the run did not succeed"
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "run_key": self.run_key, "state": self.verdict.state, "failed_stage": self.verdict.failed_stage,
-            "failure_reason": self.verdict.reason, "cohort": self.cohort, "outcomes": self.outcomes,
-            "reasons": self.reasons, "series": self.series, "instances": self.instances, "bytes": self.bytes,
-            "reconciled": self.reconciled, "unfinished": self.unfinished,
+            "run_key": self.run_key,
+            "state": self.verdict.state,
+            "failed_stage": self.verdict.failed_stage,
+            "failure_reason": self.verdict.reason,
+            "cohort": self.cohort,
+            "outcomes": self.outcomes,
+            "reasons": self.reasons,
+            "series": self.series,
+            "instances": self.instances,
+            "bytes": self.bytes,
+            "reconciled": self.reconciled,
+            "unfinished": self.unfinished,
         }
 
 
@@ -239,13 +249,13 @@ class AuditStore:
         metadata.create_all(engine)
 
     @classmethod
-    def connect(cls, url: str) -> "AuditStore":
+    def connect(cls, url: str) -> AuditStore:
         return cls(make_engine(url))
 
     def close(self) -> None:
         self.engine.dispose()
 
-    def __enter__(self) -> "AuditStore":
+    def __enter__(self) -> AuditStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -257,13 +267,29 @@ class AuditStore:
             yield connection
 
     # -- runs -----------------------------------------------------------------------------------------
-    def start_run(self, run_key: str, *, dag_id: str, run_id: str, params: Mapping[str, Any],
-                  interval: tuple[datetime | None, datetime | None], run_type: str | None = None,
-                  triggered_by: str | None = None) -> None:
+    def start_run(
+        self,
+        run_key: str,
+        *,
+        dag_id: str,
+        run_id: str,
+        params: Mapping[str, Any],
+        interval: tuple[datetime | None, datetime | None],
+        run_type: str | None = None,
+        triggered_by: str | None = None,
+    ) -> None:
         """Record who ran what: the DAG run, how it was triggered and by whom, its params and interval."""
-        values = dict(dag_id=dag_id, run_id=run_id, run_type=run_type, triggered_by=triggered_by,
-                      params=json.loads(json.dumps(params, default=str)),
-                      interval_start=interval[0], interval_end=interval[1], started_at=utcnow(), finished_at=None)
+        values = dict(
+            dag_id=dag_id,
+            run_id=run_id,
+            run_type=run_type,
+            triggered_by=triggered_by,
+            params=json.loads(json.dumps(params, default=str)),
+            interval_start=interval[0],
+            interval_end=interval[1],
+            started_at=utcnow(),
+            finished_at=None,
+        )
         with self.transaction() as conn:
             if conn.execute(select(runs.c.run_key).where(runs.c.run_key == run_key)).first():
                 conn.execute(update(runs).where(runs.c.run_key == run_key).values(**values))
@@ -288,25 +314,44 @@ class AuditStore:
         return dict(row) if row else None
 
     # -- stage attempts -------------------------------------------------------------------------------
-    def begin_attempt(self, run_key: str, stage: Stage, *, batch: int | None = None,
-                      try_number: int | None = None) -> int:
+    def begin_attempt(
+        self, run_key: str, stage: Stage, *, batch: int | None = None, try_number: int | None = None
+    ) -> int:
         """Record that a stage attempt started; a run the store has not seen yet (the library called without
         :meth:`start_run`) is recorded with what its key tells."""
         with self.transaction() as conn:
             if conn.execute(select(runs.c.run_key).where(runs.c.run_key == run_key)).first() is None:
                 dag_id, _, run_id = run_key.rpartition("/")
-                conn.execute(insert(runs).values(run_key=run_key, dag_id=dag_id or None, run_id=run_id,
-                                                 started_at=utcnow()))
-            return int(conn.execute(insert(stage_attempts).values(
-                run_key=run_key, stage=stage.value, batch=batch, try_number=try_number, started_at=utcnow(),
-                state=AttemptState.RUNNING.value)).inserted_primary_key[0])
+                conn.execute(
+                    insert(runs).values(run_key=run_key, dag_id=dag_id or None, run_id=run_id, started_at=utcnow())
+                )
+            return int(
+                conn.execute(
+                    insert(stage_attempts).values(
+                        run_key=run_key,
+                        stage=stage.value,
+                        batch=batch,
+                        try_number=try_number,
+                        started_at=utcnow(),
+                        state=AttemptState.RUNNING.value,
+                    )
+                ).inserted_primary_key[0]
+            )
 
-    def end_attempt(self, attempt_id: int, state: AttemptState, *, error: str | None = None,
-                    counts: Mapping[str, Any] | None = None) -> None:
+    def end_attempt(
+        self, attempt_id: int, state: AttemptState, *, error: str | None = None, counts: Mapping[str, Any] | None = None
+    ) -> None:
         with self.transaction() as conn:
-            conn.execute(update(stage_attempts).where(stage_attempts.c.id == attempt_id).values(
-                state=state.value, finished_at=utcnow(), error=error,
-                counts=dict(counts) if counts is not None else None))
+            conn.execute(
+                update(stage_attempts)
+                .where(stage_attempts.c.id == attempt_id)
+                .values(
+                    state=state.value,
+                    finished_at=utcnow(),
+                    error=error,
+                    counts=dict(counts) if counts is not None else None,
+                )
+            )
 
     def attempts(self, run_key: str) -> list[dict[str, Any]]:
         """Every stage attempt of the run, oldest first."""
@@ -342,18 +387,41 @@ class AuditStore:
         with self.engine.connect() as conn:
             return [dict(row) for row in conn.execute(query.order_by(accessions.c.accession_number)).mappings()]
 
-    def record_resolution(self, run_key: str, accession_number: str, *, resolution: str, resolved_by: str | None,
-                          detail: str | None, rules_tried: list[str], study_uids: Iterable[str], batch_of: Any) -> None:
+    def record_resolution(
+        self,
+        run_key: str,
+        accession_number: str,
+        *,
+        resolution: str,
+        resolved_by: str | None,
+        detail: str | None,
+        rules_tried: list[str],
+        study_uids: Iterable[str],
+        batch_of: Any,
+    ) -> None:
         """Record how an AN resolved and register its studies, in one transaction (so a retry is clean)."""
         with self.transaction() as conn:
             conn.execute(
                 update(accessions)
                 .where(accessions.c.run_key == run_key, accessions.c.accession_number == accession_number)
-                .values(resolution=resolution, resolved_by=resolved_by, resolution_detail=detail,
-                        rules_tried=rules_tried, updated_at=utcnow())
+                .values(
+                    resolution=resolution,
+                    resolved_by=resolved_by,
+                    resolution_detail=detail,
+                    rules_tried=rules_tried,
+                    updated_at=utcnow(),
+                )
             )
-            rows = [{"run_key": run_key, "accession_number": accession_number, "study_uid": uid,
-                     "batch": batch_of(uid), "listed": False} for uid in study_uids]
+            rows = [
+                {
+                    "run_key": run_key,
+                    "accession_number": accession_number,
+                    "study_uid": uid,
+                    "batch": batch_of(uid),
+                    "listed": False,
+                }
+                for uid in study_uids
+            ]
             if rows:
                 conn.execute(insert(studies), rows)
 
@@ -363,24 +431,42 @@ class AuditStore:
             return [row[0] for row in conn.execute(query)]
 
     def studies_in_batch(self, run_key: str, batch: int) -> list[dict[str, Any]]:
-        query = (select(studies).where(studies.c.run_key == run_key, studies.c.batch == batch)
-                 .order_by(studies.c.study_uid))
+        query = (
+            select(studies).where(studies.c.run_key == run_key, studies.c.batch == batch).order_by(studies.c.study_uid)
+        )
         with self.engine.connect() as conn:
             return [dict(row) for row in conn.execute(query).mappings()]
 
     # -- series ---------------------------------------------------------------------------------------
-    def record_series_listing(self, run_key: str, accession_number: str, study_uid: str,
-                              listed: Iterable[Mapping[str, Any]], error: str | None = None) -> None:
+    def record_series_listing(
+        self,
+        run_key: str,
+        accession_number: str,
+        study_uid: str,
+        listed: Iterable[Mapping[str, Any]],
+        error: str | None = None,
+    ) -> None:
         """Store the series of a study with their keep/drop decision; keeps the state of series already known."""
         with self.transaction() as conn:
-            rows = [{"run_key": run_key, "study_uid": study_uid, "accession_number": accession_number,
-                     "updated_at": utcnow(), **row} for row in listed]
+            rows = [
+                {
+                    "run_key": run_key,
+                    "study_uid": study_uid,
+                    "accession_number": accession_number,
+                    "updated_at": utcnow(),
+                    **row,
+                }
+                for row in listed
+            ]
             if rows:  # insert-or-ignore: two tasks listing the same study cannot collide
                 conn.execute(_insert_or_ignore(conn, series), rows)
             conn.execute(
                 update(studies)
-                .where(studies.c.run_key == run_key, studies.c.study_uid == study_uid,
-                       studies.c.accession_number == accession_number)
+                .where(
+                    studies.c.run_key == run_key,
+                    studies.c.study_uid == study_uid,
+                    studies.c.accession_number == accession_number,
+                )
                 .values(listed=error is None, error=error)
             )
 
@@ -426,8 +512,7 @@ class AuditStore:
             return Verdict(AttemptState.RUNNING.value)
         settings = run["params"] or {}  # the extraction's definition as the run started (see start_run)
         release_expected = bool((settings.get("release") or {}).get("enabled"))
-        return StageBook(self.attempts(run_key), release_expected=release_expected).verdict(
-            self.study_batches(run_key))
+        return StageBook(self.attempts(run_key), release_expected=release_expected).verdict(self.study_batches(run_key))
 
     def summary(self, run_key: str) -> RunSummary:
         """The run's counts and verdict; :class:`LookupError` for a run the audit never saw."""
@@ -436,20 +521,38 @@ class AuditStore:
         with self.engine.connect() as conn:
             where = accessions.c.run_key == run_key
             cohort = conn.execute(select(func.count()).select_from(accessions).where(where)).scalar_one()
-            outcomes = dict(conn.execute(
-                select(accessions.c.outcome, func.count()).where(where).group_by(accessions.c.outcome)).all())
-            reasons = dict(conn.execute(
-                select(accessions.c.outcome_reason, func.count())
-                .where(where, accessions.c.outcome_reason.is_not(None)).group_by(accessions.c.outcome_reason)).all())
+            outcomes = dict(
+                conn.execute(
+                    select(accessions.c.outcome, func.count()).where(where).group_by(accessions.c.outcome)
+                ).all()
+            )
+            reasons = dict(
+                conn.execute(
+                    select(accessions.c.outcome_reason, func.count())
+                    .where(where, accessions.c.outcome_reason.is_not(None))
+                    .group_by(accessions.c.outcome_reason)
+                ).all()
+            )
             series_where = series.c.run_key == run_key
-            series_counts = dict(conn.execute(
-                select(series.c.status, func.count()).where(series_where).group_by(series.c.status)).all())
+            series_counts = dict(
+                conn.execute(select(series.c.status, func.count()).where(series_where).group_by(series.c.status)).all()
+            )
             instances, size = conn.execute(
-                select(func.coalesce(func.sum(series.c.received), 0), func.coalesce(func.sum(series.c.bytes), 0))
-                .where(series_where, series.c.drop_reason.is_(None))).one()
-        return RunSummary(run_key, cohort, {str(k): v for k, v in outcomes.items() if k is not None}, reasons,
-                          {str(k): v for k, v in series_counts.items()}, int(instances), int(size), verdict,
-                          cohort_recorded)
+                select(func.coalesce(func.sum(series.c.received), 0), func.coalesce(func.sum(series.c.bytes), 0)).where(
+                    series_where, series.c.drop_reason.is_(None)
+                )
+            ).one()
+        return RunSummary(
+            run_key,
+            cohort,
+            {str(k): v for k, v in outcomes.items() if k is not None},
+            reasons,
+            {str(k): v for k, v in series_counts.items()},
+            int(instances),
+            int(size),
+            verdict,
+            cohort_recorded,
+        )
 
     def accession_outcomes(self, run_key: str) -> dict[str, dict[str, Any]]:
         """Every AN of a run with its resolution and outcome (for reviewers and tests)."""
@@ -475,8 +578,12 @@ class StageBook:
         return self.state(stage, batch) == AttemptState.SUCCESS
 
     def verdict(self, batches: Iterable[int]) -> Verdict:
-        expected = [(Stage.COHORT, None), (Stage.RESOLVE, None), *((Stage.RETRIEVE, b) for b in batches),
-                    (Stage.EXPORT, None)]
+        expected = [
+            (Stage.COHORT, None),
+            (Stage.RESOLVE, None),
+            *((Stage.RETRIEVE, b) for b in batches),
+            (Stage.EXPORT, None),
+        ]
         if self.release_expected:
             expected.append((Stage.RELEASE, None))
         problems = [(stage, batch) for stage, batch in expected if not self.succeeded(stage, batch)]
@@ -492,8 +599,11 @@ class StageBook:
             why = attempt["error"] or "failed"
         failed_batches = sum(1 for s, _ in problems if s is Stage.RETRIEVE)
         if stage is Stage.RETRIEVE:
-            return Verdict(AttemptState.FAILED.value, stage.value,
-                           f"{failed_batches} retrieval batch(es) did not finish; batch {batch}: {why}")
+            return Verdict(
+                AttemptState.FAILED.value,
+                stage.value,
+                f"{failed_batches} retrieval batch(es) did not finish; batch {batch}: {why}",
+            )
         return Verdict(AttemptState.FAILED.value, stage.value, why)
 
 
@@ -511,8 +621,7 @@ def _insert_or_ignore(conn: Connection, table: Table) -> Any:
     return dialect_insert(table).on_conflict_do_nothing(index_elements=[c.name for c in table.primary_key])
 
 
-def _outcome(conn: Connection, run_key: str, accession: Mapping[str, Any],
-             book: StageBook) -> tuple[str, str | None]:
+def _outcome(conn: Connection, run_key: str, accession: Mapping[str, Any], book: StageBook) -> tuple[str, str | None]:
     resolution = accession["resolution"]
     if resolution is None:
         return Outcome.FAILED, RESOLUTION_FAILED if book.state(Stage.RESOLVE) else RESOLUTION_NEVER_RAN
@@ -520,10 +629,23 @@ def _outcome(conn: Connection, run_key: str, accession: Mapping[str, Any],
         return Outcome.NOT_FOUND, None
     if resolution != "resolved":
         return Outcome.FAILED, f"resolution {resolution}"
-    study_rows = conn.execute(select(studies).where(
-        studies.c.run_key == run_key, studies.c.accession_number == accession["accession_number"])).mappings().all()
-    statuses = [row[0] for row in conn.execute(select(series.c.status).where(
-        series.c.run_key == run_key, series.c.study_uid.in_([r["study_uid"] for r in study_rows])))]
+    study_rows = (
+        conn.execute(
+            select(studies).where(
+                studies.c.run_key == run_key, studies.c.accession_number == accession["accession_number"]
+            )
+        )
+        .mappings()
+        .all()
+    )
+    statuses = [
+        row[0]
+        for row in conn.execute(
+            select(series.c.status).where(
+                series.c.run_key == run_key, series.c.study_uid.in_([r["study_uid"] for r in study_rows])
+            )
+        )
+    ]
     kept = [s for s in statuses if s != SeriesStatus.DROPPED]
     all_listed = all(row["listed"] for row in study_rows)
     if all_listed and not kept:
@@ -543,8 +665,13 @@ def _outcome(conn: Connection, run_key: str, accession: Mapping[str, Any],
     return Outcome.FAILED, RETRIEVAL_FAILED
 
 
-AUDIT_TABLES = {"runs": runs, "accessions": accessions, "studies": studies, "series": series,
-                "stage_attempts": stage_attempts}
+AUDIT_TABLES = {
+    "runs": runs,
+    "accessions": accessions,
+    "studies": studies,
+    "series": series,
+    "stage_attempts": stage_attempts,
+}
 
 
 def export_run_audit(store: AuditStore, run_key: str, directory: Path) -> dict[str, Path]:
@@ -561,10 +688,12 @@ def export_run_audit(store: AuditStore, run_key: str, directory: Path) -> dict[s
         for name, table in AUDIT_TABLES.items():
             columns = [c for c in table.c if c.name != "patient_id"]
             rows = conn.execute(select(*columns).where(table.c.run_key == run_key)).mappings().all()
-            records = [{k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in row.items()}
-                       for row in rows]
-            arrow = pa.Table.from_pylist(records) if records else pa.table({c.name: pa.array([], pa.string())
-                                                                             for c in columns})
+            records = [{k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in row.items()} for row in rows]
+            arrow = (
+                pa.Table.from_pylist(records)
+                if records
+                else pa.table({c.name: pa.array([], pa.string()) for c in columns})
+            )
             path = directory / f"{name}.parquet"
             pq.write_table(arrow, path.with_suffix(".parquet.tmp"))
             path.with_suffix(".parquet.tmp").replace(path)

@@ -24,5 +24,7 @@ def describe_error(error: BaseException) -> str:
 
 def validation_problems(error: Any) -> str:
     """A pydantic ValidationError as one line naming each key and its problem (values are not repeated)."""
-    return "; ".join(f"{'.'.join(str(part) for part in item['loc']) or '(top)'}: "
-                     f"{item['msg'].removeprefix('Value error, ')}" for item in error.errors())
+    return "; ".join(
+        f"{'.'.join(str(part) for part in item['loc']) or '(top)'}: {item['msg'].removeprefix('Value error, ')}"
+        for item in error.errors()
+    )

@@ -7,8 +7,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +18,11 @@ from pydicom import dcmread
 
 from pacsflow.core.audit import AttemptState, AuditStore, RunSummary, SeriesStatus, Stage, accession_column_length
 from pacsflow.core.dicom.errors import PacsConfigurationError, PacsError, PacsItemError, PacsTransientError
-from pacsflow.core.export import export_instances
 from pacsflow.core.dicom.results import FindResult, QueryLevel, RetrieveReport
 from pacsflow.core.errors import ConfigurationError, describe_error
-from pacsflow.core.progress import Progress
+from pacsflow.core.export import export_instances
 from pacsflow.core.privacy import Pseudonymizer
+from pacsflow.core.progress import Progress
 from pacsflow.core.resolve import Resolution, ResolutionSettings, resolve_accession
 from pacsflow.core.retry import RetryPolicy
 from pacsflow.core.ris import RisExam
@@ -33,8 +33,13 @@ from pacsflow.core.uids import is_valid_uid
 log = logging.getLogger("pacsflow")
 
 HEADER_RULE_KEYS = ("Modality", "SeriesDescription", "BodyPartExamined")
-SERIES_RETURN_KEYS = ("SeriesInstanceUID", "Modality", "SeriesDescription", "BodyPartExamined",
-                      "NumberOfSeriesRelatedInstances")
+SERIES_RETURN_KEYS = (
+    "SeriesInstanceUID",
+    "Modality",
+    "SeriesDescription",
+    "BodyPartExamined",
+    "NumberOfSeriesRelatedInstances",
+)
 MAX_BATCHES = 500  # Airflow's max_map_length is 1024; stay well below it
 # Consecutive items failing with transient errors that mean "the PACS is down": stop and let Airflow retry.
 PACS_DOWN_AFTER = 5
@@ -50,8 +55,9 @@ REFUSALS_TO_GIVE_UP = 3  # passes in a row refused with nothing arriving: the PA
 class PacsClientLike(Protocol):
     def find(self, level: QueryLevel, query: dict[str, str]) -> FindResult: ...
 
-    def retrieve(self, level: QueryLevel, keys: dict[str, str], *, destination_ae: str,
-                 layout: StorageLayout) -> RetrieveReport: ...
+    def retrieve(
+        self, level: QueryLevel, keys: dict[str, str], *, destination_ae: str, layout: StorageLayout
+    ) -> RetrieveReport: ...
 
 
 ClientFactory = Callable[[], AbstractContextManager[PacsClientLike]]
@@ -84,8 +90,9 @@ def stage_attempt(ctx: RunContext, stage: Stage, *, batch: int | None = None) ->
 
 
 # -- stage 1: cohort ----------------------------------------------------------------------------------
-def extract_cohort(ctx: RunContext, exams: Callable[[], Iterable[RisExam]], batch_size: int, *,
-                   max_size: int | None = None) -> dict[str, int]:
+def extract_cohort(
+    ctx: RunContext, exams: Callable[[], Iterable[RisExam]], batch_size: int, *, max_size: int | None = None
+) -> dict[str, int]:
     """Store the de-duplicated cohort and assign each AN to a batch. Returns counts only. ``exams`` is called
     inside the stage's attempt, so a RIS that cannot be reached or a template that cannot be read is recorded."""
     with stage_attempt(ctx, Stage.COHORT) as counts:
@@ -100,20 +107,27 @@ def extract_cohort(ctx: RunContext, exams: Callable[[], Iterable[RisExam]], batc
             if max_size is not None and len(unique) >= max_size:
                 raise ConfigurationError(
                     f"the cohort has more than {max_size} distinct ANs (cohort.max_size): check the template and "
-                    "the run's data interval, or raise the limit")
+                    "the run's data interval, or raise the limit"
+                )
             unique[exam.accession_number] = _cohort_row(ctx, exam)
         ctx.store.replace_cohort(ctx.run_key, unique.values())
         invalid = sum(1 for row in unique.values() if row.get("resolution") == Resolution.INVALID)
         batches = math.ceil(len(unique) / effective_batch_size(len(unique), batch_size)) if unique else 0
-        counts.update(ris_rows=rows, accessions=len(unique), duplicates=rows - len(unique), invalid=invalid,
-                      batches=batches)
+        counts.update(
+            ris_rows=rows, accessions=len(unique), duplicates=rows - len(unique), invalid=invalid, batches=batches
+        )
     if invalid:
         log.warning("cohort: %d ANs invalid in the RIS (reasons in the audit)", invalid)
-    log.info("cohort: %(ris_rows)d RIS rows, %(accessions)d distinct ANs (%(duplicates)d duplicate rows), "
-             "%(batches)d retrieval batches", counts)
+    log.info(
+        "cohort: %(ris_rows)d RIS rows, %(accessions)d distinct ANs (%(duplicates)d duplicate rows), "
+        "%(batches)d retrieval batches",
+        counts,
+    )
     if not unique:
-        log.warning("the cohort is empty: if this interval should hold exams, check the template's date "
-                    "comparison (bound values and their types are logged above)")
+        log.warning(
+            "the cohort is empty: if this interval should hold exams, check the template's date "
+            "comparison (bound values and their types are logged above)"
+        )
     return counts
 
 
@@ -150,8 +164,7 @@ def effective_batch_size(cohort_size: int, batch_size: int) -> int:
 
 
 # -- stage 2: resolution ------------------------------------------------------------------------------
-def resolve_cohort(ctx: RunContext, connect: ClientFactory, settings: ResolutionSettings,
-                   batch_size: int) -> list[int]:
+def resolve_cohort(ctx: RunContext, connect: ClientFactory, settings: ResolutionSettings, batch_size: int) -> list[int]:
     """Resolve every AN not yet resolved; returns the batch numbers that hold studies to retrieve."""
     with stage_attempt(ctx, Stage.RESOLVE) as counts:
         cohort = ctx.store.cohort_order(ctx.run_key)
@@ -164,8 +177,7 @@ def resolve_cohort(ctx: RunContext, connect: ClientFactory, settings: Resolution
             for row in pending:
                 values = _resolve_one(ctx, client, _exam_from_row(row), settings, health)
                 batch = batch_of_an[row["accession_number"]]
-                ctx.store.record_resolution(ctx.run_key, row["accession_number"], batch_of=lambda _uid: batch,
-                                            **values)
+                ctx.store.record_resolution(ctx.run_key, row["accession_number"], batch_of=lambda _uid: batch, **values)
                 key = values["resolution"] + (f" by {values['resolved_by']}" if values["resolved_by"] else "")
                 counts[key] = counts.get(key, 0) + 1
                 log.debug("resolved %s: %s", row["an_ref"], key)
@@ -175,18 +187,24 @@ def resolve_cohort(ctx: RunContext, connect: ClientFactory, settings: Resolution
     return ctx.store.study_batches(ctx.run_key)
 
 
-def _resolve_one(ctx: RunContext, client: PacsClientLike, exam: RisExam, settings: ResolutionSettings,
-                 health: "_PacsHealth") -> dict[str, Any]:
+def _resolve_one(
+    ctx: RunContext, client: PacsClientLike, exam: RisExam, settings: ResolutionSettings, health: _PacsHealth
+) -> dict[str, Any]:
     try:
         result = ctx.retry.call(lambda: resolve_accession(client, exam, settings))
         health.ok()
     except PacsTransientError as error:
         health.failed(error)
-        return dict(resolution=Resolution.PACS_ERROR.value, resolved_by=None, detail=str(error), rules_tried=[],
-                    study_uids=())
-    return dict(resolution=result.resolution.value, resolved_by=result.rule.value if result.rule else None,
-                detail=result.detail, rules_tried=list(result.attempts),
-                study_uids=result.study_uids if result.resolution is Resolution.RESOLVED else ())
+        return dict(
+            resolution=Resolution.PACS_ERROR.value, resolved_by=None, detail=str(error), rules_tried=[], study_uids=()
+        )
+    return dict(
+        resolution=result.resolution.value,
+        resolved_by=result.rule.value if result.rule else None,
+        detail=result.detail,
+        rules_tried=list(result.attempts),
+        study_uids=result.study_uids if result.resolution is Resolution.RESOLVED else (),
+    )
 
 
 def _readable(counts: dict[str, Any]) -> str:
@@ -194,9 +212,13 @@ def _readable(counts: dict[str, Any]) -> str:
 
 
 def _exam_from_row(row: dict[str, Any]) -> RisExam:
-    return RisExam(accession_number=row["accession_number"], patient_id=row["patient_id"],
-                   study_instance_uid=row["ris_study_uid"], exam_datetime=row["exam_datetime"],
-                   modality=row["modality"])
+    return RisExam(
+        accession_number=row["accession_number"],
+        patient_id=row["patient_id"],
+        study_instance_uid=row["ris_study_uid"],
+        exam_datetime=row["exam_datetime"],
+        modality=row["modality"],
+    )
 
 
 class _PacsHealth:
@@ -216,7 +238,9 @@ class _PacsHealth:
     def failed(self, error: PacsTransientError) -> None:
         self.transient += 1
         if self.transient >= PACS_DOWN_AFTER:
-            raise PacsTransientError(f"{self.transient} consecutive items failed; the PACS looks unavailable") from error
+            raise PacsTransientError(
+                f"{self.transient} consecutive items failed; the PACS looks unavailable"
+            ) from error
 
     def retrieve_refused(self, error: PacsItemError) -> None:
         self.refused += 1
@@ -224,7 +248,8 @@ class _PacsHealth:
             raise PacsConfigurationError(
                 f"{self.refused} consecutive retrieves were refused and nothing arrived; check that the PACS knows "
                 "pacsflow's receiver as a move destination (AE title, host, port) and can reach it",
-                status=error.status) from error
+                status=error.status,
+            ) from error
 
 
 # -- stage 3 and 4: series listing, filtering, verified retrieval ----------------------------------
@@ -252,9 +277,16 @@ class Destination:
     settle: Callable[[], None] = lambda: None
 
 
-def retrieve_batch(ctx: RunContext, batch: int, connect: ClientFactory, *, rules: SeriesRules,
-                   layout: StorageLayout, destination_ae: str,
-                   receiver: Callable[[], AbstractContextManager[Any]] = nullcontext) -> dict[str, int]:
+def retrieve_batch(
+    ctx: RunContext,
+    batch: int,
+    connect: ClientFactory,
+    *,
+    rules: SeriesRules,
+    layout: StorageLayout,
+    destination_ae: str,
+    receiver: Callable[[], AbstractContextManager[Any]] = nullcontext,
+) -> dict[str, int]:
     """List, filter and retrieve every study of one batch, verifying each series instance by instance."""
     counts = BatchCounts()
     with stage_attempt(ctx, Stage.RETRIEVE, batch=batch) as recorded:
@@ -263,22 +295,32 @@ def retrieve_batch(ctx: RunContext, batch: int, connect: ClientFactory, *, rules
         studies = ctx.store.studies_in_batch(ctx.run_key, batch)
         progress = Progress(f"batch {batch}", len(studies), "studies")
         with receiver() as incoming, connect() as client:
-            destination = Destination(destination_ae) if incoming is None else Destination(destination_ae,
-                                                                                           incoming.settle)
+            destination = (
+                Destination(destination_ae) if incoming is None else Destination(destination_ae, incoming.settle)
+            )
             for study in studies:
                 size_before = counts.bytes_fetched
                 _retrieve_study(ctx, client, study, rules, layout, destination, health, counts)
-                progress.advance(size=counts.bytes_fetched - size_before,
-                                 detail=f"series complete {counts.complete}, partial {counts.partial}, "
-                                        f"failed {counts.failed}, dropped {counts.series_dropped}")
+                progress.advance(
+                    size=counts.bytes_fetched - size_before,
+                    detail=f"series complete {counts.complete}, partial {counts.partial}, "
+                    f"failed {counts.failed}, dropped {counts.series_dropped}",
+                )
         recorded.update(counts.as_dict())
     log.info("batch %d done: %s", batch, _readable(counts.as_dict()))
     return counts.as_dict()
 
 
-def _retrieve_study(ctx: RunContext, client: PacsClientLike, study: dict[str, Any], rules: SeriesRules,
-                    layout: StorageLayout, destination: Destination, health: "_PacsHealth",
-                    counts: BatchCounts) -> None:
+def _retrieve_study(
+    ctx: RunContext,
+    client: PacsClientLike,
+    study: dict[str, Any],
+    rules: SeriesRules,
+    layout: StorageLayout,
+    destination: Destination,
+    health: _PacsHealth,
+    counts: BatchCounts,
+) -> None:
     counts.studies += 1
     if not study["listed"]:
         _list_series(ctx, client, study, rules, health)
@@ -295,9 +337,10 @@ def _retrieve_study(ctx: RunContext, client: PacsClientLike, study: dict[str, An
             _retrieve_series(ctx, client, series_row, rules, layout, destination, health, counts)
 
 
-def _list_series(ctx: RunContext, client: PacsClientLike, study: dict[str, Any], rules: SeriesRules,
-                 health: _PacsHealth) -> None:
-    query = {key: "" for key in SERIES_RETURN_KEYS} | {"StudyInstanceUID": study["study_uid"]}
+def _list_series(
+    ctx: RunContext, client: PacsClientLike, study: dict[str, Any], rules: SeriesRules, health: _PacsHealth
+) -> None:
+    query = dict.fromkeys(SERIES_RETURN_KEYS, "") | {"StudyInstanceUID": study["study_uid"]}
     try:
         result = ctx.retry.call(lambda: client.find("SERIES", query))
         health.ok()
@@ -314,19 +357,30 @@ def _list_series(ctx: RunContext, client: PacsClientLike, study: dict[str, Any],
             continue
         seen.add(match["SeriesInstanceUID"])
         reason = rules.drop_reason(match)
-        listed.append({
-            "series_uid": match["SeriesInstanceUID"], "modality": match.get("Modality"),
-            "description": match.get("SeriesDescription"), "body_part": match.get("BodyPartExamined"),
-            "pacs_instance_count": match.get("NumberOfSeriesRelatedInstances"),
-            "drop_reason": reason.value if reason else None,
-            "status": SeriesStatus.DROPPED if reason else SeriesStatus.PENDING,
-        })
+        listed.append(
+            {
+                "series_uid": match["SeriesInstanceUID"],
+                "modality": match.get("Modality"),
+                "description": match.get("SeriesDescription"),
+                "body_part": match.get("BodyPartExamined"),
+                "pacs_instance_count": match.get("NumberOfSeriesRelatedInstances"),
+                "drop_reason": reason.value if reason else None,
+                "status": SeriesStatus.DROPPED if reason else SeriesStatus.PENDING,
+            }
+        )
     ctx.store.record_series_listing(ctx.run_key, study["accession_number"], study["study_uid"], listed)
 
 
-def _retrieve_series(ctx: RunContext, client: PacsClientLike, row: dict[str, Any], rules: SeriesRules,
-                     layout: StorageLayout,
-                     destination: Destination, health: _PacsHealth, counts: BatchCounts) -> None:
+def _retrieve_series(
+    ctx: RunContext,
+    client: PacsClientLike,
+    row: dict[str, Any],
+    rules: SeriesRules,
+    layout: StorageLayout,
+    destination: Destination,
+    health: _PacsHealth,
+    counts: BatchCounts,
+) -> None:
     study_uid, series_uid = row["study_uid"], row["series_uid"]
     timings: dict[str, float] = {}
     before = layout.stored_sop_uids(study_uid, series_uid)
@@ -337,8 +391,9 @@ def _retrieve_series(ctx: RunContext, client: PacsClientLike, row: dict[str, Any
     except PacsTransientError as error:
         health.failed(error)
         counts.failed += 1
-        ctx.store.update_series(ctx.run_key, study_uid, series_uid, status=SeriesStatus.FAILED, error=str(error),
-                                seconds=timings)
+        ctx.store.update_series(
+            ctx.run_key, study_uid, series_uid, status=SeriesStatus.FAILED, error=str(error), seconds=timings
+        )
         return
     target = len(expected) if expected else row["pacs_instance_count"]
     clock = time.perf_counter()
@@ -354,8 +409,18 @@ def _retrieve_series(ctx: RunContext, client: PacsClientLike, row: dict[str, Any
     fetched = received - before
     if not received and problem is not None:
         counts.failed += 1
-        ctx.store.update_series(ctx.run_key, study_uid, series_uid, status=SeriesStatus.FAILED, error=str(problem),
-                                expected=target, received=0, fetched=0, bytes=0, seconds=timings)
+        ctx.store.update_series(
+            ctx.run_key,
+            study_uid,
+            series_uid,
+            status=SeriesStatus.FAILED,
+            error=str(problem),
+            expected=target,
+            received=0,
+            fetched=0,
+            bytes=0,
+            seconds=timings,
+        )
         return
     if received and _listing_incomplete(row):
         reason = _header_drop_reason(rules, layout, study_uid, series_uid, min(received))
@@ -365,19 +430,32 @@ def _retrieve_series(ctx: RunContext, client: PacsClientLike, row: dict[str, Any
             layout.remove_empty_dirs(study_uid, series_uid)
             counts.series_kept -= 1
             counts.series_dropped += 1
-            ctx.store.update_series(ctx.run_key, study_uid, series_uid, status=SeriesStatus.DROPPED,
-                                    drop_reason=reason.value, error="decided from the instance header",
-                                    seconds=timings)
+            ctx.store.update_series(
+                ctx.run_key,
+                study_uid,
+                series_uid,
+                status=SeriesStatus.DROPPED,
+                drop_reason=reason.value,
+                error="decided from the instance header",
+                seconds=timings,
+            )
             return
     status = _series_status(target, len(received))
     counts.instances_fetched += len(fetched)
     counts.bytes_fetched += _size(layout, study_uid, series_uid, fetched)
     setattr(counts, status.value, getattr(counts, status.value) + 1)
-    ctx.store.update_series(ctx.run_key, study_uid, series_uid, status=status,
-                            error=str(problem) if problem is not None and status != SeriesStatus.COMPLETE else None,
-                            expected=target,
-                            received=len(received), fetched=len(fetched),
-                            bytes=_size(layout, study_uid, series_uid, received), seconds=timings)
+    ctx.store.update_series(
+        ctx.run_key,
+        study_uid,
+        series_uid,
+        status=status,
+        error=str(problem) if problem is not None and status != SeriesStatus.COMPLETE else None,
+        expected=target,
+        received=len(received),
+        fetched=len(fetched),
+        bytes=_size(layout, study_uid, series_uid, received),
+        seconds=timings,
+    )
 
 
 def _listing_incomplete(row: dict[str, Any]) -> bool:
@@ -385,10 +463,14 @@ def _listing_incomplete(row: dict[str, Any]) -> bool:
     return any(row[key] is None for key in ("modality", "description", "body_part"))
 
 
-def _header_drop_reason(rules: SeriesRules, layout: StorageLayout, study_uid: str, series_uid: str,
-                        sop_uid: str) -> DropReason | None:
-    header = dcmread(layout.instance_path(study_uid, series_uid, sop_uid), stop_before_pixels=True,
-                     specific_tags=list(HEADER_RULE_KEYS))
+def _header_drop_reason(
+    rules: SeriesRules, layout: StorageLayout, study_uid: str, series_uid: str, sop_uid: str
+) -> DropReason | None:
+    header = dcmread(
+        layout.instance_path(study_uid, series_uid, sop_uid),
+        stop_before_pixels=True,
+        specific_tags=list(HEADER_RULE_KEYS),
+    )
     return rules.drop_reason({key: header.get(key) for key in HEADER_RULE_KEYS})
 
 
@@ -406,9 +488,16 @@ def _expected_instances(client: PacsClientLike, study_uid: str, series_uid: str)
     return {m["SOPInstanceUID"] for m in result.matches if is_valid_uid(m.get("SOPInstanceUID"))}
 
 
-def _fetch_missing(ctx: RunContext, client: PacsClientLike, layout: StorageLayout, destination: Destination,
-                   study_uid: str, series_uid: str, expected: set[str],
-                   target: int | None) -> tuple[set[str], PacsError | None]:
+def _fetch_missing(
+    ctx: RunContext,
+    client: PacsClientLike,
+    layout: StorageLayout,
+    destination: Destination,
+    study_uid: str,
+    series_uid: str,
+    expected: set[str],
+    target: int | None,
+) -> tuple[set[str], PacsError | None]:
     """Retrieve what is not on disk yet, in bounded passes with a growing pause: the whole series when nothing
     is there, else only the missing instances (by SOP Instance UID when the PACS lists them).
 
@@ -429,8 +518,10 @@ def _fetch_missing(ctx: RunContext, client: PacsClientLike, layout: StorageLayou
             problem = _try_retrieve(ctx, client, layout, destination, "SERIES", series_keys)
         else:
             for sop_uid in sorted(expected - present):
-                problem = _try_retrieve(ctx, client, layout, destination, "IMAGE",
-                                        series_keys | {"SOPInstanceUID": sop_uid}) or problem
+                problem = (
+                    _try_retrieve(ctx, client, layout, destination, "IMAGE", series_keys | {"SOPInstanceUID": sop_uid})
+                    or problem
+                )
         destination.settle()
         arrived = _await_arrivals(layout, study_uid, series_uid, expected)
         progress, present = arrived - present, arrived
@@ -446,8 +537,14 @@ def _complete(present: set[str], expected: set[str], target: int | None) -> bool
     return target is not None and len(present) >= target
 
 
-def _try_retrieve(ctx: RunContext, client: PacsClientLike, layout: StorageLayout, destination: Destination,
-                  level: QueryLevel, keys: dict[str, str]) -> PacsError | None:
+def _try_retrieve(
+    ctx: RunContext,
+    client: PacsClientLike,
+    layout: StorageLayout,
+    destination: Destination,
+    level: QueryLevel,
+    keys: dict[str, str],
+) -> PacsError | None:
     """One C-MOVE/C-GET (retried while transient); its failure, if any. Configuration errors propagate."""
     try:
         ctx.retry.call(lambda: client.retrieve(level, keys, destination_ae=destination.ae_title, layout=layout))
@@ -485,8 +582,9 @@ def export_metadata(ctx: RunContext, layout: StorageLayout, metadata_dir: Path, 
     """Stage 5: the Parquet metadata of the run's retrieved instances (a re-run replaces the run's rows)."""
     with stage_attempt(ctx, Stage.EXPORT) as counts:
         report = export_instances(retrieved_files(ctx, layout), metadata_dir, run_id)
-        counts.update(instances=report.instances, series=report.series, studies=report.studies,
-                      rejected=len(report.rejected))
+        counts.update(
+            instances=report.instances, series=report.series, studies=report.studies, rejected=len(report.rejected)
+        )
     for reason, count in Counter(reason for _, reason in report.rejected).items():
         log.warning("export skipped %d file(s): %s", count, reason)
     return counts
@@ -511,12 +609,24 @@ class ExtractionSettings:
     batch_size: int = 50
 
 
-def run_extraction(ctx: RunContext, exams: Iterable[RisExam], connect: ClientFactory, settings: ExtractionSettings,
-                   receiver: Callable[[], AbstractContextManager[Any]] = nullcontext) -> RunSummary:
+def run_extraction(
+    ctx: RunContext,
+    exams: Iterable[RisExam],
+    connect: ClientFactory,
+    settings: ExtractionSettings,
+    receiver: Callable[[], AbstractContextManager[Any]] = nullcontext,
+) -> RunSummary:
     """Every stage in one process, in the DAG's order (for scripts and for measuring Airflow's overhead)."""
     extract_cohort(ctx, lambda: exams, settings.batch_size)
     for batch in resolve_cohort(ctx, connect, settings.resolution, settings.batch_size):
-        retrieve_batch(ctx, batch, connect, rules=settings.rules, layout=settings.layout,
-                       destination_ae=settings.destination_ae, receiver=receiver)
+        retrieve_batch(
+            ctx,
+            batch,
+            connect,
+            rules=settings.rules,
+            layout=settings.layout,
+            destination_ae=settings.destination_ae,
+            receiver=receiver,
+        )
     export_metadata(ctx, settings.layout, settings.metadata_dir, ctx.run_key)
     return settle_run(ctx)

@@ -35,7 +35,7 @@ class Pseudonymizer:
         return f"{kind}:{digest[:16]}"
 
     @classmethod
-    def from_environment(cls, key_file: Path) -> "Pseudonymizer":
+    def from_environment(cls, key_file: Path) -> Pseudonymizer:
         """Key from ``$PACSFLOW_LOG_KEY``, else from ``key_file`` (created with mode 0600 on first use)."""
         env_key = os.environ.get(KEY_ENV)
         if env_key:
@@ -43,7 +43,7 @@ class Pseudonymizer:
         return cls(load_or_create_key(key_file))
 
     @classmethod
-    def existing(cls, key_file: Path | None) -> "Pseudonymizer | None":
+    def existing(cls, key_file: Path | None) -> Pseudonymizer | None:
         """The deployment's key if there is one (``$PACSFLOW_LOG_KEY`` or ``key_file``); never creates a key, so
         a reader (the audit pages) cannot silently hash with a key the extraction did not use."""
         env_key = os.environ.get(KEY_ENV)
@@ -89,8 +89,10 @@ def load_or_create_key(path: Path) -> bytes:
 def _read_key(path: Path) -> bytes:
     key = path.read_bytes()
     if len(key) < MIN_KEY_BYTES:
-        raise ValueError(f"key file {path} holds fewer than {MIN_KEY_BYTES} bytes: restore it from a backup "
-                         "(pseudonyms depend on it) or delete it to start a new key")
+        raise ValueError(
+            f"key file {path} holds fewer than {MIN_KEY_BYTES} bytes: restore it from a backup "
+            "(pseudonyms depend on it) or delete it to start a new key"
+        )
     return key
 
 
@@ -138,8 +140,11 @@ def redact_uids_in_library_logs(pseudonymizer: Pseudonymizer | None = None) -> N
     if pseudonymizer is not None:
         _REDACTING.pseudonymizer = pseudonymizer
     # A logger's filters do not apply to its children (pynetdicom logs as pynetdicom.<module>): each one.
-    names = [name for name in list(logging.root.manager.loggerDict)
-             if any(name == lib or name.startswith(lib + ".") for lib in LIBRARY_LOGGERS)]
+    names = [
+        name
+        for name in list(logging.root.manager.loggerDict)
+        if any(name == lib or name.startswith(lib + ".") for lib in LIBRARY_LOGGERS)
+    ]
     for name in {*LIBRARY_LOGGERS, *names}:
         logger = logging.getLogger(name)
         if _REDACTING not in logger.filters:
@@ -161,5 +166,7 @@ def database_errors_withheld() -> Iterator[None]:
     except DBAPIError as error:
         original = error.orig
         code = getattr(original, "pgcode", None) or getattr(original, "sqlite_errorname", None) or ""
-        raise DatabaseError(f"database error {type(original).__name__} {code}".rstrip()
-                            + "; its details are withheld because they may quote patient data") from None
+        raise DatabaseError(
+            f"database error {type(original).__name__} {code}".rstrip()
+            + "; its details are withheld because they may quote patient data"
+        ) from None

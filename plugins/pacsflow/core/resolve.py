@@ -88,7 +88,7 @@ class ResolutionSettings(BaseModel):
         return prefixes
 
     @classmethod
-    def parse(cls, config: Mapping[str, Any]) -> "ResolutionSettings":
+    def parse(cls, config: Mapping[str, Any]) -> ResolutionSettings:
         """Validate plain configuration; a :class:`ResolutionSettingsError` names each key at fault."""
         try:
             return cls.model_validate(config)
@@ -103,7 +103,7 @@ class ResolutionSettings(BaseModel):
         for prefix in self.site_prefixes:
             variants.append(prefix + accession_number)
             if accession_number.startswith(prefix):
-                variants.append(accession_number[len(prefix):])
+                variants.append(accession_number[len(prefix) :])
         unique = dict.fromkeys(v for v in variants if v and v != accession_number and not accession_problem(v))
         return list(unique)
 
@@ -132,20 +132,26 @@ def resolve_accession(finder: Finder, exam: RisExam, settings: ResolutionSetting
             attempts.append(rule.value)
             studies = _RULES[rule](finder, exam, settings)
             if len(studies) > 1 and rule is Rule.PATIENT_DATE:
-                return ResolutionResult(Resolution.AMBIGUOUS, rule, tuple(studies),
-                                        f"{len(studies)} studies match patient and date", tuple(attempts))
+                return ResolutionResult(
+                    Resolution.AMBIGUOUS,
+                    rule,
+                    tuple(studies),
+                    f"{len(studies)} studies match patient and date",
+                    tuple(attempts),
+                )
             if studies:
                 return ResolutionResult(Resolution.RESOLVED, rule, tuple(studies), attempts=tuple(attempts))
     except _Capped:
-        return ResolutionResult(Resolution.CAPPED, detail=f"PACS result cap reached in rule {attempts[-1]}",
-                                attempts=tuple(attempts))
+        return ResolutionResult(
+            Resolution.CAPPED, detail=f"PACS result cap reached in rule {attempts[-1]}", attempts=tuple(attempts)
+        )
     except PacsItemError as error:
         return ResolutionResult(Resolution.PACS_ERROR, detail=str(error), attempts=tuple(attempts))
     return ResolutionResult(Resolution.NOT_FOUND, detail="no rule matched", attempts=tuple(attempts))
 
 
 def _find_studies(finder: Finder, keys: Mapping[str, str]) -> list[dict[str, Any]]:
-    query = {key: "" for key in STUDY_RETURN_KEYS} | dict(keys)
+    query = dict.fromkeys(STUDY_RETURN_KEYS, "") | dict(keys)
     result = finder.find("STUDY", query)
     if result.capped:
         raise _Capped()
@@ -175,8 +181,9 @@ def _by_ris_uid(finder: Finder, exam: RisExam, _: ResolutionSettings) -> list[st
     # A study that carries another AN belongs to another exam: the RIS UID is stale, not a match.
     return _study_uids(
         matches,
-        lambda m: m.get("StudyInstanceUID") == uid
-        and (m.get("AccessionNumber") or "").strip() in ("", exam.accession_number),
+        lambda m: (
+            m.get("StudyInstanceUID") == uid and (m.get("AccessionNumber") or "").strip() in ("", exam.accession_number)
+        ),
     )
 
 
@@ -193,9 +200,7 @@ def _by_patient_date(finder: Finder, exam: RisExam, settings: ResolutionSettings
         return []
     window = timedelta(days=settings.patient_date_window_days)
     first, last = (exam.exam_datetime - window).date(), (exam.exam_datetime + window).date()
-    matches = _find_studies(
-        finder, {"PatientID": exam.patient_id, "StudyDate": f"{first:%Y%m%d}-{last:%Y%m%d}"}
-    )
+    matches = _find_studies(finder, {"PatientID": exam.patient_id, "StudyDate": f"{first:%Y%m%d}-{last:%Y%m%d}"})
     wanted_modality = exam.modality.upper() if exam.modality and settings.patient_date_match_modality else None
 
     def candidate(match: Mapping[str, Any]) -> bool:

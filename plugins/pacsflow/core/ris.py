@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import DateTime, bindparam, text
 from sqlalchemy.engine import Engine
+
 from pacsflow.core.errors import ConfigurationError
 
 _TEMPLATE_NAME = re.compile(r"[A-Za-z0-9_-]+\.sql")
@@ -45,7 +46,9 @@ class RisExam:
 def load_template(name: str, template_dir: Path) -> str:
     """Read the template ``name`` (a bare ``*.sql`` file name) from ``template_dir``."""
     if not _TEMPLATE_NAME.fullmatch(name):
-        raise CohortQueryError("cohort SQL template must be a bare file name like 'cohort.sql' (letters, digits, _ and -)")
+        raise CohortQueryError(
+            "cohort SQL template must be a bare file name like 'cohort.sql' (letters, digits, _ and -)"
+        )
     path = template_dir / name
     if not path.is_file():
         raise CohortQueryError(f"cohort SQL template {name!r} not found in {template_dir}")
@@ -61,9 +64,16 @@ def query_cohort(
     params: Mapping[str, Any],
 ) -> Iterator[RisExam]:
     """Run the cohort query for ``[interval_start, interval_end)`` and stream its rows."""
-    statement = _bind(sql, {**params, "interval_start": interval_start, "interval_end": interval_end,
-                            "interval_start_yyyymmdd": f"{interval_start:%Y%m%d}",
-                            "interval_end_yyyymmdd": f"{interval_end:%Y%m%d}"})
+    statement = _bind(
+        sql,
+        {
+            **params,
+            "interval_start": interval_start,
+            "interval_end": interval_end,
+            "interval_start_yyyymmdd": f"{interval_start:%Y%m%d}",
+            "interval_end_yyyymmdd": f"{interval_end:%Y%m%d}",
+        },
+    )
     with engine.connect() as connection:
         result = connection.execution_options(stream_results=True).execute(statement)
         columns = set(result.keys())

@@ -50,8 +50,14 @@ class SeriesRules(BaseModel):
     _included: tuple[Any, ...] = PrivateAttr(())
     _excluded: tuple[Any, ...] = PrivateAttr(())
 
-    @field_validator("include_modalities", "exclude_modalities", "include_descriptions", "exclude_descriptions",
-                     "include_body_parts", mode="before")
+    @field_validator(
+        "include_modalities",
+        "exclude_modalities",
+        "include_descriptions",
+        "exclude_descriptions",
+        "include_body_parts",
+        mode="before",
+    )
     @classmethod
     def _a_list(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -74,7 +80,7 @@ class SeriesRules(BaseModel):
         self._excluded = _compiled(self.exclude_descriptions)
 
     @classmethod
-    def parse(cls, config: Mapping[str, Any]) -> "SeriesRules":
+    def parse(cls, config: Mapping[str, Any]) -> SeriesRules:
         """Validate plain configuration; a :class:`SeriesRulesError` names each key at fault."""
         try:
             return cls.model_validate(config)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import yaml
@@ -39,10 +39,15 @@ class _Model(BaseModel):
 
 class CohortSettings(_Model):
     sql_template: str = Field(pattern=r"^[A-Za-z0-9_-]+\.sql$", description="A file in include/sql")
-    params: dict[str, CohortValue] = Field(default_factory=dict,
-                                           description="Values bound by name to the template (lists: IN lists)")
-    max_size: int = Field(10_000, ge=1, le=1_000_000,
-                          description="A cohort larger than this fails the run (an interval typo, not a cohort)")
+    params: dict[str, CohortValue] = Field(
+        default_factory=dict, description="Values bound by name to the template (lists: IN lists)"
+    )
+    max_size: int = Field(
+        10_000,
+        ge=1,
+        le=1_000_000,
+        description="A cohort larger than this fails the run (an interval typo, not a cohort)",
+    )
 
     @field_validator("params")
     @classmethod
@@ -98,7 +103,7 @@ class ExtractionDefinition(_Model):
     @field_validator("start_date")
     @classmethod
     def _utc_when_naive(cls, value: datetime) -> datetime:
-        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
 
     @field_validator("schedule")
     @classmethod
@@ -148,4 +153,3 @@ def definitions_dir(default: Path) -> Path:
 def data_root() -> Path:
     """Where DICOM files, metadata and the log key live: a deployment setting, never a run parameter."""
     return Path(os.environ.get(DATA_ROOT_ENV) or DEFAULT_DATA_ROOT)
-

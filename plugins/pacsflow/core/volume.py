@@ -91,8 +91,9 @@ def series_files(directory: Path) -> list[Path]:
     """The complete instances of a series directory of the storage layout (temp files of a receive skipped)."""
     if not directory.is_dir():
         return []
-    return sorted(path for path in directory.iterdir()
-                  if path.name.endswith(SUFFIX) and not path.name.startswith(TEMP_PREFIX))
+    return sorted(
+        path for path in directory.iterdir() if path.name.endswith(SUFFIX) and not path.name.startswith(TEMP_PREFIX)
+    )
 
 
 def load_volume(directory: Path) -> Volume:
@@ -129,10 +130,12 @@ def scan_series(paths: Sequence[Path]) -> SeriesGeometry:
     if len(sizes) > 1:
         raise NotAVolume("images of different sizes")
     rows, columns = sizes.pop()
-    orientation = _common(np.array([p.orientation for p in planes]), ORIENTATION_TOLERANCE,
-                          "varying ImageOrientationPatient (more than one stack or a localizer)")
-    pixel_spacing = _common(np.array([p.pixel_spacing for p in planes]), ORIENTATION_TOLERANCE,
-                            "varying PixelSpacing")
+    orientation = _common(
+        np.array([p.orientation for p in planes]),
+        ORIENTATION_TOLERANCE,
+        "varying ImageOrientationPatient (more than one stack or a localizer)",
+    )
+    pixel_spacing = _common(np.array([p.pixel_spacing for p in planes]), ORIENTATION_TOLERANCE, "varying PixelSpacing")
     row_cosine, column_cosine = orientation[:3], orientation[3:]
     normal = np.cross(row_cosine, column_cosine)
     positions = np.array([p.position for p in planes])
@@ -143,11 +146,13 @@ def scan_series(paths: Sequence[Path]) -> SeriesGeometry:
     direction = np.column_stack([row_cosine, column_cosine, normal])
     return SeriesGeometry(
         frames=tuple(Frame(p.path, p.frame, tuple(map(float, p.position)), p.slope, p.intercept) for p in planes),
-        rows=rows, columns=columns,
+        rows=rows,
+        columns=columns,
         spacing=(float(pixel_spacing[1]), float(pixel_spacing[0]), slice_spacing),
         origin=tuple(float(v) for v in positions[0]),  # type: ignore[arg-type]
         direction=tuple(float(v) for v in direction.flatten()),
-        window=header_window(first), inverted=str(first.get("PhotometricInterpretation", "")) == "MONOCHROME1",
+        window=header_window(first),
+        inverted=str(first.get("PhotometricInterpretation", "")) == "MONOCHROME1",
     )
 
 
@@ -166,13 +171,20 @@ class _Plane:
 def _single_frame_planes(paths: Sequence[Path], headers: Sequence[Dataset]) -> Iterable[_Plane]:
     for path, header in zip(paths, headers):
         if "ImagePositionPatient" not in header or "ImageOrientationPatient" not in header:
-            raise NotAVolume("an image has no ImagePositionPatient/ImageOrientationPatient "
-                             "(projection images such as mammography are not volumes)")
-        yield _Plane(path, None, _floats(header.ImagePositionPatient, 3, "ImagePositionPatient"),
-                     _floats(header.ImageOrientationPatient, 6, "ImageOrientationPatient"),
-                     _floats(header.get("PixelSpacing") or (1.0, 1.0), 2, "PixelSpacing"),
-                     _optional_float(header.get("SliceThickness")),
-                     float(header.get("RescaleSlope", 1) or 1), float(header.get("RescaleIntercept", 0) or 0))
+            raise NotAVolume(
+                "an image has no ImagePositionPatient/ImageOrientationPatient "
+                "(projection images such as mammography are not volumes)"
+            )
+        yield _Plane(
+            path,
+            None,
+            _floats(header.ImagePositionPatient, 3, "ImagePositionPatient"),
+            _floats(header.ImageOrientationPatient, 6, "ImageOrientationPatient"),
+            _floats(header.get("PixelSpacing") or (1.0, 1.0), 2, "PixelSpacing"),
+            _optional_float(header.get("SliceThickness")),
+            float(header.get("RescaleSlope", 1) or 1),
+            float(header.get("RescaleIntercept", 0) or 0),
+        )
 
 
 def _multi_frame_planes(path: Path, header: Dataset) -> Iterable[_Plane]:
@@ -183,21 +195,28 @@ def _multi_frame_planes(path: Path, header: Dataset) -> Iterable[_Plane]:
     if len(per_frame) != frames:
         raise NotAVolume("a multi-frame instance without one functional group per frame")
     for index, groups in enumerate(per_frame):
+
         def item(sequence: str, groups: Dataset = groups) -> Dataset | None:
             for source in (groups, shared):
                 if sequence in source and source[sequence].value:
                     return source[sequence].value[0]
             return None
+
         position, orientation = item("PlanePositionSequence"), item("PlaneOrientationSequence")
         if position is None or orientation is None or "ImagePositionPatient" not in position:
             raise NotAVolume("a frame has no plane position/orientation")
         measures = item("PixelMeasuresSequence") or Dataset()
         rescale = item("PixelValueTransformationSequence") or header
-        yield _Plane(path, index, _floats(position.ImagePositionPatient, 3, "ImagePositionPatient"),
-                     _floats(orientation.ImageOrientationPatient, 6, "ImageOrientationPatient"),
-                     _floats(measures.get("PixelSpacing") or (1.0, 1.0), 2, "PixelSpacing"),
-                     _optional_float(measures.get("SliceThickness")),
-                     float(rescale.get("RescaleSlope", 1) or 1), float(rescale.get("RescaleIntercept", 0) or 0))
+        yield _Plane(
+            path,
+            index,
+            _floats(position.ImagePositionPatient, 3, "ImagePositionPatient"),
+            _floats(orientation.ImageOrientationPatient, 6, "ImageOrientationPatient"),
+            _floats(measures.get("PixelSpacing") or (1.0, 1.0), 2, "PixelSpacing"),
+            _optional_float(measures.get("SliceThickness")),
+            float(rescale.get("RescaleSlope", 1) or 1),
+            float(rescale.get("RescaleIntercept", 0) or 0),
+        )
 
 
 def _floats(values: object, count: int, name: str) -> tuple[float, ...]:
@@ -223,8 +242,13 @@ def _common(values: np.ndarray, tolerance: float, reason: str) -> np.ndarray:
     return values[0]
 
 
-def _slice_spacing(positions: np.ndarray, normal: np.ndarray, row_cosine: np.ndarray, column_cosine: np.ndarray,
-                   thickness: float | None) -> float:
+def _slice_spacing(
+    positions: np.ndarray,
+    normal: np.ndarray,
+    row_cosine: np.ndarray,
+    column_cosine: np.ndarray,
+    thickness: float | None,
+) -> float:
     """The distance between slices along the normal; rejects gaps, duplicates and shifted stacks."""
     in_plane = positions @ np.column_stack([row_cosine, column_cosine])
     if np.abs(in_plane - in_plane[0]).max(initial=0.0) > IN_PLANE_TOLERANCE_MM:

@@ -60,14 +60,16 @@ class Service:
 
 
 @contextmanager
-def service(name: str, command: list[str], log_path: Path, env: Mapping[str, str] | None = None,
-            cwd: Path | None = None) -> Iterator[Service]:
+def service(
+    name: str, command: list[str], log_path: Path, env: Mapping[str, str] | None = None, cwd: Path | None = None
+) -> Iterator[Service]:
     """A process in its own session (so its children are stopped with it), output to ``log_path``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     environment = dict(env or os.environ)
     with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment,
-                                   cwd=cwd, start_new_session=True)
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=cwd, start_new_session=True
+        )
     try:
         yield Service(name, process, log_path, tuple(command), environment)
     finally:
@@ -103,8 +105,9 @@ def wait_until(ready: Any, what: str, timeout: float, services: tuple[Service, .
             return result
         for svc in services:
             if svc.process.poll() is not None:
-                raise RuntimeError(f"{svc.name} exited (code {svc.process.returncode}) while waiting for {what}:\n"
-                                   f"{svc.tail(60)}")
+                raise RuntimeError(
+                    f"{svc.name} exited (code {svc.process.returncode}) while waiting for {what}:\n{svc.tail(60)}"
+                )
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(0.5)
@@ -137,16 +140,20 @@ class Deployment:
         output, or an error with it."""
         done = subprocess.run(native_command(command), env=self.env, capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(command[:3])} failed ({done.returncode}):\n"
-                               f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+            raise RuntimeError(
+                f"{' '.join(command[:3])} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+            )
         return done.stdout
 
     def airflow(self, *args: str) -> str:
         return self.run("airflow", *args)
 
     def service_logs(self, prefix: str) -> dict[str, str]:
-        return {svc.name: svc.log_path.read_text(errors="replace") for svc in self.services
-                if svc.name.startswith(prefix) and svc.log_path.exists()}
+        return {
+            svc.name: svc.log_path.read_text(errors="replace")
+            for svc in self.services
+            if svc.name.startswith(prefix) and svc.log_path.exists()
+        }
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
         """A call to the REST API as the admin user of the simple auth manager."""
@@ -155,8 +162,12 @@ class Deployment:
 
     def token(self) -> str:
         if self._token is None:
-            answer = self._call("POST", "/auth/token", {"username": API_USER, "password": self.password},
-                                {"Content-Type": "application/json"})
+            answer = self._call(
+                "POST",
+                "/auth/token",
+                {"username": API_USER, "password": self.password},
+                {"Content-Type": "application/json"},
+            )
             self._token = answer["access_token"]
         return self._token
 
@@ -172,19 +183,27 @@ class Deployment:
     # -- DAGs and runs --------------------------------------------------------------------------------------
     def wait_for_dag(self, dag_id: str, timeout: float = 120) -> None:
         """Until the dag-processor has parsed and serialized the DAG."""
+
         def parsed() -> bool:
             try:
                 self.request("GET", f"/api/v2/dags/{dag_id}/details")
                 return True
             except RuntimeError:
                 return False
+
         wait_until(parsed, f"DAG {dag_id} to be parsed", timeout, tuple(self.services))
 
     def unpause(self, dag_id: str) -> None:
         self.request("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
 
-    def trigger(self, dag_id: str, *, data_interval: tuple[datetime, datetime] | None = None,
-                logical_date: datetime | None = None, conf: Mapping[str, Any] | None = None) -> str:
+    def trigger(
+        self,
+        dag_id: str,
+        *,
+        data_interval: tuple[datetime, datetime] | None = None,
+        logical_date: datetime | None = None,
+        conf: Mapping[str, Any] | None = None,
+    ) -> str:
         """A manual run, as the UI's trigger form makes it: a logical date (default: the interval's end, or now)
         and, optionally, an explicit data interval."""
         body: dict[str, Any] = {"conf": dict(conf or {})}
@@ -196,22 +215,29 @@ class Deployment:
 
     def backfill(self, dag_id: str, start: datetime, end: datetime, *, max_active_runs: int = 1) -> int:
         """A backfill over ``[start, end]`` as the UI creates it (``POST /api/v2/backfills``); its id."""
-        body = {"dag_id": dag_id, "from_date": start.isoformat(), "to_date": end.isoformat(),
-                "run_backwards": False, "dag_run_conf": {}, "reprocess_behavior": "none",
-                "max_active_runs": max_active_runs}
+        body = {
+            "dag_id": dag_id,
+            "from_date": start.isoformat(),
+            "to_date": end.isoformat(),
+            "run_backwards": False,
+            "dag_run_conf": {},
+            "reprocess_behavior": "none",
+            "max_active_runs": max_active_runs,
+        }
         return int(self.request("POST", "/api/v2/backfills", body)["id"])
 
     def runs(self, dag_id: str) -> list[dict[str, Any]]:
-        return list(self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns?limit=100&order_by=logical_date")[
-            "dag_runs"])
+        return list(self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns?limit=100&order_by=logical_date")["dag_runs"])
 
     def wait_for_runs(self, dag_id: str, count: int, timeout: float) -> list[dict[str, Any]]:
         """Until ``count`` runs of the DAG exist and all have finished; those runs, oldest first."""
+
         def finished() -> list[dict[str, Any]] | None:
             runs = self.runs(dag_id)
             if len(runs) >= count and all(run["state"] in FINISHED_STATES for run in runs):
                 return runs
             return None
+
         try:
             return list(wait_until(finished, f"{count} runs of {dag_id}", timeout, tuple(self.services)))
         except (RuntimeError, TimeoutError) as error:
@@ -224,62 +250,68 @@ class Deployment:
         """The final state of the run (``success`` or ``failed``). With ``fail_on_retry``, a task waiting
         for a retry ends the wait at once: in a sandbox nothing is transient, and the DAG's retry delays
         would only postpone the failure by minutes."""
+
         def finished() -> str | None:
             state = self.run_state(dag_id, run_id)
             if state in FINISHED_STATES:
                 return state
             if fail_on_retry:
-                retrying = sorted(f"{ti['task_id']}[{ti['map_index']}]" for ti in self.task_instances(dag_id, run_id)
-                                  if ti["state"] == "up_for_retry")
+                retrying = sorted(
+                    f"{ti['task_id']}[{ti['map_index']}]"
+                    for ti in self.task_instances(dag_id, run_id)
+                    if ti["state"] == "up_for_retry"
+                )
                 if retrying:
                     raise RuntimeError(f"tasks failed and wait for a retry: {', '.join(retrying)}")
             return None
+
         try:
             return wait_until(finished, f"run {run_id}", timeout, tuple(self.services))
         except (RuntimeError, TimeoutError) as error:
             raise RuntimeError(f"{error}\n{self.logs()}") from None
 
     def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
-        return self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances?limit=1000")[
-            "task_instances"]
+        return self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances?limit=1000")["task_instances"]
 
     # -- diagnostics ----------------------------------------------------------------------------------------
     def logs(self, lines: int = 40) -> str:
         """The tail of every process log and of every task log: what a failing test prints."""
-        parts = [f"===== {svc.name} (exit code {svc.process.poll()}) =====\n{svc.tail(lines)}"
-                 for svc in self.services]
+        parts = [f"===== {svc.name} (exit code {svc.process.poll()}) =====\n{svc.tail(lines)}" for svc in self.services]
         for task_log in sorted((self.home / "logs").rglob("*.log")):
             tail = "\n".join(task_log.read_text(errors="replace").splitlines()[-lines:])
             parts.append(f"===== task log {task_log.relative_to(self.home)} =====\n{tail}")
         return "\n".join(parts)
 
 
-def base_environment(home: Path, *, api_port: int, password_file: Path, data_root: Path,
-                     extra: Mapping[str, str]) -> dict[str, str]:
+def base_environment(
+    home: Path, *, api_port: int, password_file: Path, data_root: Path, extra: Mapping[str, str]
+) -> dict[str, str]:
     """What every process of any deployment shares: the Airflow home, API and auth settings, the data root and
     the log key, then ``extra`` (connections, executor settings)."""
     api_url = f"http://127.0.0.1:{api_port}"
     env = {name: value for name, value in os.environ.items() if not name.startswith("AIRFLOW")}
     env.update(airflow_environment(home))
-    env.update({
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{api_url}/execution/",
-        "AIRFLOW__CORE__TEST_CONNECTION": "Enabled",
-        "AIRFLOW__CORE__FERNET_KEY": Fernet.generate_key().decode(),
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{API_USER}:admin",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(password_file),
-        "AIRFLOW__API__HOST": "127.0.0.1",
-        "AIRFLOW__API__PORT": str(api_port),
-        "AIRFLOW__API__BASE_URL": api_url,
-        "AIRFLOW__API__WORKERS": "1",
-        "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(32),
-        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
-        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
-        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
-        "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
-        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-        DATA_ROOT_ENV: str(data_root),
-        "PACSFLOW_LOG_KEY": os.environ.get("PACSFLOW_LOG_KEY") or secrets.token_urlsafe(32),
-    })
+    env.update(
+        {
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{api_url}/execution/",
+            "AIRFLOW__CORE__TEST_CONNECTION": "Enabled",
+            "AIRFLOW__CORE__FERNET_KEY": Fernet.generate_key().decode(),
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{API_USER}:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(password_file),
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(api_port),
+            "AIRFLOW__API__BASE_URL": api_url,
+            "AIRFLOW__API__WORKERS": "1",
+            "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(32),
+            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
+            "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+            DATA_ROOT_ENV: str(data_root),
+            "PACSFLOW_LOG_KEY": os.environ.get("PACSFLOW_LOG_KEY") or secrets.token_urlsafe(32),
+        }
+    )
     env.update(extra)
     return env
 
@@ -294,8 +326,9 @@ class Process:
 
 
 @contextmanager
-def deployment(workdir: Path, *, env_for: Any, processes_for: Any, pool_slots: int,
-               ready: Any = None) -> Iterator[Deployment]:
+def deployment(
+    workdir: Path, *, env_for: Any, processes_for: Any, pool_slots: int, ready: Any = None
+) -> Iterator[Deployment]:
     """Run the topology's init steps (``pacsflow.deployment.init_steps``), start the processes and wait until
     the API serves (and ``ready(deployment)``, if given). ``env_for(home, api_port, password_file)`` gives the
     shared environment, ``processes_for(env)`` the processes."""
@@ -312,9 +345,17 @@ def deployment(workdir: Path, *, env_for: Any, processes_for: Any, pool_slots: i
         airflow.run(*step)
     with ExitStack() as stack:
         for process in processes_for(env):
-            airflow.services.append(stack.enter_context(service(
-                process.name, native_command(process.command), workdir / f"{process.name}.log", process.env,
-                cwd=home)))
+            airflow.services.append(
+                stack.enter_context(
+                    service(
+                        process.name,
+                        native_command(process.command),
+                        workdir / f"{process.name}.log",
+                        process.env,
+                        cwd=home,
+                    )
+                )
+            )
         try:
             wait_until(lambda: api_healthy(airflow.api_url), "the api-server", STARTUP_SECONDS, tuple(airflow.services))
             if ready is not None:
@@ -328,16 +369,16 @@ LOCAL_SERVICES = ("airflow-apiserver", "airflow-scheduler", "airflow-dag-process
 
 
 @contextmanager
-def local_deployment(workdir: Path, *, data_root: Path, pool_slots: int = 4,
-                     extra_env: Mapping[str, str] | None = None) -> Iterator[Deployment]:
+def local_deployment(
+    workdir: Path, *, data_root: Path, pool_slots: int = 4, extra_env: Mapping[str, str] | None = None
+) -> Iterator[Deployment]:
     """The README's single-host deployment: the topology's api-server, scheduler and dag-processor with the
     LocalExecutor on a SQLite metadata database (tasks run in the scheduler's workers; the retrieval tasks
     start the shared receiver themselves)."""
+
     def env_for(home: Path, api_port: int, password_file: Path) -> dict[str, str]:
-        extra = {"AIRFLOW__CORE__EXECUTOR": "LocalExecutor", "AIRFLOW__CORE__PARALLELISM": "8",
-                 **(extra_env or {})}
-        return base_environment(home, api_port=api_port, password_file=password_file, data_root=data_root,
-                                extra=extra)
+        extra = {"AIRFLOW__CORE__EXECUTOR": "LocalExecutor", "AIRFLOW__CORE__PARALLELISM": "8", **(extra_env or {})}
+        return base_environment(home, api_port=api_port, password_file=password_file, data_root=data_root, extra=extra)
 
     def processes_for(env: dict[str, str]) -> list[Process]:
         return [Process(spec.name, spec.command, env) for spec in SERVICES if spec.name in LOCAL_SERVICES]

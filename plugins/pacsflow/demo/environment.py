@@ -33,7 +33,9 @@ def airflow_environment(airflow_home: Path) -> dict[str, str]:
     }
 
 
-def connection_environment(*, ris_url: str, audit_url: str, pacs: PacsConfig, receiver: ReceiverConfig) -> dict[str, str]:
+def connection_environment(
+    *, ris_url: str, audit_url: str, pacs: PacsConfig, receiver: ReceiverConfig
+) -> dict[str, str]:
     """``AIRFLOW_CONN_*`` variables for the three connections the DAG uses."""
     dicom = {
         "conn_type": "dicom",
@@ -58,7 +60,7 @@ def connection_environment(*, ris_url: str, audit_url: str, pacs: PacsConfig, re
     }
 
 
-def demo_cohort(hospital: "Hospital") -> list["RisExam"]:
+def demo_cohort(hospital: Hospital) -> list[RisExam]:
     """The demo definition's cohort of ``hospital`` over its whole span, as the cohort stage reads it."""
     from sqlalchemy import create_engine
 
@@ -69,8 +71,15 @@ def demo_cohort(hospital: "Hospital") -> list["RisExam"]:
     engine = create_engine(hospital.ris_url)
     start, end = (moment.replace(tzinfo=None) for moment in hospital.interval)
     try:
-        exams = list(query_cohort(engine, load_template(demo.cohort.sql_template, REPO_ROOT / "include" / "sql"),
-                                  interval_start=start, interval_end=end, params=demo.cohort.params))
+        exams = list(
+            query_cohort(
+                engine,
+                load_template(demo.cohort.sql_template, REPO_ROOT / "include" / "sql"),
+                interval_start=start,
+                interval_end=end,
+                params=demo.cohort.params,
+            )
+        )
     finally:
         engine.dispose()
     return sorted(exams, key=lambda exam: exam.accession_number)

@@ -30,8 +30,10 @@ def wait_for_pacs(config: PacsConfig, timeout: float) -> None:
             return
         except PacsError:
             if time.monotonic() > deadline:
-                raise SystemExit(f"the PACS {config.called_ae}@{config.host}:{config.port} did not answer "
-                                 f"C-ECHO within {timeout:.0f} s") from None
+                raise SystemExit(
+                    f"the PACS {config.called_ae}@{config.host}:{config.port} did not answer "
+                    f"C-ECHO within {timeout:.0f} s"
+                ) from None
             time.sleep(2)
 
 
@@ -46,8 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the PACS")
     args = parser.parse_args(argv)
 
-    config = PacsConfig(host=args.pacs_host, port=args.pacs_port, called_ae=args.pacs_ae, calling_ae=LOADER_AE,
-                        acse_timeout=10, dimse_timeout=60, network_timeout=60)
+    config = PacsConfig(
+        host=args.pacs_host,
+        port=args.pacs_port,
+        called_ae=args.pacs_ae,
+        calling_ae=LOADER_AE,
+        acse_timeout=10,
+        dimse_timeout=60,
+        network_timeout=60,
+    )
     wait_for_pacs(config, args.timeout)
     hospital = build_hospital(args.out, accessions=args.accessions, seed=args.seed)
     files = sorted(hospital.dicom_dir.rglob("*.dcm"))

@@ -11,7 +11,7 @@ import argparse
 import os
 import shutil
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pacsflow.core.audit import AuditStore
@@ -44,17 +44,18 @@ def main(argv: list[str] | None = None) -> int:
     audit_url = f"sqlite:///{data_root / 'audit.sqlite'}"
     receiver = ReceiverConfig(ae_title=RECEIVER_AE, port=free_port(), allowed_calling_aes=(PACS_AE,))
 
-    with qrscp(workdir / "pacs", move_destinations={RECEIVER_AE: (receiver.host, receiver.port)},
-               ae_title=PACS_AE) as pacs:
+    with qrscp(
+        workdir / "pacs", move_destinations={RECEIVER_AE: (receiver.host, receiver.port)}, ae_title=PACS_AE
+    ) as pacs:
         loaded = pacs.load(sorted(hospital.dicom_dir.rglob("*.dcm")))
         print(f"sandbox PACS (pynetdicom qrscp) on port {pacs.config.port}: {loaded} instances loaded", flush=True)
-        env = connection_environment(ris_url=hospital.ris_url, audit_url=audit_url, pacs=pacs.config,
-                                     receiver=receiver)
+        env = connection_environment(ris_url=hospital.ris_url, audit_url=audit_url, pacs=pacs.config, receiver=receiver)
         print("starting Airflow (api-server, scheduler, dag-processor; LocalExecutor) ...", flush=True)
-        with local_deployment(workdir / "airflow", data_root=data_root, pool_slots=PACS_POOL_SLOTS,
-                              extra_env=env) as airflow:
+        with local_deployment(
+            workdir / "airflow", data_root=data_root, pool_slots=PACS_POOL_SLOTS, extra_env=env
+        ) as airflow:
             airflow.wait_for_dag(DEMO_DAG_ID)
-            years = datetime.now(timezone.utc).year - FIRST_YEAR
+            years = datetime.now(UTC).year - FIRST_YEAR
             print(f"unpausing {DEMO_DAG_ID}: {years} yearly catch-up runs (UI: {airflow.api_url}) ...", flush=True)
             airflow.unpause(DEMO_DAG_ID)
             runs = airflow.wait_for_runs(DEMO_DAG_ID, years, RUN_TIMEOUT_SECONDS)
@@ -65,8 +66,10 @@ def main(argv: list[str] | None = None) -> int:
             summary = store.summary(f"{DEMO_DAG_ID}/{run['dag_run_id']}")
             succeeded &= run["state"] == "success" and summary.succeeded
             totals.update(cohort=summary.cohort, instances=summary.instances, **summary.outcomes)
-            print(f"{run['data_interval_start'][:10]} .. {run['data_interval_end'][:10]}  Airflow {run['state']:<8}"
-                  f"  audit {summary.verdict.state:<8} {_counts(summary.cohort, summary.outcomes)}")
+            print(
+                f"{run['data_interval_start'][:10]} .. {run['data_interval_end'][:10]}  Airflow {run['state']:<8}"
+                f"  audit {summary.verdict.state:<8} {_counts(summary.cohort, summary.outcomes)}"
+            )
     print(f"all runs                                            {_counts(totals.pop('cohort'), totals)}")
     print(f"  DICOM files    {data_root / 'dicom'}")
     print(f"  Parquet        {data_root / 'metadata' / DEMO_DAG_ID}")

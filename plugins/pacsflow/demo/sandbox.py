@@ -61,8 +61,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def orthanc(workdir: Path, *, move_destinations: Mapping[str, tuple[str, int]], ae_title: str = "ORTHANC",
-            result_cap: int | None = None, default_encoding: str = "Utf8") -> Iterator[SandboxPacs]:
+def orthanc(
+    workdir: Path,
+    *,
+    move_destinations: Mapping[str, tuple[str, int]],
+    ae_title: str = "ORTHANC",
+    result_cap: int | None = None,
+    default_encoding: str = "Utf8",
+) -> Iterator[SandboxPacs]:
     """Orthanc with its own configuration, storage and ports; TCP_NODELAY on (DCMTK's switch).
 
     With ``result_cap`` Orthanc stops C-FIND at that many matches and answers 0xFE00. Orthanc 1.10 answers
@@ -97,26 +103,31 @@ def orthanc(workdir: Path, *, move_destinations: Mapping[str, tuple[str, int]], 
     config_path.write_text(json.dumps(config, indent=2))
     env = {**os.environ, "TCP_NODELAY": "1"}
     with (workdir / "orthanc.log").open("wb") as log:
-        process = subprocess.Popen([ORTHANC_BINARY, f"--logdir={workdir}", str(config_path)], stdout=log,
-                                   stderr=subprocess.STDOUT, env=env)
-    pacs = SandboxPacs(PacsConfig(host="127.0.0.1", port=dicom_port, called_ae=ae_title, calling_ae="PACSFLOW",
-                                  result_cap=result_cap),
-                       http_url=f"http://127.0.0.1:{http_port}")
+        process = subprocess.Popen(
+            [ORTHANC_BINARY, f"--logdir={workdir}", str(config_path)], stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+    pacs = SandboxPacs(
+        PacsConfig(host="127.0.0.1", port=dicom_port, called_ae=ae_title, calling_ae="PACSFLOW", result_cap=result_cap),
+        http_url=f"http://127.0.0.1:{http_port}",
+    )
     with _running(process, pacs):
         yield pacs
 
 
 @contextmanager
-def qrscp(workdir: Path, *, move_destinations: Mapping[str, tuple[str, int]],
-          ae_title: str = "QRSCP") -> Iterator[SandboxPacs]:
+def qrscp(
+    workdir: Path, *, move_destinations: Mapping[str, tuple[str, int]], ae_title: str = "QRSCP"
+) -> Iterator[SandboxPacs]:
     """pynetdicom's qrscp app, with its SQLite database and instance store in ``workdir``.
 
     qrscp answers C-FIND without SpecificCharacterSet (names outside Latin-1 come back as '?') and at STUDY
     and SERIES level once per matching instance."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    sections = "\n".join(f"[{name}]\n    address: {host}\n    port: {dest_port}\n"
-                         for name, (host, dest_port) in move_destinations.items())
+    sections = "\n".join(
+        f"[{name}]\n    address: {host}\n    port: {dest_port}\n"
+        for name, (host, dest_port) in move_destinations.items()
+    )
     (workdir / "qrscp.ini").write_text(
         "[DEFAULT]\n"
         f"    ae_title: {ae_title}\n    port: {port}\n    max_pdu: 0\n"
@@ -127,9 +138,12 @@ def qrscp(workdir: Path, *, move_destinations: Mapping[str, tuple[str, int]],
         "    log_identifier: False\n\n" + sections
     )
     with (workdir / "qrscp.log").open("wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "pynetdicom", "qrscp", "-q", "-c",
-                                    str(workdir / "qrscp.ini")], stdout=log, stderr=subprocess.STDOUT,
-                                   cwd=workdir)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pynetdicom", "qrscp", "-q", "-c", str(workdir / "qrscp.ini")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
+        )
     pacs = SandboxPacs(PacsConfig(host="127.0.0.1", port=port, called_ae=ae_title, calling_ae="PACSFLOW"))
     with _running(process, pacs):
         yield pacs

@@ -50,5 +50,11 @@ def connection_url(conn: Any) -> URL:
         raise ValueError(
             f"connection {conn.conn_id!r}: set extra.sqlalchemy_url, or use one of the conn types {sorted(_DIALECTS)}"
         )
-    return URL.create(dialect, username=conn.login or None, password=conn.password or None,
-                      host=conn.host or None, port=conn.port or None, database=conn.schema or None)
+    return URL.create(
+        dialect,
+        username=conn.login or None,
+        password=conn.password or None,
+        host=conn.host or None,
+        port=conn.port or None,
+        database=conn.schema or None,
+    )

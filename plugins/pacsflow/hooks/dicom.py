@@ -76,7 +76,8 @@ class DicomHook(BaseHook):
             max_associations=int(self._option("receiver_max_associations", defaults.max_associations)),
             mode=self._option("receiver_mode", defaults.mode),
             tls=TlsConfig(self._option("receiver_tls_ca_file"), tls_cert, self._option("receiver_tls_key_file"))
-            if tls_cert else None,
+            if tls_cert
+            else None,
             backend=self._option("receiver_backend", defaults.backend),
             acse_timeout=float(self._option("receiver_acse_timeout", defaults.acse_timeout)),
             dimse_timeout=float(self._option("receiver_dimse_timeout", defaults.dimse_timeout)),

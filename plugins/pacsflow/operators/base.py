@@ -64,5 +64,6 @@ class PacsflowOperator(BaseOperator):
         pseudonymizer = Pseudonymizer.from_environment(self.root / KEY_FILE)
         redact_uids_in_library_logs(pseudonymizer)
         with database_errors_withheld(), AuditStore(DatabaseHook(self.audit_conn_id).get_conn()) as store:
-            yield RunContext(store=store, run_key=run_key, try_number=context["ti"].try_number,
-                             pseudonymizer=pseudonymizer)
+            yield RunContext(
+                store=store, run_key=run_key, try_number=context["ti"].try_number, pseudonymizer=pseudonymizer
+            )

@@ -34,6 +34,13 @@ class ReleaseOperator(PacsflowOperator):
         secret = Variable.get(SECRET_VARIABLE.format(project=settings.project), default=None)
         release_root = self.root / RELEASE_DIR / settings.project
         with self.run_context(context) as ctx:
-            report = release_run(ctx, self.layout(), settings, release_root=release_root,
-                                 key_dir=self.root / KEY_DIR, run_id=context["run_id"], secret=secret)
+            report = release_run(
+                ctx,
+                self.layout(),
+                settings,
+                release_root=release_root,
+                key_dir=self.root / KEY_DIR,
+                run_id=context["run_id"],
+                secret=secret,
+            )
         return {**report.counts(), "path": str(release_root)}

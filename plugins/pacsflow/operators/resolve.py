@@ -16,8 +16,14 @@ class ResolveAccessionsOperator(PacsflowOperator):
     """Resolves the run's unresolved ANs on one association; returns the batch numbers to retrieve
     (a small list, the input of the mapped retrieval)."""
 
-    def __init__(self, *, dicom_conn_id: str = "pacsflow_pacs", resolution: dict[str, Any] | None = None,
-                 batch_size: int = 50, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        dicom_conn_id: str = "pacsflow_pacs",
+        resolution: dict[str, Any] | None = None,
+        batch_size: int = 50,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.dicom_conn_id = dicom_conn_id
         self.resolution = resolution or {}

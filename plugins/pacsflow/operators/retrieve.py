@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 from airflow.sdk import Context
 
@@ -22,8 +23,14 @@ class RetrieveStudiesOperator(PacsflowOperator):
     """Retrieves one batch (map it over the resolver's output). Holds a slot of its pool (``pacs``), so the
     deployment never opens more associations than the pool allows."""
 
-    def __init__(self, *, batch: int, dicom_conn_id: str = "pacsflow_pacs",
-                 series_rules: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        batch: int,
+        dicom_conn_id: str = "pacsflow_pacs",
+        series_rules: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.batch = batch
         self.dicom_conn_id = dicom_conn_id
@@ -35,8 +42,15 @@ class RetrieveStudiesOperator(PacsflowOperator):
         config = hook.receiver_config()
         layout = self.layout()
         with self.run_context(context) as ctx:
-            return retrieve_batch(ctx, int(self.batch), hook.get_conn, rules=rules, layout=layout,
-                                  destination_ae=config.ae_title, receiver=receiver_for(config, layout))
+            return retrieve_batch(
+                ctx,
+                int(self.batch),
+                hook.get_conn,
+                rules=rules,
+                layout=layout,
+                destination_ae=config.ae_title,
+                receiver=receiver_for(config, layout),
+            )
 
 
 def receiver_for(config: ReceiverConfig, layout: StorageLayout) -> Callable[[], AbstractContextManager[Any]]:

@@ -23,11 +23,14 @@ class AuditSummaryOperator(PacsflowOperator):
     def run_stage(self, context: Context) -> dict[str, Any]:
         with self.run_context(context) as ctx:
             if ctx.store.run_row(ctx.run_key) is None:
-                raise AirflowFailException("the run never reached the audit database: its first task failed "
-                                           "before recording it (see the ris_cohort task log)")
+                raise AirflowFailException(
+                    "the run never reached the audit database: its first task failed "
+                    "before recording it (see the ris_cohort task log)"
+                )
             summary = settle_run(ctx)
-            export_run_audit(ctx.store, ctx.run_key,
-                             self.root / "audit" / context["dag"].dag_id / run_token(context["run_id"]))
+            export_run_audit(
+                ctx.store, ctx.run_key, self.root / "audit" / context["dag"].dag_id / run_token(context["run_id"])
+            )
         for line in format_summary(summary).splitlines():
             self.log.info("%s", line)
         if not summary.succeeded:

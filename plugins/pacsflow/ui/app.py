@@ -22,6 +22,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Depends, FastAPI, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.templating import Jinja2Templates
+
 from pacsflow.core.audit import AuditStore, Outcome, SeriesStatus
 from pacsflow.core.db import make_engine
 from pacsflow.core.privacy import Pseudonymizer
@@ -45,8 +46,11 @@ from pacsflow.ui.review import (
 HERE = Path(__file__).resolve().parent
 CONFIG_SECTION = "pacsflow"
 DEFAULT_AUDIT_CONN_ID = "pacsflow_audit"
-PRIVATE_HEADERS = {"Cache-Control": "private, no-store", "X-Content-Type-Options": "nosniff",
-                   "Referrer-Policy": "same-origin"}
+PRIVATE_HEADERS = {
+    "Cache-Control": "private, no-store",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+}
 
 templates = Jinja2Templates(directory=HERE / "templates")
 
@@ -72,9 +76,16 @@ def readable_dag_ids(user: Any, dag_ids: list[str]) -> list[str]:
     from airflow.models.dag import DagModel
 
     manager = get_auth_manager()
-    return [dag_id for dag_id in dag_ids if manager.is_authorized_dag(
-        method="GET", access_entity=DagAccessEntity.RUN,
-        details=DagDetails(id=dag_id, team_name=DagModel.get_team_name(dag_id)), user=user)]
+    return [
+        dag_id
+        for dag_id in dag_ids
+        if manager.is_authorized_dag(
+            method="GET",
+            access_entity=DagAccessEntity.RUN,
+            details=DagDetails(id=dag_id, team_name=DagModel.get_team_name(dag_id)),
+            user=user,
+        )
+    ]
 
 
 # -- the audit database -------------------------------------------------------------------------------------
@@ -97,8 +108,11 @@ def review_of(request: Request) -> AuditReview:
         try:
             url = connection_url(Connection.get_connection_from_secrets(conn_id))
         except (AirflowNotFoundException, ValueError) as error:
-            raise HTTPException(503, f"the audit database is not configured: connection {conn_id!r} "
-                                     f"([{CONFIG_SECTION}] audit_conn_id): {error}") from None
+            raise HTTPException(
+                503,
+                f"the audit database is not configured: connection {conn_id!r} "
+                f"([{CONFIG_SECTION}] audit_conn_id): {error}",
+            ) from None
         review = AuditReview(AuditStore(make_engine(url)))
         request.app.state.review = review
     return review
@@ -130,8 +144,9 @@ def link(request: Request, name: str, query: dict[str, Any] | None = None, **pat
 
 
 def render(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
-    response = templates.TemplateResponse(request, template, {"link": lambda *a, **k: link(request, *a, **k),
-                                                              **context}, status_code=status_code)
+    response = templates.TemplateResponse(
+        request, template, {"link": lambda *a, **k: link(request, *a, **k), **context}, status_code=status_code
+    )
     response.headers.update(PRIVATE_HEADERS)
     return response
 
@@ -151,10 +166,13 @@ def _duration(value: timedelta | None) -> str:
     return f"{seconds // 60}m {seconds % 60:02d}s"
 
 
-templates.env.filters.update(moment=_moment, duration=_duration,
-                             day=lambda value: value.strftime("%Y-%m-%d") if value else "–",
-                             mb=lambda size: f"{(size or 0) / 1e6:,.1f}",
-                             num=lambda n: "–" if n is None else f"{n:,}" if isinstance(n, int) else f"{n:,.1f}")
+templates.env.filters.update(
+    moment=_moment,
+    duration=_duration,
+    day=lambda value: value.strftime("%Y-%m-%d") if value else "–",
+    mb=lambda size: f"{(size or 0) / 1e6:,.1f}",
+    num=lambda n: "–" if n is None else f"{n:,}" if isinstance(n, int) else f"{n:,.1f}",
+)
 
 
 # -- pages --------------------------------------------------------------------------------------------------
@@ -169,26 +187,53 @@ def create_app() -> FastAPI:
 
     @pages.get("/static/audit.css", name="css")
     def css() -> Response:
-        return Response((HERE / "static" / "audit.css").read_bytes(), media_type="text/css",
-                        headers={"Cache-Control": "private, max-age=300"})
+        return Response(
+            (HERE / "static" / "audit.css").read_bytes(),
+            media_type="text/css",
+            headers={"Cache-Control": "private, max-age=300"},
+        )
 
     @pages.get("/runs", name="runs", response_class=HTMLResponse)
-    def runs_page(request: Request, review: ReviewDep, user: Any = _user_dependency(),
-                  dag_id: str | None = None, state: str | None = None, date_from: date | None = None,
-                  date_to: date | None = None, page: int = Query(1, ge=1), size: int = 50) -> HTMLResponse:
+    def runs_page(
+        request: Request,
+        review: ReviewDep,
+        user: Any = _user_dependency(),
+        dag_id: str | None = None,
+        state: str | None = None,
+        date_from: date | None = None,
+        date_to: date | None = None,
+        page: int = Query(1, ge=1),
+        size: int = 50,
+    ) -> HTMLResponse:
         readable = readable_dag_ids(user, review.dag_ids())
-        filters = RunFilter(dag_id=dag_id or None, state=state or None, started_from=date_from,
-                            started_to=date_to)
+        filters = RunFilter(dag_id=dag_id or None, state=state or None, started_from=date_from, started_to=date_to)
         listing = review.runs(readable, filters, Page.of(page, size))
         query = {"dag_id": dag_id, "state": state, "date_from": date_from, "date_to": date_to, "size": size}
-        return render(request, "runs.html", dag_ids=readable, filters=filters, listing=listing, query=query,
-                      states=RUN_STATES, page_sizes=PAGE_SIZES)
+        return render(
+            request,
+            "runs.html",
+            dag_ids=readable,
+            filters=filters,
+            listing=listing,
+            query=query,
+            states=RUN_STATES,
+            page_sizes=PAGE_SIZES,
+        )
 
     @run_pages.get("/dags/{dag_id}/runs/{run_id}", name="run", response_class=HTMLResponse)
-    def run_page(request: Request, review: ReviewDep, dag_id: str, run_id: str, outcome: str | None = None,
-                 resolution: str | None = None, reason: str | None = None, page: int = Query(1, ge=1),
-                 size: int = 50, series_status: str | None = None,
-                 series_page: int = Query(1, ge=1)) -> HTMLResponse:
+    def run_page(
+        request: Request,
+        review: ReviewDep,
+        dag_id: str,
+        run_id: str,
+        outcome: str | None = None,
+        resolution: str | None = None,
+        reason: str | None = None,
+        page: int = Query(1, ge=1),
+        size: int = 50,
+        series_status: str | None = None,
+        series_page: int = Query(1, ge=1),
+    ) -> HTMLResponse:
         run = run_or_404(review, dag_id, run_id)
         summary = review.summary(run.run_key)
         rules = review.resolution_rules(run.run_key)
@@ -203,36 +248,71 @@ def create_app() -> FastAPI:
         previous = review.previous_run_id(run)
         outcomes = {o.value: summary.outcomes.get(o.value, 0) for o in Outcome}
         return render(
-            request, "run.html", run=run, summary=summary, outcomes=outcomes, rules=rules, drops=drops,
-            stages=stages, ans=ans, an_filter=an_filter, kept_series=kept_series, previous=previous,
-            series_status=series_status, searchable=key is not None,
+            request,
+            "run.html",
+            run=run,
+            summary=summary,
+            outcomes=outcomes,
+            rules=rules,
+            drops=drops,
+            stages=stages,
+            ans=ans,
+            an_filter=an_filter,
+            kept_series=kept_series,
+            previous=previous,
+            series_status=series_status,
+            searchable=key is not None,
             outcome_chart=charts.bar_chart(outcomes, title="Outcome of each AN"),
             rules_chart=charts.bar_chart(rules, title="Resolution (rule that matched, or class)"),
             series_chart=charts.bar_chart(summary.series, title="Series by status"),
             timeline_chart=charts.timeline(stages, title="Stage timeline"),
-            query={"outcome": outcome, "resolution": resolution, "reason": reason, "size": size,
-                   "series_status": series_status},
-            series_statuses=[s.value for s in SeriesStatus], page_sizes=PAGE_SIZES)
+            query={
+                "outcome": outcome,
+                "resolution": resolution,
+                "reason": reason,
+                "size": size,
+                "series_status": series_status,
+            },
+            series_statuses=[s.value for s in SeriesStatus],
+            page_sizes=PAGE_SIZES,
+        )
 
     @run_pages.post("/dags/{dag_id}/runs/{run_id}/search", name="search", response_class=HTMLResponse)
-    def search(request: Request, review: ReviewDep, dag_id: str, run_id: str,
-               accession_number: Annotated[str, Form(max_length=64)]) -> Response:
+    def search(
+        request: Request,
+        review: ReviewDep,
+        dag_id: str,
+        run_id: str,
+        accession_number: Annotated[str, Form(max_length=64)],
+    ) -> Response:
         run = run_or_404(review, dag_id, run_id)
         key = deployment_key()
         if key is None:
-            return render(request, "message.html", status_code=409, title="Search unavailable",
-                          message="No deployment key was found ($PACSFLOW_LOG_KEY, or the key file in "
-                                  "$PACSFLOW_DATA_ROOT), so a clear AN cannot be matched to its reference.", run=run)
+            return render(
+                request,
+                "message.html",
+                status_code=409,
+                title="Search unavailable",
+                message="No deployment key was found ($PACSFLOW_LOG_KEY, or the key file in "
+                "$PACSFLOW_DATA_ROOT), so a clear AN cannot be matched to its reference.",
+                run=run,
+            )
         found = review.accession(run.run_key, key.ref(accession_number.strip()))
         if found is None:
-            return render(request, "message.html", status_code=404, title="AN not in this run",
-                          message="No AN of this run's cohort matches the one you typed. Check the run (the "
-                                  "cohort depends on the interval) or the spelling.", run=run)
-        return RedirectResponse(link(request, "accession", dag_id=dag_id, run_id=run_id, an_ref=found["an_ref"]),
-                                status_code=303)
+            return render(
+                request,
+                "message.html",
+                status_code=404,
+                title="AN not in this run",
+                message="No AN of this run's cohort matches the one you typed. Check the run (the "
+                "cohort depends on the interval) or the spelling.",
+                run=run,
+            )
+        return RedirectResponse(
+            link(request, "accession", dag_id=dag_id, run_id=run_id, an_ref=found["an_ref"]), status_code=303
+        )
 
-    @run_pages.get("/dags/{dag_id}/runs/{run_id}/accessions/{an_ref}", name="accession",
-                   response_class=HTMLResponse)
+    @run_pages.get("/dags/{dag_id}/runs/{run_id}/accessions/{an_ref}", name="accession", response_class=HTMLResponse)
     def accession_page(request: Request, review: ReviewDep, dag_id: str, run_id: str, an_ref: str) -> HTMLResponse:
         run = run_or_404(review, dag_id, run_id)
         row = review.accession(run.run_key, an_ref)
@@ -289,8 +369,11 @@ def create_app() -> FastAPI:
                     buffer.seek(0), buffer.truncate()
             yield buffer.getvalue()
 
-        return StreamingResponse(lines(), media_type="text/csv", headers={
-            **PRIVATE_HEADERS, "Content-Disposition": f'attachment; filename="audit-{run_token(run_id)}.csv"'})
+        return StreamingResponse(
+            lines(),
+            media_type="text/csv",
+            headers={**PRIVATE_HEADERS, "Content-Disposition": f'attachment; filename="audit-{run_token(run_id)}.csv"'},
+        )
 
     @run_pages.get("/dags/{dag_id}/runs/{run_id}/audit.parquet", name="parquet")
     def download_parquet(review: ReviewDep, dag_id: str, run_id: str) -> Response:
@@ -301,19 +384,33 @@ def create_app() -> FastAPI:
         table = pa.Table.from_pylist([_flat(row) for row in review.export_rows(run.run_key)])
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
-        return Response(sink.getvalue().to_pybytes(), media_type="application/vnd.apache.parquet", headers={
-            **PRIVATE_HEADERS, "Content-Disposition": f'attachment; filename="audit-{run_token(run_id)}.parquet"'})
+        return Response(
+            sink.getvalue().to_pybytes(),
+            media_type="application/vnd.apache.parquet",
+            headers={
+                **PRIVATE_HEADERS,
+                "Content-Disposition": f'attachment; filename="audit-{run_token(run_id)}.parquet"',
+            },
+        )
 
     @run_pages.get("/dags/{dag_id}/compare", name="compare", response_class=HTMLResponse)
-    def compare_page(request: Request, review: ReviewDep, dag_id: str, a: str | None = None,
-                     b: str | None = None) -> HTMLResponse:
+    def compare_page(
+        request: Request, review: ReviewDep, dag_id: str, a: str | None = None, b: str | None = None
+    ) -> HTMLResponse:
         run_ids = review.run_ids(dag_id)
         if not run_ids:
             raise HTTPException(404, "no pacsflow run of this DAG")
         run_b = run_or_404(review, dag_id, b or run_ids[0], with_counts=True)
         run_a = run_or_404(review, dag_id, a or review.previous_run_id(run_b) or run_b.run_id, with_counts=True)
-        return render(request, "compare.html", dag_id=dag_id, run_ids=run_ids, run_a=run_a, run_b=run_b,
-                      diff=review.compare(run_a.run_key, run_b.run_key))
+        return render(
+            request,
+            "compare.html",
+            dag_id=dag_id,
+            run_ids=run_ids,
+            run_a=run_a,
+            run_b=run_b,
+            diff=review.compare(run_a.run_key, run_b.run_key),
+        )
 
     app.include_router(pages)
     app.include_router(run_pages)

@@ -20,10 +20,19 @@ URL_PREFIX = "/pacsflow-audit"
 class PacsflowAuditPlugin(AirflowPlugin):
     name = "pacsflow_audit"
     external_views = [
-        {"name": "Extraction audit", "href": f"{URL_PREFIX}/runs", "destination": "nav", "category": "browse",
-         "url_route": "pacsflow-audit"},
-        {"name": "Extraction audit", "href": f"{URL_PREFIX}/dags/{{DAG_ID}}/runs/{{RUN_ID}}",
-         "destination": "dag_run", "url_route": "pacsflow-audit-run"},
+        {
+            "name": "Extraction audit",
+            "href": f"{URL_PREFIX}/runs",
+            "destination": "nav",
+            "category": "browse",
+            "url_route": "pacsflow-audit",
+        },
+        {
+            "name": "Extraction audit",
+            "href": f"{URL_PREFIX}/dags/{{DAG_ID}}/runs/{{RUN_ID}}",
+            "destination": "dag_run",
+            "url_route": "pacsflow-audit-run",
+        },
     ]
 
     @cached_property

@@ -77,15 +77,20 @@ def render_preview(files: list[Path], modality: str | None) -> Preview:
 
 
 def _projection_image(files: list[Path]) -> tuple[np.ndarray, tuple[float, float] | None, bool]:
-    first = min(files, key=lambda path: (int(dcmread(path, stop_before_pixels=True,
-                                                      specific_tags=["InstanceNumber"]).get("InstanceNumber") or 0),
-                                         path.name))
+    first = min(
+        files,
+        key=lambda path: (
+            int(dcmread(path, stop_before_pixels=True, specific_tags=["InstanceNumber"]).get("InstanceNumber") or 0),
+            path.name,
+        ),
+    )
     header = dcmread(first, stop_before_pixels=True)
     if int(header.get("SamplesPerPixel", 1) or 1) != 1:
         raise NoPreview("colour images are not previewed")
     raw = pixel_array(first, index=0) if int(header.get("NumberOfFrames", 1) or 1) > 1 else pixel_array(first)
     image = raw.astype(np.float32) * float(header.get("RescaleSlope", 1) or 1) + float(
-        header.get("RescaleIntercept", 0) or 0)
+        header.get("RescaleIntercept", 0) or 0
+    )
     return image, header_window(header), str(header.get("PhotometricInterpretation", "")) == "MONOCHROME1"
 
 

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from pacsflow.demo.hospital import Hospital, build_hospital
+from pacsflow.demo.sandbox import SandboxPacs, orthanc, qrscp
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from pacsflow.demo.hospital import Hospital, build_hospital
-from pacsflow.demo.sandbox import SandboxPacs, orthanc, qrscp
 from tests.conftest import free_port
 
 RECEIVER_AE = "PACSFLOW"
@@ -92,7 +92,26 @@ def pki(tmp_path_factory) -> Pki:
     for name in ("server", "client"):
         openssl("req", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
         extension = ["-extfile", "server.ext"] if name == "server" else []
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                "-out", f"{name}.pem", "-days", "1", *extension)
-    return Pki(directory / "ca.pem", directory / "server.pem", directory / "server.key",
-               directory / "client.pem", directory / "client.key")
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "1",
+            *extension,
+        )
+    return Pki(
+        directory / "ca.pem",
+        directory / "server.pem",
+        directory / "server.key",
+        directory / "client.pem",
+        directory / "client.key",
+    )

@@ -25,8 +25,18 @@ from tests.core.dicom.peers import RECEIVER_AE, ct_instance, encoded
 
 APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
 RELEASE_RQ = b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00"
-MUTATIONS = ("data set bytes", "data set cut", "data set padded", "PDU cut", "length smaller", "length larger",
-             "length 4 GB", "random bytes", "random PDU", "PDU repeated")
+MUTATIONS = (
+    "data set bytes",
+    "data set cut",
+    "data set padded",
+    "PDU cut",
+    "length smaller",
+    "length larger",
+    "length 4 GB",
+    "random bytes",
+    "random PDU",
+    "PDU repeated",
+)
 _STATUS = b"\x00\x00\x00\x09\x02\x00\x00\x00"  # (0000,0900) Status, implicit VR, length 2
 
 
@@ -38,8 +48,15 @@ def associate_rq(called: str, calling: str, max_pdu: int = 16384) -> bytes:
     """An A-ASSOCIATE-RQ proposing CT Image Storage (context 1) in Explicit VR Little Endian (PS3.8 9.3.2)."""
     context = bytes([1, 0, 0, 0]) + _item(0x30, CTImageStorage.encode()) + _item(0x40, ExplicitVRLittleEndian.encode())
     user = _item(0x51, struct.pack(">I", max_pdu))
-    body = (struct.pack(">HH", 1, 0) + called.ljust(16).encode() + calling.ljust(16).encode() + bytes(32)
-            + _item(0x10, APPLICATION_CONTEXT) + _item(0x20, context) + _item(0x50, user))
+    body = (
+        struct.pack(">HH", 1, 0)
+        + called.ljust(16).encode()
+        + calling.ljust(16).encode()
+        + bytes(32)
+        + _item(0x10, APPLICATION_CONTEXT)
+        + _item(0x20, context)
+        + _item(0x50, user)
+    )
     return b"\x01\x00" + struct.pack(">I", len(body)) + body
 
 
@@ -76,18 +93,21 @@ def make_case(rng: random.Random, number: int) -> Case:
         for _ in range(rng.randint(1, 8)):
             data[rng.randrange(min(len(data), 600))] = rng.randrange(256)
     elif mutation == "data set cut":
-        data = data[:rng.randrange(len(data))]
+        data = data[: rng.randrange(len(data))]
     elif mutation == "data set padded":
         data += bytes(rng.randrange(256) for _ in range(rng.choice([2, 8, 100])))
     pdus = [associate_rq(RECEIVER_AE, "FUZZER")] + c_store_pdus(bytes(data), dataset.SOPInstanceUID) + [RELEASE_RQ]
     target = rng.randrange(len(pdus))
     pdu = bytearray(pdus[target])
     if mutation == "PDU cut":
-        pdus[target:] = [bytes(pdu[:rng.randrange(1, len(pdu))])]
+        pdus[target:] = [bytes(pdu[: rng.randrange(1, len(pdu))])]
     elif mutation.startswith("length"):
         length = struct.unpack(">I", pdu[2:6])[0]
-        new = {"length smaller": rng.randrange(max(length, 1)), "length larger": length + rng.randint(1, 70000),
-               "length 4 GB": 0xFFFFFFFF}[mutation]
+        new = {
+            "length smaller": rng.randrange(max(length, 1)),
+            "length larger": length + rng.randint(1, 70000),
+            "length 4 GB": 0xFFFFFFFF,
+        }[mutation]
         pdu[2:6] = struct.pack(">I", new)
         pdus[target] = bytes(pdu)
     elif mutation == "random bytes":
@@ -123,4 +143,4 @@ def run_case(port: int, case: Case, idle_seconds: float = 0.5) -> int | None:
     index = received.find(_STATUS)
     if index < 0 or len(received) < index + len(_STATUS) + 2:
         return None
-    return int.from_bytes(received[index + len(_STATUS):index + len(_STATUS) + 2], "little")
+    return int.from_bytes(received[index + len(_STATUS) : index + len(_STATUS) + 2], "little")

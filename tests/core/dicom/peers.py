@@ -16,6 +16,8 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+from pacsflow.core.dicom.config import ReceiverConfig
+from pacsflow.core.storage import StorageLayout
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import write_file_meta_info
@@ -24,9 +26,6 @@ from pynetdicom import AE, StoragePresentationContexts
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
-
-from pacsflow.core.dicom.config import ReceiverConfig
-from pacsflow.core.storage import StorageLayout
 
 RECEIVER_AE = "PACSFLOW"
 SERVE = Path(__file__).with_name("serve_receiver.py")
@@ -56,8 +55,12 @@ class ReceiverProcess:
         if self.config.tls is not None:
             settings["tls"] = asdict(self.config.tls)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-        self._process = subprocess.Popen([sys.executable, str(SERVE), json.dumps(settings), str(self.root)],
-                                         stdout=subprocess.PIPE, text=True, env=env)
+        self._process = subprocess.Popen(
+            [sys.executable, str(SERVE), json.dumps(settings), str(self.root)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         assert self._process.stdout is not None
         line = self._process.stdout.readline()
         assert line.startswith("port "), f"the receiver did not start: {line!r}"
@@ -113,8 +116,9 @@ def sender(calling_ae: str = "SENDER", syntaxes: list[str] | None = None) -> AE:
     return ae
 
 
-def store(port: int, dataset: Dataset, *, calling_ae: str = "SENDER", called_ae: str = RECEIVER_AE,
-          tls_args: Any = None) -> int | str:
+def store(
+    port: int, dataset: Dataset, *, calling_ae: str = "SENDER", called_ae: str = RECEIVER_AE, tls_args: Any = None
+) -> int | str:
     """The status the peer sees for one C-STORE, or "rejected"/"aborted"/"refused" for the association."""
     try:
         assoc = sender(calling_ae).associate("127.0.0.1", port, ae_title=called_ae, tls_args=tls_args)
@@ -172,8 +176,9 @@ def encoded(dataset: Dataset) -> bytes:
     return encode(dataset, False, True)
 
 
-def part10(path: Path, body: bytes, *, sop_uid: str, syntax: str = ExplicitVRLittleEndian,
-           sop_class: str = CTImageStorage) -> Path:
+def part10(
+    path: Path, body: bytes, *, sop_uid: str, syntax: str = ExplicitVRLittleEndian, sop_class: str = CTImageStorage
+) -> Path:
     """A Part 10 file whose data set is ``body`` as given, for pynetdicom to send without decoding it
     (``_config.STORE_SEND_CHUNKED_DATASET``): the way to put any bytes, damaged or deflated, on the wire."""
     meta = FileMetaDataset()
@@ -191,8 +196,10 @@ def deflate_bomb(inflated_bytes: int) -> tuple[Dataset, bytes]:
     header = ct_instance(pixels=inflated_bytes // 2)
     del header.PixelData
     compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    parts = [compressor.compress(encoded(header)),
-             compressor.compress(b"\xe0\x7f\x10\x00OW\x00\x00" + (inflated_bytes).to_bytes(4, "little"))]
+    parts = [
+        compressor.compress(encoded(header)),
+        compressor.compress(b"\xe0\x7f\x10\x00OW\x00\x00" + (inflated_bytes).to_bytes(4, "little")),
+    ]
     zeros = bytes(1024 * 1024)
     for _ in range(inflated_bytes // len(zeros)):
         parts.append(compressor.compress(zeros))
@@ -211,7 +218,7 @@ def closed_by_peer(connection: socket.socket, seconds: float) -> bool:
     try:
         while connection.recv(65536):
             pass
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         return False
     except OSError:
         return True

@@ -36,8 +36,16 @@ def main() -> None:
     # Its own high-water mark from /proc: getrusage's carries over exec from the process that started it (the
     # test runner, hundreds of MB). Children (storescp): the largest reaped one.
     peak_kb = max(_own_peak_kb(), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-    print(json.dumps({"stored": receiver.stats.stored, "rejected_reasons": receiver.stats.rejected_reasons,
-                      "peak_rss_mb": round(peak_kb / 1024, 1)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "stored": receiver.stats.stored,
+                "rejected_reasons": receiver.stats.rejected_reasons,
+                "peak_rss_mb": round(peak_kb / 1024, 1),
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -5,17 +5,17 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from pydicom import dcmread
-from pynetdicom.dimse_primitives import C_FIND
-
 from pacsflow.core.dicom.client import PacsClient
 from pacsflow.core.dicom.config import ReceiverConfig
 from pacsflow.core.dicom.errors import Action, PacsConfigurationError, PacsItemError, PacsTransientError
 from pacsflow.core.dicom.receiver import StoreReceiver
 from pacsflow.core.storage import StorageLayout
 from pacsflow.demo.sandbox import orthanc
-from tests.core.dicom.conftest import RECEIVER_AE, UNWELCOMING_AE
+from pydicom import dcmread
+from pynetdicom.dimse_primitives import C_FIND
+
 from tests.conftest import fits_latin1, free_port
+from tests.core.dicom.conftest import RECEIVER_AE, UNWELCOMING_AE
 
 
 def test_echo_and_one_association_for_many_queries(pacs):
@@ -45,10 +45,11 @@ def test_study_series_and_image_levels_agree_with_the_files(pacs, files, a_serie
     study, series, count = a_series
     with PacsClient(pacs.config) as client:
         studies = client.find("STUDY", {"StudyInstanceUID": study, "AccessionNumber": "", "PatientID": ""})
-        listed = client.find("SERIES", {"StudyInstanceUID": study, "SeriesInstanceUID": "", "Modality": "",
-                                        "NumberOfSeriesRelatedInstances": ""})
-        images = client.find("IMAGE", {"StudyInstanceUID": study, "SeriesInstanceUID": series,
-                                       "SOPInstanceUID": ""})
+        listed = client.find(
+            "SERIES",
+            {"StudyInstanceUID": study, "SeriesInstanceUID": "", "Modality": "", "NumberOfSeriesRelatedInstances": ""},
+        )
+        images = client.find("IMAGE", {"StudyInstanceUID": study, "SeriesInstanceUID": series, "SOPInstanceUID": ""})
     assert [m["StudyInstanceUID"] for m in studies.matches] == [study]
     assert {m["SeriesInstanceUID"]: m["NumberOfSeriesRelatedInstances"] for m in listed.matches}[series] == count
     on_disk = {dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in files if p.parent.name == series}
@@ -78,8 +79,12 @@ def test_an_is_an_exact_key(pacs, files):
 def test_move_into_the_receiver_lands_every_instance_at_its_layout_path(pacs, receiver_ports, a_series, tmp_path):
     study, series, count = a_series
     layout = StorageLayout(tmp_path)
-    with StoreReceiver(ReceiverConfig(port=receiver_ports[RECEIVER_AE], allowed_calling_aes=("ORTHANC",)),
-                       layout) as receiver, PacsClient(pacs.config) as client:
+    with (
+        StoreReceiver(
+            ReceiverConfig(port=receiver_ports[RECEIVER_AE], allowed_calling_aes=("ORTHANC",)), layout
+        ) as receiver,
+        PacsClient(pacs.config) as client,
+    ):
         report = client.move("SERIES", {"StudyInstanceUID": study, "SeriesInstanceUID": series}, RECEIVER_AE)
     assert (report.status, report.completed, report.failed, report.suspicious) == (0, count, 0, False)
     assert receiver.stats.stored == count and receiver.stats.rejected == 0
@@ -90,8 +95,9 @@ def test_get_stores_on_the_same_association(pacs, a_series, tmp_path):
     study, series, count = a_series
     layout = StorageLayout(tmp_path)
     with PacsClient(replace(pacs.config, retrieve_method="c-get")) as client:
-        report = client.retrieve("SERIES", {"StudyInstanceUID": study, "SeriesInstanceUID": series},
-                                 destination_ae="unused", layout=layout)
+        report = client.retrieve(
+            "SERIES", {"StudyInstanceUID": study, "SeriesInstanceUID": series}, destination_ae="unused", layout=layout
+        )
     assert (report.completed, report.failed) == (count, 0)
     assert len(layout.stored_sop_uids(study, series)) == count
 
@@ -106,8 +112,10 @@ def test_unknown_move_destination_is_refused(pacs, a_series):
 
 
 def test_unknown_called_ae_is_a_configuration_error(pacs):
-    with PacsClient(replace(pacs.config, called_ae="NOT_ORTHANC")) as client, \
-            pytest.raises(PacsConfigurationError, match="called AE"):
+    with (
+        PacsClient(replace(pacs.config, called_ae="NOT_ORTHANC")) as client,
+        pytest.raises(PacsConfigurationError, match="called AE"),
+    ):
         client.echo()
 
 
@@ -122,8 +130,9 @@ def replace_port(port: int):
     return PacsConfig(host="127.0.0.1", port=port, called_ae="ANY", acse_timeout=2, network_timeout=2)
 
 
-@pytest.mark.parametrize("keys", [{}, {"StudyInstanceUID": ""}, {"StudyInstanceUID": "1.2.*"},
-                                  {"StudyInstanceUID": "../../etc"}])
+@pytest.mark.parametrize(
+    "keys", [{}, {"StudyInstanceUID": ""}, {"StudyInstanceUID": "1.2.*"}, {"StudyInstanceUID": "../../etc"}]
+)
 def test_a_retrieve_that_could_match_the_whole_archive_is_refused(pacs, keys):
     with PacsClient(pacs.config) as client, pytest.raises(ValueError, match="exact UIDs"):
         client.move("STUDY", keys, RECEIVER_AE)
@@ -138,18 +147,24 @@ def test_a_study_orthanc_does_not_hold_is_unable_to_process(pacs):
 
 def test_a_destination_that_refuses_the_pacs_gets_nothing(pacs, receiver_ports, a_series, tmp_path):
     study, series, _ = a_series
-    refusing = ReceiverConfig(ae_title=UNWELCOMING_AE, port=receiver_ports[UNWELCOMING_AE],
-                              allowed_calling_aes=("SOMEONE_ELSE",))
-    with StoreReceiver(refusing, StorageLayout(tmp_path)) as receiver, PacsClient(pacs.config) as client, \
-            pytest.raises(PacsItemError) as error:
+    refusing = ReceiverConfig(
+        ae_title=UNWELCOMING_AE, port=receiver_ports[UNWELCOMING_AE], allowed_calling_aes=("SOMEONE_ELSE",)
+    )
+    with (
+        StoreReceiver(refusing, StorageLayout(tmp_path)) as receiver,
+        PacsClient(pacs.config) as client,
+        pytest.raises(PacsItemError) as error,
+    ):
         client.move("SERIES", {"StudyInstanceUID": study, "SeriesInstanceUID": series}, UNWELCOMING_AE)
     assert error.value.status == 0xC000  # Orthanc 1.10's answer when its sub-association is rejected
     assert receiver.stats.stored == 0 and not list(tmp_path.rglob("*.dcm"))
 
 
 def test_orthanc_stopping_at_its_result_limit_is_capped_not_complete(files, tmp_path):
-    with orthanc(tmp_path / "orthanc", move_destinations={}, result_cap=3) as limited, \
-            PacsClient(replace(limited.config, result_cap=None)) as client:
+    with (
+        orthanc(tmp_path / "orthanc", move_destinations={}, result_cap=3) as limited,
+        PacsClient(replace(limited.config, result_cap=None)) as client,
+    ):
         limited.load(files)
         result = client.find("STUDY", {"StudyInstanceUID": ""})
     # Orthanc answers 0xFE00 (matching terminated) after its limit: the matches are kept, flagged capped.
@@ -159,8 +174,10 @@ def test_orthanc_stopping_at_its_result_limit_is_capped_not_complete(files, tmp_
 def test_latin1_answers_are_decoded(files, headers, tmp_path):
     """Orthanc configured for Latin-1 answers in ISO_IR 100 whatever we ask."""
     expected = {h.PatientID: str(h.PatientName) for h in headers}
-    with orthanc(tmp_path / "orthanc", move_destinations={}, default_encoding="Latin1") as latin1, \
-            PacsClient(latin1.config) as client:
+    with (
+        orthanc(tmp_path / "orthanc", move_destinations={}, default_encoding="Latin1") as latin1,
+        PacsClient(latin1.config) as client,
+    ):
         latin1.load(files)
         found = client.find("STUDY", {"PatientID": "", "PatientName": "", "StudyInstanceUID": ""}).matches
     representable = {pid: name for pid, name in expected.items() if fits_latin1(name)}
@@ -171,10 +188,18 @@ def test_latin1_answers_are_decoded(files, headers, tmp_path):
 def test_values_come_back_as_plain_python(pacs, a_series):
     study, series, count = a_series
     with PacsClient(pacs.config) as client:
-        [match] = client.find("SERIES", {"StudyInstanceUID": study, "SeriesInstanceUID": series,
-                                         "NumberOfSeriesRelatedInstances": "", "SeriesNumber": "",
-                                         "ModalitiesInStudy": "", "SeriesDescription": "", "BodyPartExamined": ""}
-                              ).matches
+        [match] = client.find(
+            "SERIES",
+            {
+                "StudyInstanceUID": study,
+                "SeriesInstanceUID": series,
+                "NumberOfSeriesRelatedInstances": "",
+                "SeriesNumber": "",
+                "ModalitiesInStudy": "",
+                "SeriesDescription": "",
+                "BodyPartExamined": "",
+            },
+        ).matches
     assert type(match["NumberOfSeriesRelatedInstances"]) is int and type(match["SeriesNumber"]) is int
     assert type(match["SeriesInstanceUID"]) is str and match["NumberOfSeriesRelatedInstances"] == count
 
@@ -192,19 +217,21 @@ def test_get_on_a_move_client_renegotiates_storage_roles(pacs, a_series, tmp_pat
 
 # -- pynetdicom qrscp: a second, independent implementation ------------------------------------------
 
+
 def test_qrscp_levels_agree_with_the_files(qr_pacs, headers, a_series):
     study, series, _ = a_series
     with PacsClient(qr_pacs.config) as client:
         studies = client.find("STUDY", {"StudyInstanceUID": "", "AccessionNumber": ""}).matches
         listed = client.find("SERIES", {"StudyInstanceUID": study, "SeriesInstanceUID": ""}).matches
-        images = client.find("IMAGE", {"StudyInstanceUID": study, "SeriesInstanceUID": series,
-                                       "SOPInstanceUID": ""}).matches
+        images = client.find(
+            "IMAGE", {"StudyInstanceUID": study, "SeriesInstanceUID": series, "SOPInstanceUID": ""}
+        ).matches
     # qrscp answers once per instance at study and series level: compare sets.
     assert {m["StudyInstanceUID"] for m in studies} == {h.StudyInstanceUID for h in headers}
-    assert {m["SeriesInstanceUID"] for m in listed} == {h.SeriesInstanceUID for h in headers
-                                                        if h.StudyInstanceUID == study}
-    assert {m["SOPInstanceUID"] for m in images} == {h.SOPInstanceUID for h in headers
-                                                     if h.SeriesInstanceUID == series}
+    assert {m["SeriesInstanceUID"] for m in listed} == {
+        h.SeriesInstanceUID for h in headers if h.StudyInstanceUID == study
+    }
+    assert {m["SOPInstanceUID"] for m in images} == {h.SOPInstanceUID for h in headers if h.SeriesInstanceUID == series}
 
 
 def test_qrscp_latin1_names_are_decoded(qr_pacs, headers):
@@ -219,8 +246,10 @@ def test_qrscp_move_and_get_land_every_instance(qr_pacs, receiver_ports, a_serie
     study, series, count = a_series
     keys = {"StudyInstanceUID": study, "SeriesInstanceUID": series}
     moved, got = StorageLayout(tmp_path / "moved"), StorageLayout(tmp_path / "got")
-    with StoreReceiver(ReceiverConfig(port=receiver_ports[RECEIVER_AE]), moved) as receiver, \
-            PacsClient(qr_pacs.config) as client:
+    with (
+        StoreReceiver(ReceiverConfig(port=receiver_ports[RECEIVER_AE]), moved) as receiver,
+        PacsClient(qr_pacs.config) as client,
+    ):
         move = client.move("SERIES", keys, RECEIVER_AE)
         get = client.get("SERIES", keys, got)
     assert (move.status, move.completed, move.failed, receiver.stats.stored) == (0, count, 0, count)
@@ -237,7 +266,9 @@ def test_qrscp_unknown_move_destination_is_a_configuration_error(qr_pacs, a_seri
 
 def test_success_with_zero_sub_operations_is_flagged(qr_pacs, receiver_ports, tmp_path):
     # qrscp answers success with no sub-operations for a UID it does not hold (Orthanc answers 0xC000).
-    with StoreReceiver(ReceiverConfig(port=receiver_ports[RECEIVER_AE]), StorageLayout(tmp_path)), \
-            PacsClient(qr_pacs.config) as client:
+    with (
+        StoreReceiver(ReceiverConfig(port=receiver_ports[RECEIVER_AE]), StorageLayout(tmp_path)),
+        PacsClient(qr_pacs.config) as client,
+    ):
         report = client.move("STUDY", {"StudyInstanceUID": "1.2.3.4.5.6.7.8.9"}, RECEIVER_AE)
     assert (report.status, report.completed, report.failed) == (0x0000, 0, 0) and report.suspicious

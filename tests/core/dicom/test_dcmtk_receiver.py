@@ -7,6 +7,7 @@ from pacsflow.core.dicom.client import PacsClient
 from pacsflow.core.dicom.config import ReceiverConfig
 from pacsflow.core.dicom.dcmtk_receiver import DcmtkStoreReceiver
 from pacsflow.core.storage import StorageLayout
+
 from tests.core.dicom.conftest import RECEIVER_AE
 
 
@@ -20,5 +21,3 @@ def test_a_move_through_orthanc_is_in_the_layout_when_settled(pacs, receiver_por
         # Verified while the receiver still runs: what the PACS reports as sent is durable in the layout.
         assert report.completed == count == len(layout.stored_sop_uids(study, series))
     assert receiver.stats.stored == count
-
-

@@ -14,11 +14,11 @@ import random
 from collections import Counter
 
 import pytest
-from pydicom import dcmread
-
 from pacsflow.core.dicom.config import ReceiverConfig
 from pacsflow.core.dicom.header import is_complete
 from pacsflow.core.storage import TEMP_PREFIX
+from pydicom import dcmread
+
 from tests.core.dicom.fuzz import make_case, run_case
 from tests.core.dicom.peers import RECEIVER_AE, ReceiverProcess, legitimate_store_succeeds, stored_files
 
@@ -29,8 +29,9 @@ RSS_LIMIT_MB = 250
 
 def fuzz(backend: str, root, cases: int, seed: int = SEED) -> dict:
     """Run ``cases`` mutated associations; returns the figures (and asserts the properties)."""
-    config = ReceiverConfig(ae_title=RECEIVER_AE, port=0, backend=backend, acse_timeout=2, dimse_timeout=3,
-                            network_timeout=3, max_pdu=65536)
+    config = ReceiverConfig(
+        ae_title=RECEIVER_AE, port=0, backend=backend, acse_timeout=2, dimse_timeout=3, network_timeout=3, max_pdu=65536
+    )
     rng = random.Random(seed)
     answered: dict[str, tuple[int | None, tuple[str, str]]] = {}
     mutations: Counter[str] = Counter()
@@ -54,9 +55,17 @@ def fuzz(backend: str, root, cases: int, seed: int = SEED) -> dict:
     assert not [p for p in root.rglob("*") if p.is_file() and p.name.startswith(TEMP_PREFIX)]
     assert outcome.peak_rss_mb < RSS_LIMIT_MB
     successes = sum(1 for status, _ in answered.values() if status == 0x0000)
-    return {"backend": backend, "cases": cases, "seed": seed, "crashes": 0, "answered_success": successes,
-            "filed": len(files) - 1, "peak_rss_mb": outcome.peak_rss_mb, "mutations": dict(mutations),
-            "rejected_reasons": outcome.rejected_reasons}
+    return {
+        "backend": backend,
+        "cases": cases,
+        "seed": seed,
+        "crashes": 0,
+        "answered_success": successes,
+        "filed": len(files) - 1,
+        "peak_rss_mb": outcome.peak_rss_mb,
+        "mutations": dict(mutations),
+        "rejected_reasons": outcome.rejected_reasons,
+    }
 
 
 @pytest.mark.parametrize("backend", ["pynetdicom", "dcmtk"])

@@ -10,16 +10,20 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pacsflow.core.dicom import header
+from pacsflow.core.dicom.header import HeaderProblem, InstanceUids, file_uids
+from pacsflow.core.dicom.inflate import InflateError, inflate_file
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import read_partial
 from pydicom.sequence import Sequence
-from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
-                         ImplicitVRLittleEndian)
-
-from pacsflow.core.dicom import header
-from pacsflow.core.dicom.header import HeaderProblem, InstanceUids, file_uids
-from pacsflow.core.dicom.inflate import InflateError, inflate_file
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 SOP, STUDY, SERIES = "1.2.3.4.5.6", "1.2.3.4", "1.2.3.4.5"
 SERIES_UID_TAG = 0x0020000E
@@ -41,7 +45,7 @@ def test_every_pydicom_test_file_gives_pydicoms_uids(path, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         full = dcmread(path, stop_before_pixels=True)
-        if header.is_deflated(path.read_bytes()[:header._HEAD_BYTES]):
+        if header.is_deflated(path.read_bytes()[: header._HEAD_BYTES]):
             with pytest.raises(ValueError, match="deflated"):  # never inflated whole in memory
                 file_uids(path)
             path = tmp_path / path.name
@@ -51,8 +55,9 @@ def test_every_pydicom_test_file_gives_pydicoms_uids(path, tmp_path):
     assert (meta_sop_uid, uids) == (full.file_meta.get("MediaStorageSOPInstanceUID"), InstanceUids.of(full))
 
 
-@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm",
-                                  "SC_rgb_jpeg_gdcm.dcm"])
+@pytest.mark.parametrize(
+    "name", ["CT_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm", "SC_rgb_jpeg_gdcm.dcm"]
+)
 def test_a_whole_image_is_complete_and_every_cut_of_it_is_not(name, tmp_path):
     data = (TEST_FILES / name).read_bytes()
     path = tmp_path / name
@@ -77,11 +82,12 @@ def test_a_deflated_file_inflates_within_its_bound_only(tmp_path):
     assert dcmread(path).PixelData == dcmread(TEST_FILES / "image_dfl.dcm").PixelData
 
 
-@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm",
-                                  "SC_rgb_jpeg_gdcm.dcm"])
+@pytest.mark.parametrize(
+    "name", ["CT_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm", "SC_rgb_jpeg_gdcm.dcm"]
+)
 def test_the_fast_path_reads_implicit_explicit_and_big_endian_files_itself(name):
     data = (TEST_FILES / name).read_bytes()
-    fast = header._uids_fast(data[:header._HEAD_BYTES])
+    fast = header._uids_fast(data[: header._HEAD_BYTES])
     assert fast is not None and fast[1].problem(fast[0]) is None
     assert fast == _pydicom_answer(data)
 
@@ -112,8 +118,9 @@ def _save(ds: Dataset, path: Path, syntax: UID) -> Path:
     return path
 
 
-@pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian],
-                         ids=lambda syntax: syntax.name)
+@pytest.mark.parametrize(
+    "syntax", [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian], ids=lambda syntax: syntax.name
+)
 def test_nested_undefined_length_sequences_before_the_uids(syntax, tmp_path):
     path = _save(_dataset_with_nested_undefined_length_sequences(), tmp_path / "nested.dcm", syntax)
     data = path.read_bytes()
@@ -123,8 +130,9 @@ def test_nested_undefined_length_sequences_before_the_uids(syntax, tmp_path):
 
 
 def test_deflated_files_are_read_once_inflated_never_by_pydicom_whole(tmp_path):
-    path = _save(_dataset_with_nested_undefined_length_sequences(), tmp_path / "deflated.dcm",
-                 DeflatedExplicitVRLittleEndian)
+    path = _save(
+        _dataset_with_nested_undefined_length_sequences(), tmp_path / "deflated.dcm", DeflatedExplicitVRLittleEndian
+    )
     assert header._uids_fast(path.read_bytes()) is None
     with pytest.raises(ValueError, match="deflated"):
         file_uids(path)
@@ -134,7 +142,7 @@ def test_deflated_files_are_read_once_inflated_never_by_pydicom_whole(tmp_path):
 
 def test_a_buffer_cut_before_the_series_uid_is_left_to_pydicom():
     data = (TEST_FILES / "CT_small.dcm").read_bytes()
-    head = data[:data.index(b"1.3.6.1.4.1.5962.1.3.1.1.20040119072730.12322")]  # its SeriesInstanceUID
+    head = data[: data.index(b"1.3.6.1.4.1.5962.1.3.1.1.20040119072730.12322")]  # its SeriesInstanceUID
     assert header._uids_fast(head) is None
     meta_sop_uid, uids = file_uids(TEST_FILES / "CT_small.dcm")
     assert uids.series == "1.3.6.1.4.1.5962.1.3.1.1.20040119072730.12322" and uids.problem(meta_sop_uid) is None
@@ -154,7 +162,7 @@ def test_damaged_files_get_pydicoms_answer_whenever_the_fast_path_answers():
                     data = bytearray(original)
                     for _ in range(rng.randint(1, 3)):
                         data[rng.randrange(132, min(len(data), 3000))] = rng.randrange(256)
-                    fast = header._uids_fast(bytes(data[:header._HEAD_BYTES]))
+                    fast = header._uids_fast(bytes(data[: header._HEAD_BYTES]))
                     if fast is None or fast[1].problem(fast[0]) is not None:
                         continue
                     answered += 1
@@ -164,11 +172,14 @@ def test_damaged_files_get_pydicoms_answer_whenever_the_fast_path_answers():
     assert answered > 1000  # the fast path does answer for most damage (outside the UIDs)
 
 
-@pytest.mark.parametrize(("uids", "requested", "problem"), [
-    (InstanceUids(SOP, STUDY, SERIES), SOP, None),
-    (InstanceUids(SOP, STUDY, SERIES), "1.2.3.4.5.7", HeaderProblem.SOP_INSTANCE_MISMATCH),
-    (InstanceUids(SOP, "../../etc", SERIES), SOP, HeaderProblem.INVALID_UID),
-    (InstanceUids(SOP, STUDY, None), SOP, HeaderProblem.INVALID_UID),
-])
+@pytest.mark.parametrize(
+    ("uids", "requested", "problem"),
+    [
+        (InstanceUids(SOP, STUDY, SERIES), SOP, None),
+        (InstanceUids(SOP, STUDY, SERIES), "1.2.3.4.5.7", HeaderProblem.SOP_INSTANCE_MISMATCH),
+        (InstanceUids(SOP, "../../etc", SERIES), SOP, HeaderProblem.INVALID_UID),
+        (InstanceUids(SOP, STUDY, None), SOP, HeaderProblem.INVALID_UID),
+    ],
+)
 def test_problems_of_received_uids(uids, requested, problem):
     assert uids.problem(requested) is problem

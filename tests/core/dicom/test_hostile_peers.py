@@ -75,9 +75,18 @@ def start(tmp_path):
     started: list[ReceiverProcess] = []
 
     def run(backend: str, **settings) -> ReceiverProcess:
-        config = ReceiverConfig(**{"ae_title": RECEIVER_AE, "port": 0, "backend": backend, "max_associations": 3,
-                                   "acse_timeout": ACSE_TIMEOUT, "dimse_timeout": 10, "network_timeout": 10,
-                                   **settings})
+        config = ReceiverConfig(
+            **{
+                "ae_title": RECEIVER_AE,
+                "port": 0,
+                "backend": backend,
+                "max_associations": 3,
+                "acse_timeout": ACSE_TIMEOUT,
+                "dimse_timeout": 10,
+                "network_timeout": 10,
+                **settings,
+            }
+        )
         receiver = ReceiverProcess(config, tmp_path / "root").__enter__()
         started.append(receiver)
         return receiver
@@ -110,8 +119,14 @@ def test_silent_connections_block_neither_the_accept_loop_nor_tls(backend, start
     silent = [connect(receiver.port) for _ in range(3)]
     began = time.monotonic()
     client = TlsConfig(ca_file=str(pki.ca), cert_file=str(pki.client_cert), key_file=str(pki.client_key))
-    pacs_like = PacsConfig(host="127.0.0.1", port=receiver.port, called_ae=RECEIVER_AE, acse_timeout=5,
-                           network_timeout=5, tls=client if backend == "pynetdicom" else None)
+    pacs_like = PacsConfig(
+        host="127.0.0.1",
+        port=receiver.port,
+        called_ae=RECEIVER_AE,
+        acse_timeout=5,
+        network_timeout=5,
+        tls=client if backend == "pynetdicom" else None,
+    )
     with PacsClient(pacs_like) as pacs:
         pacs.echo()
     assert time.monotonic() - began < 3, "the echo waited for the silent connections"
@@ -143,8 +158,9 @@ def test_slowloris_connections_time_out_and_never_take_the_legitimate_peers_slot
 def test_deflated_is_refused_by_default(backend, start, tmp_path):
     receiver = start(backend)
     assert DeflatedExplicitVRLittleEndian not in DEFAULT_RECEIVE_SYNTAXES
-    assoc = sender(syntaxes=[DeflatedExplicitVRLittleEndian]).associate("127.0.0.1", receiver.port,
-                                                                         ae_title=RECEIVER_AE)
+    assoc = sender(syntaxes=[DeflatedExplicitVRLittleEndian]).associate(
+        "127.0.0.1", receiver.port, ae_title=RECEIVER_AE
+    )
     assert not [cx for cx in assoc.accepted_contexts if cx.transfer_syntax[0] == DeflatedExplicitVRLittleEndian]
     if assoc.is_established:
         assoc.release()
@@ -153,16 +169,22 @@ def test_deflated_is_refused_by_default(backend, start, tmp_path):
 
 @BACKENDS
 def test_a_deflate_bomb_is_inflated_with_a_bound_and_refused(backend, start, tmp_path):
-    receiver = start(backend, transfer_syntaxes=(DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian),
-                     max_inflated_bytes=32 * 1024 * 1024)
+    receiver = start(
+        backend,
+        transfer_syntaxes=(DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian),
+        max_inflated_bytes=32 * 1024 * 1024,
+    )
     header, bomb = deflate_bomb(1024 * 1024 * 1024)  # 1 GiB inflated, ~1 MB on the wire
-    bomb_file = part10(tmp_path / "bomb.dcm", bomb, sop_uid=header.SOPInstanceUID,
-                       syntax=DeflatedExplicitVRLittleEndian)
+    bomb_file = part10(
+        tmp_path / "bomb.dcm", bomb, sop_uid=header.SOPInstanceUID, syntax=DeflatedExplicitVRLittleEndian
+    )
     small, small_body = deflate_bomb(2 * 1024 * 1024)  # a legitimate deflated instance, under the bound
-    small_file = part10(tmp_path / "small.dcm", small_body, sop_uid=small.SOPInstanceUID,
-                        syntax=DeflatedExplicitVRLittleEndian)
-    assoc = sender(syntaxes=[DeflatedExplicitVRLittleEndian]).associate("127.0.0.1", receiver.port,
-                                                                         ae_title=RECEIVER_AE)
+    small_file = part10(
+        tmp_path / "small.dcm", small_body, sop_uid=small.SOPInstanceUID, syntax=DeflatedExplicitVRLittleEndian
+    )
+    assoc = sender(syntaxes=[DeflatedExplicitVRLittleEndian]).associate(
+        "127.0.0.1", receiver.port, ae_title=RECEIVER_AE
+    )
     bomb_status = assoc.send_c_store(bomb_file).Status
     small_status = assoc.send_c_store(small_file).Status
     assoc.release()
@@ -216,8 +238,9 @@ def _start_a_large_store(port: int, tmp_path: Path, megabytes: int = 64):
 def test_a_receiver_killed_mid_object_never_files_a_truncated_instance(backend, start, tmp_path):
     receiver = start(backend)
     assoc = _start_a_large_store(receiver.port, tmp_path)
-    assert eventually(lambda: any(p.stat().st_size > 8 * 1024 * 1024 for p in receiver.root.rglob("*")
-                                  if p.is_file()), 20), "the instance did not start streaming to disk"
+    assert eventually(
+        lambda: any(p.stat().st_size > 8 * 1024 * 1024 for p in receiver.root.rglob("*") if p.is_file()), 20
+    ), "the instance did not start streaming to disk"
     if backend == "dcmtk":  # storescp dies (OOM, a signal): its partial file stays in staging
         (storescp,) = _children(receiver.pid)
         os.kill(storescp, signal.SIGKILL)
@@ -237,8 +260,9 @@ def test_stopping_the_receiver_mid_object_files_nothing(backend, start, tmp_path
     """pacsflow's own stop (SIGTERM, as from Airflow) while a peer is mid-object."""
     receiver = start(backend)
     assoc = _start_a_large_store(receiver.port, tmp_path)
-    assert eventually(lambda: any(p.stat().st_size > 8 * 1024 * 1024 for p in receiver.root.rglob("*")
-                                  if p.is_file()), 20)
+    assert eventually(
+        lambda: any(p.stat().st_size > 8 * 1024 * 1024 for p in receiver.root.rglob("*") if p.is_file()), 20
+    )
     outcome = receiver.stop()
     assoc.abort()
     left = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != RECEIVER_LOCK]  # the lock holds no data
@@ -251,8 +275,7 @@ def test_a_second_copy_never_replaces_the_first_nor_lands_under_another_study(ba
     receiver = start(backend)
     original = ct_instance()
     assert store(receiver.port, original) == 0x0000
-    path = receiver.layout.instance_path(original.StudyInstanceUID, original.SeriesInstanceUID,
-                                         original.SOPInstanceUID)
+    path = receiver.layout.instance_path(original.StudyInstanceUID, original.SeriesInstanceUID, original.SOPInstanceUID)
     assert eventually(path.is_file)
     first_bytes = path.read_bytes()
     refused = DUPLICATE_SOP_INSTANCE if backend == "pynetdicom" else 0x0000
@@ -266,8 +289,10 @@ def test_a_second_copy_never_replaces_the_first_nor_lands_under_another_study(ba
     time.sleep(0.5)  # the DCMTK backend's ingest
     outcome = _after_the_attack(receiver, tmp_path, stored=2)
     assert path.read_bytes() == first_bytes
-    assert outcome.rejected_reasons == {"SOP Instance already stored with other bytes": 1,
-                                        "SOP Instance UID already stored under another study or series": 1}
+    assert outcome.rejected_reasons == {
+        "SOP Instance already stored with other bytes": 1,
+        "SOP Instance UID already stored under another study or series": 1,
+    }
 
 
 @BACKENDS
@@ -281,16 +306,22 @@ def test_hostile_uids_mismatches_and_damaged_bodies_are_never_filed(backend, sta
     damaged = ct_instance(pixels=4096)
     cut = encoded(damaged)[:-1000]  # its pixel data shorter than declared
     statuses = []
-    for name, data, sop_uid in (("traversal", body, "../../xx"), ("mismatch", encoded(mismatch), generate_uid()),
-                                ("damaged", cut, damaged.SOPInstanceUID)):
+    for name, data, sop_uid in (
+        ("traversal", body, "../../xx"),
+        ("mismatch", encoded(mismatch), generate_uid()),
+        ("damaged", cut, damaged.SOPInstanceUID),
+    ):
         assoc = sender().associate("127.0.0.1", receiver.port, ae_title=RECEIVER_AE)
         statuses.append(int(assoc.send_c_store(part10(tmp_path / f"{name}.dcm", data, sop_uid=sop_uid)).Status))
         assoc.release()
     assert tuple(statuses) == expected
     time.sleep(0.5)
     outcome = _after_the_attack(receiver, tmp_path / "root", stored=1)
-    assert outcome.rejected_reasons == {"invalid UID": 1, "SOP Instance UID differs from the request": 1,
-                                        "data set incomplete or its lengths inconsistent": 1}
+    assert outcome.rejected_reasons == {
+        "invalid UID": 1,
+        "SOP Instance UID differs from the request": 1,
+        "data set incomplete or its lengths inconsistent": 1,
+    }
 
 
 @BACKENDS

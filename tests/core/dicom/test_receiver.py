@@ -16,6 +16,15 @@ from io import BytesIO
 from pathlib import Path
 
 import pytest
+from pacsflow.core.dicom.client import PacsClient
+from pacsflow.core.dicom.config import PacsConfig, ReceiverConfig, TlsConfig
+from pacsflow.core.dicom.dcmtk_receiver import STAGING_DIR
+from pacsflow.core.dicom.errors import PacsTransientError
+from pacsflow.core.dicom.intake import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
+from pacsflow.core.dicom.receiver import StoreReceiver, open_receiver
+from pacsflow.core.dicom.sharing import RECEIVER_LOCK
+from pacsflow.core.dicom.transport import client_tls
+from pacsflow.core.storage import TEMP_PREFIX, StorageLayout
 from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pynetdicom import AE, StoragePresentationContexts
@@ -23,25 +32,16 @@ from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 
-from pacsflow.core.dicom.client import PacsClient
-from pacsflow.core.dicom.config import PacsConfig, ReceiverConfig, TlsConfig
-from pacsflow.core.dicom.errors import PacsTransientError
-from pacsflow.core.dicom.intake import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
-from pacsflow.core.dicom.receiver import StoreReceiver, open_receiver
-from pacsflow.core.dicom.transport import client_tls
-from pacsflow.core.dicom.dcmtk_receiver import STAGING_DIR
-from pacsflow.core.storage import TEMP_PREFIX, StorageLayout
-from pacsflow.core.dicom.sharing import RECEIVER_LOCK
 from tests.conftest import free_port
 from tests.core.dicom.conftest import RECEIVER_AE
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
-
 def written_files(root: Path) -> list[Path]:
     """Files under ``root`` other than the receiver's lock (which holds no data)."""
     return [p for p in root.rglob("*") if p.is_file() and p.name != RECEIVER_LOCK]
+
 
 def sender(calling_ae: str = "SENDER") -> AE:
     ae = AE(ae_title=calling_ae)
@@ -183,15 +183,17 @@ def test_tls_with_client_certificates(files, pki, tmp_path):
     client = TlsConfig(ca_file=str(pki.ca), cert_file=str(pki.client_cert), key_file=str(pki.client_key))
     config = ReceiverConfig(ae_title=RECEIVER_AE, port=0, tls=server)
     with StoreReceiver(config, StorageLayout(tmp_path)) as receiver:
-        pacs_like = PacsConfig(host="127.0.0.1", port=receiver.port, called_ae=RECEIVER_AE, acse_timeout=5,
-                               network_timeout=5)
+        pacs_like = PacsConfig(
+            host="127.0.0.1", port=receiver.port, called_ae=RECEIVER_AE, acse_timeout=5, network_timeout=5
+        )
         with PacsClient(replace(pacs_like, tls=client)) as verified:
             verified.echo()  # the server certificate is checked against the CA and the host name
         for refused in (pacs_like, replace(pacs_like, tls=TlsConfig(ca_file=str(pki.ca)))):  # plain, no cert
             with PacsClient(refused) as stranger, pytest.raises(PacsTransientError):
                 stranger.echo()
-        assoc = sender().associate("127.0.0.1", receiver.port, ae_title=RECEIVER_AE,
-                                   tls_args=client_tls(client, "127.0.0.1"))
+        assoc = sender().associate(
+            "127.0.0.1", receiver.port, ae_title=RECEIVER_AE, tls_args=client_tls(client, "127.0.0.1")
+        )
         assert assoc.send_c_store(dcmread(files[0])).Status == 0x0000
         assoc.release()
     assert receiver.stats.stored == 1
@@ -201,8 +203,12 @@ def test_tls_with_client_certificates(files, pki, tmp_path):
 def tiny_filesystem(tmp_path) -> Path:
     mount_point = tmp_path / "tiny"
     mount_point.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
-                                           capture_output=True).returncode:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)], capture_output=True
+        ).returncode
+    ):
         pytest.skip("needs root to mount a 64 KiB tmpfs (CI runs as root)")
     yield mount_point
     subprocess.run(["umount", "--lazy", str(mount_point)], check=True)  # lazy: a file a failed test left open
@@ -223,13 +229,27 @@ def test_dcmtk_storescu_into_the_receiver(files, receiver_config, tmp_path, back
     layout = StorageLayout(tmp_path)
     batch = files[:10]
     with open_receiver(replace(receiver_config, backend=backend), layout) as receiver:
-        subprocess.run(["storescu", "-aet", "DCMTK", "-aec", RECEIVER_AE, "127.0.0.1", str(receiver_config.port),
-                        *map(str, batch)], check=True, env=DCMTK_ENV, capture_output=True)
+        subprocess.run(
+            [
+                "storescu",
+                "-aet",
+                "DCMTK",
+                "-aec",
+                RECEIVER_AE,
+                "127.0.0.1",
+                str(receiver_config.port),
+                *map(str, batch),
+            ],
+            check=True,
+            env=DCMTK_ENV,
+            capture_output=True,
+        )
     assert receiver.stats.stored == len(batch) and receiver.stats.rejected == 0
     for path in batch:
         original = dcmread(path)
-        stored = dcmread(layout.instance_path(original.StudyInstanceUID, original.SeriesInstanceUID,
-                                              original.SOPInstanceUID))
+        stored = dcmread(
+            layout.instance_path(original.StudyInstanceUID, original.SeriesInstanceUID, original.SOPInstanceUID)
+        )
         assert stored.PixelData == original.PixelData and stored.PatientName == original.PatientName
     assert not (layout.root / STAGING_DIR).exists()  # the DCMTK backend's staging is gone with it
 
@@ -239,10 +259,29 @@ def test_dcmtk_movescu_through_orthanc_into_the_receiver(pacs, receiver_ports, a
     layout = StorageLayout(tmp_path)
     config = ReceiverConfig(ae_title=RECEIVER_AE, port=receiver_ports[RECEIVER_AE])
     with StoreReceiver(config, layout) as receiver:
-        subprocess.run(["movescu", "-S", "-aet", "DCMTK", "-aec", pacs.config.called_ae, "-aem", RECEIVER_AE,
-                        "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={study}",
-                        "-k", f"SeriesInstanceUID={series}", "127.0.0.1", str(pacs.config.port)],
-                       check=True, env=DCMTK_ENV, capture_output=True)
+        subprocess.run(
+            [
+                "movescu",
+                "-S",
+                "-aet",
+                "DCMTK",
+                "-aec",
+                pacs.config.called_ae,
+                "-aem",
+                RECEIVER_AE,
+                "-k",
+                "QueryRetrieveLevel=SERIES",
+                "-k",
+                f"StudyInstanceUID={study}",
+                "-k",
+                f"SeriesInstanceUID={series}",
+                "127.0.0.1",
+                str(pacs.config.port),
+            ],
+            check=True,
+            env=DCMTK_ENV,
+            capture_output=True,
+        )
     assert receiver.stats.stored == count == len(layout.stored_sop_uids(study, series))
 
 
@@ -259,9 +298,23 @@ def test_the_receiver_answers_busy_beyond_its_association_cap(tmp_path, backend)
 @BACKENDS
 def test_the_standalone_service_receives_and_stops_on_sigterm(files, tmp_path, backend):
     port = free_port()
-    service = subprocess.Popen([sys.executable, "-m", "pacsflow.core.dicom", "--root", str(tmp_path),
-                                "--ae-title", RECEIVER_AE, "--port", str(port), "--backend", backend],
-                               stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    service = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pacsflow.core.dicom",
+            "--root",
+            str(tmp_path),
+            "--ae-title",
+            RECEIVER_AE,
+            "--port",
+            str(port),
+            "--backend",
+            backend,
+        ],
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     try:
         deadline = time.monotonic() + 30
         while (status := send(port, dcmread(files[0]))) is None and time.monotonic() < deadline:
@@ -274,7 +327,8 @@ def test_the_standalone_service_receives_and_stops_on_sigterm(files, tmp_path, b
     assert b"1 stored" in log
     header = dcmread(files[0], stop_before_pixels=True)
     assert StorageLayout(tmp_path).stored_sop_uids(header.StudyInstanceUID, header.SeriesInstanceUID) == {
-        header.SOPInstanceUID}
+        header.SOPInstanceUID
+    }
     assert shutil.which("storescu")  # DCMTK is part of the test set-up, not optional
 
 
@@ -283,8 +337,21 @@ def test_received_instances_are_readable_by_the_service_account_only(files, rece
     os.umask(0o022)  # a service started with the usual umask: the receiver must not depend on it
     layout = StorageLayout(tmp_path / "data" / "dicom")
     with open_receiver(replace(receiver_config, backend=backend), layout) as receiver:
-        subprocess.run(["storescu", "-aet", "DCMTK", "-aec", RECEIVER_AE, "127.0.0.1", str(receiver_config.port),
-                        *map(str, files[:3])], check=True, env=DCMTK_ENV, capture_output=True)
+        subprocess.run(
+            [
+                "storescu",
+                "-aet",
+                "DCMTK",
+                "-aec",
+                RECEIVER_AE,
+                "127.0.0.1",
+                str(receiver_config.port),
+                *map(str, files[:3]),
+            ],
+            check=True,
+            env=DCMTK_ENV,
+            capture_output=True,
+        )
     assert receiver.stats.stored == 3
     stored = list(layout.root.glob("*/*/*.dcm"))
     assert len(stored) == 3

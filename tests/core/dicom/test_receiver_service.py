@@ -11,24 +11,31 @@ import time
 from pathlib import Path
 
 import pytest
-
 from pacsflow.core.dicom.__main__ import parse_args
+
 from tests.conftest import free_port
 
 PACSFLOW = str(Path(sys.executable).with_name("pacsflow"))
 
 
 def echo(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PACSFLOW, "echo", "--timeout", "5", *args], env=env, capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run(
+        [PACSFLOW, "echo", "--timeout", "5", *args], env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 @pytest.mark.parametrize("backend", ["pynetdicom", "dcmtk"])
 def test_the_service_reads_its_settings_from_the_environment_and_answers_its_health_check(tmp_path, backend):
-    env = {**os.environ, "PACSFLOW_DATA_ROOT": str(tmp_path), "PACSFLOW_RECEIVER_AE_TITLE": "RECV",
-           "PACSFLOW_RECEIVER_PORT": str(free_port()), "PACSFLOW_RECEIVER_BACKEND": backend,
-           "PACSFLOW_RECEIVER_ALLOWED_AES": "THEPACS,OTHER", "PACSFLOW_RECEIVER_ALLOWED_ADDRESSES": "localhost",
-           "PACSFLOW_RECEIVER_MAX_ASSOCIATIONS": "2"}
+    env = {
+        **os.environ,
+        "PACSFLOW_DATA_ROOT": str(tmp_path),
+        "PACSFLOW_RECEIVER_AE_TITLE": "RECV",
+        "PACSFLOW_RECEIVER_PORT": str(free_port()),
+        "PACSFLOW_RECEIVER_BACKEND": backend,
+        "PACSFLOW_RECEIVER_ALLOWED_AES": "THEPACS,OTHER",
+        "PACSFLOW_RECEIVER_ALLOWED_ADDRESSES": "localhost",
+        "PACSFLOW_RECEIVER_MAX_ASSOCIATIONS": "2",
+    }
     service = subprocess.Popen([sys.executable, "-m", "pacsflow.core.dicom"], env=env, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 30

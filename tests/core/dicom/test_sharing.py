@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-
 from pacsflow.core.dicom.config import ReceiverConfig
 from pacsflow.core.dicom.receiver import open_receiver
 from pacsflow.core.dicom.sharing import ReceiverUnavailable, receiver_running, shared_receiver
 from pacsflow.core.storage import TEMP_PREFIX, StorageLayout
+
 from tests.conftest import free_port
 
 BACKENDS = ["pynetdicom", "dcmtk"]
@@ -82,12 +82,20 @@ def test_a_killed_task_does_not_keep_the_shared_receiver_alive(tmp_path):
     root = tmp_path / "dicom"
     config = ReceiverConfig(port=free_port())
     task = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
-         "from pacsflow.core.dicom.config import ReceiverConfig; "
-         "from pacsflow.core.dicom.sharing import shared_receiver\n"
-         f"with shared_receiver(ReceiverConfig(port={config.port}), Path(sys.argv[1])):\n"
-         "    print('ready', flush=True); time.sleep(600)", str(root)],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; "
+            "from pacsflow.core.dicom.config import ReceiverConfig; "
+            "from pacsflow.core.dicom.sharing import shared_receiver\n"
+            f"with shared_receiver(ReceiverConfig(port={config.port}), Path(sys.argv[1])):\n"
+            "    print('ready', flush=True); time.sleep(600)",
+            str(root),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     assert task.stdout.readline().strip() == "ready"
     assert receiver_processes(root)
     task.send_signal(signal.SIGKILL)
@@ -98,11 +106,19 @@ def test_a_killed_task_does_not_keep_the_shared_receiver_alive(tmp_path):
 def test_runs_take_turns_on_a_series(tmp_path):
     layout = StorageLayout(tmp_path / "dicom")
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
-         "from pacsflow.core.storage import StorageLayout\n"
-         "with StorageLayout(Path(sys.argv[1])).series_lock('1.2.3'):\n"
-         "    print('locked', flush=True); time.sleep(2)", str(layout.root)],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; "
+            "from pacsflow.core.storage import StorageLayout\n"
+            "with StorageLayout(Path(sys.argv[1])).series_lock('1.2.3'):\n"
+            "    print('locked', flush=True); time.sleep(2)",
+            str(layout.root),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     assert holder.stdout.readline().strip() == "locked"
     started = time.monotonic()
     with layout.series_lock("1.2.3"):

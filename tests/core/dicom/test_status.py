@@ -8,20 +8,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
-from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import (
-    StudyRootQueryRetrieveInformationModelFind,
-    CTImageStorage,
-    StudyRootQueryRetrieveInformationModelMove,
-    Verification,
-)
-
 from pacsflow.core.dicom.client import PacsClient
 from pacsflow.core.dicom.config import PacsConfig, ReceiverConfig
-from pacsflow.core.dicom.receiver import StoreReceiver
-from pacsflow.core.storage import StorageLayout
 from pacsflow.core.dicom.errors import Action, PacsConfigurationError, PacsItemError, PacsTransientError
+from pacsflow.core.dicom.receiver import StoreReceiver
 from pacsflow.core.dicom.status import (
     StatusClass,
     association_lost,
@@ -30,6 +20,16 @@ from pacsflow.core.dicom.status import (
     find_stopped_early,
     rejection_error,
 )
+from pacsflow.core.storage import StorageLayout
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+
 from tests.conftest import free_port
 
 SCRIPTED_AE = "SCRIPTED"
@@ -37,12 +37,21 @@ SCRIPTED_AE = "SCRIPTED"
 
 @pytest.mark.parametrize(
     ("status", "expected"),
-    [(0x0000, StatusClass.SUCCESS), (0xFF00, StatusClass.PENDING), (0xFF01, StatusClass.PENDING),
-     (0xB000, StatusClass.WARNING), (0xB007, StatusClass.WARNING), (0xFE00, StatusClass.CANCELLED),
-     (0xA700, StatusClass.OUT_OF_RESOURCES), (0xA702, StatusClass.OUT_OF_RESOURCES),
-     (0xA801, StatusClass.MOVE_DESTINATION_UNKNOWN), (0xA900, StatusClass.IDENTIFIER_MISMATCH),
-     (0xC000, StatusClass.UNABLE_TO_PROCESS), (0xCFFF, StatusClass.UNABLE_TO_PROCESS),
-     (0x0122, StatusClass.REFUSED)],
+    [
+        (0x0000, StatusClass.SUCCESS),
+        (0xFF00, StatusClass.PENDING),
+        (0xFF01, StatusClass.PENDING),
+        (0xB000, StatusClass.WARNING),
+        (0xB007, StatusClass.WARNING),
+        (0xFE00, StatusClass.CANCELLED),
+        (0xA700, StatusClass.OUT_OF_RESOURCES),
+        (0xA702, StatusClass.OUT_OF_RESOURCES),
+        (0xA801, StatusClass.MOVE_DESTINATION_UNKNOWN),
+        (0xA900, StatusClass.IDENTIFIER_MISMATCH),
+        (0xC000, StatusClass.UNABLE_TO_PROCESS),
+        (0xCFFF, StatusClass.UNABLE_TO_PROCESS),
+        (0x0122, StatusClass.REFUSED),
+    ],
 )
 def test_status_classes(status, expected):
     assert classify(status) is expected
@@ -50,10 +59,14 @@ def test_status_classes(status, expected):
 
 @pytest.mark.parametrize(
     ("status", "error", "action"),
-    [(0xA700, PacsTransientError, Action.RETRY_LATER), (0xFE00, PacsTransientError, Action.RETRY_LATER),
-     (0xA801, PacsConfigurationError, Action.FIX_CONFIGURATION), (0x0122, PacsConfigurationError,
-                                                                   Action.FIX_CONFIGURATION),
-     (0xA900, PacsItemError, Action.GIVE_UP_ITEM), (0xC123, PacsItemError, Action.GIVE_UP_ITEM)],
+    [
+        (0xA700, PacsTransientError, Action.RETRY_LATER),
+        (0xFE00, PacsTransientError, Action.RETRY_LATER),
+        (0xA801, PacsConfigurationError, Action.FIX_CONFIGURATION),
+        (0x0122, PacsConfigurationError, Action.FIX_CONFIGURATION),
+        (0xA900, PacsItemError, Action.GIVE_UP_ITEM),
+        (0xC123, PacsItemError, Action.GIVE_UP_ITEM),
+    ],
 )
 def test_each_failure_says_what_to_do(status, error, action):
     failure = error_for(status, "C-FIND")
@@ -84,8 +97,10 @@ def scripted_pacs(find: Callable | None = None, move: Callable | None = None) ->
     ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
     ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
     ae.add_requested_context(CTImageStorage)  # for the C-MOVE sub-association
-    handlers = [(evt.EVT_C_FIND, find or (lambda event: iter([(0x0000, None)]))),
-                (evt.EVT_C_MOVE, move or (lambda event: iter([(None, None)])))]
+    handlers = [
+        (evt.EVT_C_FIND, find or (lambda event: iter([(0x0000, None)]))),
+        (evt.EVT_C_MOVE, move or (lambda event: iter([(None, None)]))),
+    ]
     port = free_port()
     server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
     try:
@@ -100,17 +115,26 @@ def answering(*statuses: int) -> Callable:
             match = Dataset()
             match.StudyInstanceUID = "1.2.3"
             yield status, match if status in (0xFF00, 0xFF01) else None
+
     return handler
 
 
 @pytest.mark.parametrize(
     ("final", "error"),
-    [(0xA700, PacsTransientError), (0xA702, PacsTransientError), (0xA900, PacsItemError), (0xC001, PacsItemError),
-     (0x0122, PacsConfigurationError)],
+    [
+        (0xA700, PacsTransientError),
+        (0xA702, PacsTransientError),
+        (0xA900, PacsItemError),
+        (0xC001, PacsItemError),
+        (0x0122, PacsConfigurationError),
+    ],
 )
 def test_find_failure_statuses_raise_their_class(final, error):
-    with scripted_pacs(find=answering(0xFF00, final)) as config, PacsClient(config) as client, \
-            pytest.raises(error) as raised:
+    with (
+        scripted_pacs(find=answering(0xFF00, final)) as config,
+        PacsClient(config) as client,
+        pytest.raises(error) as raised,
+    ):
         client.find("STUDY", {"StudyInstanceUID": ""})
     assert raised.value.status == final
 
@@ -152,8 +176,11 @@ def test_a_fresh_association_aborted_by_the_peer_is_not_retried():
         event.assoc.abort()
         yield from ()
 
-    with scripted_pacs(find=always_aborts) as config, PacsClient(config) as client, \
-            pytest.raises(PacsTransientError, match="aborted"):
+    with (
+        scripted_pacs(find=always_aborts) as config,
+        PacsClient(config) as client,
+        pytest.raises(PacsTransientError, match="aborted"),
+    ):
         client.find("STUDY", {"StudyInstanceUID": ""})
     assert len(seen) == 1
 
@@ -188,8 +215,11 @@ def test_move_warning_with_failed_sub_operations_is_reported_with_the_failed_uid
         failed.FailedSOPInstanceUIDList = "1.2.3.4"
         yield status, failed
 
-    with StoreReceiver(receiver, StorageLayout(tmp_path)), scripted_pacs(move=partial_move) as config, \
-            PacsClient(config) as client:
+    with (
+        StoreReceiver(receiver, StorageLayout(tmp_path)),
+        scripted_pacs(move=partial_move) as config,
+        PacsClient(config) as client,
+    ):
         report = client.move("SERIES", {"StudyInstanceUID": "1.2", "SeriesInstanceUID": "1.2.3"}, receiver.ae_title)
     # pynetdicom's SCP recounts the sub-operations it never ran as failed.
     assert (report.status, report.completed, report.failed, report.failed_sop_uids) == (0xB000, 0, 2, ("1.2.3.4",))
@@ -200,6 +230,9 @@ def test_move_destination_unknown_status_is_a_configuration_error():
     def unknown(event):
         yield None, None
 
-    with scripted_pacs(move=unknown) as config, PacsClient(config) as client, \
-            pytest.raises(PacsConfigurationError, match="move destination unknown"):
+    with (
+        scripted_pacs(move=unknown) as config,
+        PacsClient(config) as client,
+        pytest.raises(PacsConfigurationError, match="move destination unknown"),
+    ):
         client.move("STUDY", {"StudyInstanceUID": "1.2"}, "NOBODY")

@@ -42,45 +42,97 @@ def _default_root() -> Path | None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
     parser = argparse.ArgumentParser(prog="python -m pacsflow.core.dicom", description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, default=_default_root(),
-                        help="DICOM root: <root>/<Study>/<Series>/<SOP>.dcm (default: $PACSFLOW_DATA_ROOT/dicom)")
-    parser.add_argument("--ae-title", default=env("PACSFLOW_RECEIVER_AE_TITLE", "PACSFLOW"),
-                        help="(default: $PACSFLOW_RECEIVER_AE_TITLE or PACSFLOW)")
-    parser.add_argument("--host", default=env("PACSFLOW_RECEIVER_HOST", "127.0.0.1"),
-                        help="interface to bind (default: $PACSFLOW_RECEIVER_HOST or loopback only)")
-    parser.add_argument("--port", type=int, default=int(env("PACSFLOW_RECEIVER_PORT", "11113")),
-                        help="(default: $PACSFLOW_RECEIVER_PORT or 11113)")
-    parser.add_argument("--allow-ae", action="append", default=None,
-                        help="calling AE title allowed (repeat; default: $PACSFLOW_RECEIVER_ALLOWED_AES, "
-                             "comma-separated)")
-    parser.add_argument("--allow-address", action="append", default=None,
-                        help="peer address or host name allowed, names resolved at start-up (repeat; default: "
-                             "$PACSFLOW_RECEIVER_ALLOWED_ADDRESSES, comma-separated, else loopback only)")
-    parser.add_argument("--max-associations", type=int,
-                        default=int(env("PACSFLOW_RECEIVER_MAX_ASSOCIATIONS", "10")),
-                        help="associations at once; more are answered busy "
-                             "(default: $PACSFLOW_RECEIVER_MAX_ASSOCIATIONS or 10)")
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=_default_root(),
+        help="DICOM root: <root>/<Study>/<Series>/<SOP>.dcm (default: $PACSFLOW_DATA_ROOT/dicom)",
+    )
+    parser.add_argument(
+        "--ae-title",
+        default=env("PACSFLOW_RECEIVER_AE_TITLE", "PACSFLOW"),
+        help="(default: $PACSFLOW_RECEIVER_AE_TITLE or PACSFLOW)",
+    )
+    parser.add_argument(
+        "--host",
+        default=env("PACSFLOW_RECEIVER_HOST", "127.0.0.1"),
+        help="interface to bind (default: $PACSFLOW_RECEIVER_HOST or loopback only)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(env("PACSFLOW_RECEIVER_PORT", "11113")),
+        help="(default: $PACSFLOW_RECEIVER_PORT or 11113)",
+    )
+    parser.add_argument(
+        "--allow-ae",
+        action="append",
+        default=None,
+        help="calling AE title allowed (repeat; default: $PACSFLOW_RECEIVER_ALLOWED_AES, comma-separated)",
+    )
+    parser.add_argument(
+        "--allow-address",
+        action="append",
+        default=None,
+        help="peer address or host name allowed, names resolved at start-up (repeat; default: "
+        "$PACSFLOW_RECEIVER_ALLOWED_ADDRESSES, comma-separated, else loopback only)",
+    )
+    parser.add_argument(
+        "--max-associations",
+        type=int,
+        default=int(env("PACSFLOW_RECEIVER_MAX_ASSOCIATIONS", "10")),
+        help="associations at once; more are answered busy (default: $PACSFLOW_RECEIVER_MAX_ASSOCIATIONS or 10)",
+    )
     defaults = ReceiverConfig()
-    parser.add_argument("--acse-timeout", type=float, default=defaults.acse_timeout,
-                        help="seconds a connection has to present its association (default: %(default)s)")
-    parser.add_argument("--dimse-timeout", type=float, default=defaults.dimse_timeout,
-                        help="seconds to wait for a DIMSE message (default: %(default)s)")
-    parser.add_argument("--network-timeout", type=float, default=defaults.network_timeout,
-                        help="seconds any read or write may block (default: %(default)s)")
-    parser.add_argument("--max-pdu", type=int, default=defaults.max_pdu,
-                        help="maximum PDU advertised and accepted, bytes (default: %(default)s; dcmtk: <= 131072)")
-    parser.add_argument("--transfer-syntax", action="append", default=[],
-                        help="accept this transfer syntax UID (repeat; default: every one but Deflated)")
-    parser.add_argument("--max-inflated-bytes", type=int, default=defaults.max_inflated_bytes,
-                        help="with Deflated accepted: largest inflated data set (default: %(default)s)")
-    parser.add_argument("--backend", choices=BACKENDS, default=env("PACSFLOW_RECEIVER_BACKEND", "pynetdicom"),
-                        help="dcmtk: DCMTK storescp per association (faster; no TLS) "
-                             "(default: $PACSFLOW_RECEIVER_BACKEND or pynetdicom)")
+    parser.add_argument(
+        "--acse-timeout",
+        type=float,
+        default=defaults.acse_timeout,
+        help="seconds a connection has to present its association (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--dimse-timeout",
+        type=float,
+        default=defaults.dimse_timeout,
+        help="seconds to wait for a DIMSE message (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--network-timeout",
+        type=float,
+        default=defaults.network_timeout,
+        help="seconds any read or write may block (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-pdu",
+        type=int,
+        default=defaults.max_pdu,
+        help="maximum PDU advertised and accepted, bytes (default: %(default)s; dcmtk: <= 131072)",
+    )
+    parser.add_argument(
+        "--transfer-syntax",
+        action="append",
+        default=[],
+        help="accept this transfer syntax UID (repeat; default: every one but Deflated)",
+    )
+    parser.add_argument(
+        "--max-inflated-bytes",
+        type=int,
+        default=defaults.max_inflated_bytes,
+        help="with Deflated accepted: largest inflated data set (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=env("PACSFLOW_RECEIVER_BACKEND", "pynetdicom"),
+        help="dcmtk: DCMTK storescp per association (faster; no TLS) "
+        "(default: $PACSFLOW_RECEIVER_BACKEND or pynetdicom)",
+    )
     parser.add_argument("--tls-cert", help="serve DICOM over TLS with this certificate (PEM)")
     parser.add_argument("--tls-key", help="private key of --tls-cert (PEM)")
     parser.add_argument("--tls-ca", help="CA bundle that client certificates must chain to (required with --tls-cert)")
-    parser.add_argument("--stop-when-idle", action="store_true",
-                        help="stop once no retrieval task holds a lease on <root>/" + LEASE)
+    parser.add_argument(
+        "--stop-when-idle", action="store_true", help="stop once no retrieval task holds a lease on <root>/" + LEASE
+    )
     args = parser.parse_args(argv)
     if args.root is None:
         parser.error("no DICOM root: give --root or set PACSFLOW_DATA_ROOT")
@@ -114,16 +166,25 @@ def main(argv: list[str] | None = None) -> int:
     use_private_umask()  # received instances, staging files and directories: the service account only
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
-        config = ReceiverConfig(ae_title=args.ae_title, host=args.host, port=args.port,
-                                allowed_calling_aes=tuple(args.allow_ae),
-                                allowed_addresses=args.allow_address or ReceiverConfig.allowed_addresses,
-                                max_associations=args.max_associations, mode="service", backend=args.backend,
-                                tls=TlsConfig(ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key)
-                                if args.tls_cert else None,
-                                acse_timeout=args.acse_timeout, dimse_timeout=args.dimse_timeout,
-                                network_timeout=args.network_timeout, max_pdu=args.max_pdu,
-                                transfer_syntaxes=tuple(args.transfer_syntax) or ReceiverConfig.transfer_syntaxes,
-                                max_inflated_bytes=args.max_inflated_bytes)
+        config = ReceiverConfig(
+            ae_title=args.ae_title,
+            host=args.host,
+            port=args.port,
+            allowed_calling_aes=tuple(args.allow_ae),
+            allowed_addresses=args.allow_address or ReceiverConfig.allowed_addresses,
+            max_associations=args.max_associations,
+            mode="service",
+            backend=args.backend,
+            tls=TlsConfig(ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key)
+            if args.tls_cert
+            else None,
+            acse_timeout=args.acse_timeout,
+            dimse_timeout=args.dimse_timeout,
+            network_timeout=args.network_timeout,
+            max_pdu=args.max_pdu,
+            transfer_syntaxes=tuple(args.transfer_syntax) or ReceiverConfig.transfer_syntaxes,
+            max_inflated_bytes=args.max_inflated_bytes,
+        )
     except ReceiverConfigError as error:
         log.error("cannot start the receiver: %s", error)
         return 2
@@ -131,15 +192,19 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     with open_receiver(config, StorageLayout(args.root)) as receiver:
-        log.info("receiving as %s on %s:%d (%s backend)", config.ae_title, config.host, receiver.port,
-                 config.backend)
+        log.info("receiving as %s on %s:%d (%s backend)", config.ae_title, config.host, receiver.port, config.backend)
         if args.stop_when_idle:
             _wait_until_idle(args.root / LEASE, stop)
         else:
             stop.wait()
         stats = receiver.stats
-    log.info("stopped: %d stored (%d bytes), %d rejected %s", stats.stored, stats.bytes_stored, stats.rejected,
-             stats.rejected_reasons)
+    log.info(
+        "stopped: %d stored (%d bytes), %d rejected %s",
+        stats.stored,
+        stats.bytes_stored,
+        stats.rejected,
+        stats.rejected_reasons,
+    )
     return 0
 
 

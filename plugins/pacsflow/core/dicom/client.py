@@ -13,8 +13,8 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
-from pydicom.valuerep import PersonName
 from pydicom.uid import UID
+from pydicom.valuerep import PersonName
 from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, StoragePresentationContexts, build_role, evt
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
@@ -37,8 +37,12 @@ from pacsflow.core.uids import is_valid_uid
 # whose memory a peer controls).
 _GET_STORES = ReceiverConfig()
 _GET_STORE_SYNTAXES = [s for s in DEFAULT_TRANSFER_SYNTAXES if not UID(s).is_deflated]
-_QUERY_RETRIEVE_MODELS = (Verification, StudyRootQueryRetrieveInformationModelFind,
-                          StudyRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelGet)
+_QUERY_RETRIEVE_MODELS = (
+    Verification,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelGet,
+)
 _UNIQUE_KEYS: dict[str, tuple[str, ...]] = {
     "STUDY": ("StudyInstanceUID",),
     "SERIES": ("StudyInstanceUID", "SeriesInstanceUID"),
@@ -62,7 +66,7 @@ class PacsClient:
         self._get_store: Callable[[Any], int] | None = None
         self.get_stats = ReceiverStats()  # what C-GET stored, across this client's life
 
-    def __enter__(self) -> "PacsClient":
+    def __enter__(self) -> PacsClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -99,8 +103,9 @@ class PacsClient:
     def move(self, level: QueryLevel, keys: Mapping[str, str], destination_ae: str) -> RetrieveReport:
         """C-MOVE to ``destination_ae`` (a node the PACS knows), by exact unique keys only."""
         identifier = _retrieve_identifier(level, keys)
-        send: Send = lambda assoc: assoc.send_c_move(identifier, destination_ae,
-                                                     StudyRootQueryRetrieveInformationModelMove)
+        send: Send = lambda assoc: assoc.send_c_move(
+            identifier, destination_ae, StudyRootQueryRetrieveInformationModelMove
+        )
         return _retrieve_report(self._exchange("C-MOVE", send), "C-MOVE")
 
     def get(self, level: QueryLevel, keys: Mapping[str, str], layout: StorageLayout) -> RetrieveReport:
@@ -118,8 +123,9 @@ class PacsClient:
         finally:
             self._get_store = None
 
-    def retrieve(self, level: QueryLevel, keys: Mapping[str, str], *, destination_ae: str,
-                 layout: StorageLayout) -> RetrieveReport:
+    def retrieve(
+        self, level: QueryLevel, keys: Mapping[str, str], *, destination_ae: str, layout: StorageLayout
+    ) -> RetrieveReport:
         if self.config.retrieve_method == "c-get":
             return self.get(level, keys, layout)
         return self.move(level, keys, destination_ae)
@@ -155,7 +161,10 @@ class PacsClient:
         config = self.config
         ae = AE(ae_title=config.calling_ae)
         ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = (
-            config.acse_timeout, config.dimse_timeout, config.network_timeout)
+            config.acse_timeout,
+            config.dimse_timeout,
+            config.network_timeout,
+        )
         ae.maximum_pdu_size = config.max_pdu
         for abstract in _QUERY_RETRIEVE_MODELS:
             ae.add_requested_context(abstract)
@@ -165,11 +174,20 @@ class PacsClient:
                 ae.add_requested_context(context.abstract_syntax, _GET_STORE_SYNTAXES)
                 roles.append(build_role(context.abstract_syntax, scp_role=True))
         rejection: dict[str, int] = {}
-        handlers = [(evt.EVT_C_STORE, self._on_get_store), (evt.EVT_ACSE_RECV, _capture_rejection(rejection)),
-                    (evt.EVT_CONN_CLOSE, lambda event: discard_unfinished_stream(event.assoc))]
+        handlers = [
+            (evt.EVT_C_STORE, self._on_get_store),
+            (evt.EVT_ACSE_RECV, _capture_rejection(rejection)),
+            (evt.EVT_CONN_CLOSE, lambda event: discard_unfinished_stream(event.assoc)),
+        ]
         try:
-            assoc = ae.associate(config.host, config.port, ae_title=config.called_ae, ext_neg=roles,
-                                 evt_handlers=handlers, tls_args=client_tls(config.tls, config.host))
+            assoc = ae.associate(
+                config.host,
+                config.port,
+                ae_title=config.called_ae,
+                ext_neg=roles,
+                evt_handlers=handlers,
+                tls_args=client_tls(config.tls, config.host),
+            )
         except (OSError, ssl.SSLError) as error:
             raise PacsTransientError(f"cannot connect to the PACS: {error.__class__.__name__}") from None
         if assoc.is_established:
@@ -237,8 +255,10 @@ def _retrieve_identifier(level: str, keys: Mapping[str, str]) -> Dataset:
     for keyword in _UNIQUE_KEYS[level]:
         values = str(keys.get(keyword) or "").split("\\")
         if not all(is_valid_uid(value) for value in values):
-            raise ValueError(f"refusing a {level}-level retrieve: {keyword} must be one or more exact UIDs "
-                             "(an empty or wildcard key could match the whole archive)")
+            raise ValueError(
+                f"refusing a {level}-level retrieve: {keyword} must be one or more exact UIDs "
+                "(an empty or wildcard key could match the whole archive)"
+            )
     identifier = Dataset()
     identifier.QueryRetrieveLevel = level
     for keyword in _UNIQUE_KEYS[level]:
@@ -248,8 +268,11 @@ def _retrieve_identifier(level: str, keys: Mapping[str, str]) -> Dataset:
 
 def _plain(response: Dataset) -> dict[str, Any]:
     """A C-FIND match as keyword -> plain Python value (names decoded per SpecificCharacterSet)."""
-    return {element.keyword: _plain_value(element.value) for element in response
-            if element.keyword and element.keyword not in _NOT_RETURNED}
+    return {
+        element.keyword: _plain_value(element.value)
+        for element in response
+        if element.keyword and element.keyword not in _NOT_RETURNED
+    }
 
 
 def _plain_value(value: Any) -> Any:

@@ -88,23 +88,30 @@ class ReceiverConfig:
 
     def __post_init__(self) -> None:
         if self.backend not in get_args(ReceiverBackend):
-            raise ReceiverConfigError(f"unknown receiver backend {self.backend!r}: use one of "
-                                      f"{get_args(ReceiverBackend)}")
+            raise ReceiverConfigError(
+                f"unknown receiver backend {self.backend!r}: use one of {get_args(ReceiverBackend)}"
+            )
         if self.mode not in get_args(ReceiverMode):
             raise ReceiverConfigError(f"unknown receiver_mode {self.mode!r}: use one of {get_args(ReceiverMode)}")
         if self.max_associations < 1:
             raise ReceiverConfigError("max_associations must be at least 1")
         for name in ("acse_timeout", "dimse_timeout", "network_timeout"):
             if not 0 < getattr(self, name) <= 3600:
-                raise ReceiverConfigError(f"{name} must be between 0 and 3600 seconds (a socket without a timeout "
-                                          "lets one silent peer hold a slot forever)")
+                raise ReceiverConfigError(
+                    f"{name} must be between 0 and 3600 seconds (a socket without a timeout "
+                    "lets one silent peer hold a slot forever)"
+                )
         if not MIN_PDU <= self.max_pdu <= MAX_PDU:
-            raise ReceiverConfigError(f"max_pdu must be between {MIN_PDU} and {MAX_PDU} bytes (0, unlimited, lets "
-                                      "a peer make the receiver read a PDU of any size into memory)")
+            raise ReceiverConfigError(
+                f"max_pdu must be between {MIN_PDU} and {MAX_PDU} bytes (0, unlimited, lets "
+                "a peer make the receiver read a PDU of any size into memory)"
+            )
         unknown = [s for s in self.transfer_syntaxes if s not in KNOWN_SYNTAXES]
         if unknown or not self.transfer_syntaxes:
-            raise ReceiverConfigError(f"transfer_syntaxes must be a non-empty list of transfer syntax UIDs "
-                                      f"pynetdicom knows; not known: {unknown}")
+            raise ReceiverConfigError(
+                f"transfer_syntaxes must be a non-empty list of transfer syntax UIDs "
+                f"pynetdicom knows; not known: {unknown}"
+            )
         if self.max_inflated_bytes < 1:
             raise ReceiverConfigError("max_inflated_bytes must be positive")
         if _is_remote(self.host) and self.allowed_addresses and all(map(_is_loopback, self.allowed_addresses)):
@@ -112,7 +119,8 @@ class ReceiverConfig:
                 f"receiver host {self.host!r} accepts remote peers but allowed_addresses lists only loopback "
                 f"addresses {list(self.allowed_addresses)}: add the PACS's address to allowed_addresses "
                 "(receiver_allowed_addresses in the dicom connection, --allow-address for the service), or bind "
-                "127.0.0.1")
+                "127.0.0.1"
+            )
 
     @property
     def accepts_deflated(self) -> bool:

@@ -60,8 +60,8 @@ from pacsflow.core.dicom.intake import examine
 from pacsflow.core.dicom.results import ReceiverStats
 from pacsflow.core.dicom.sharing import port_unavailable, receiver_lock
 from pacsflow.core.dicom.transport import ASSOCIATE_RQ_HEAD, RefusedConnection, await_associate_rq
-from pacsflow.core.processes import stop_process
 from pacsflow.core.privacy import make_private_dir, redact_uids_in_library_logs, use_private_umask
+from pacsflow.core.processes import stop_process
 from pacsflow.core.storage import (
     PRIVATE_FILE_MODE,
     StorageLayout,
@@ -97,8 +97,9 @@ class _Association:
 class DcmtkStoreReceiver:
     """Drop-in for ``StoreReceiver`` (same constructor, ``stats``, ``port``, context manager)."""
 
-    def __init__(self, config: ReceiverConfig, layout: StorageLayout, *, executable: str = "storescp",
-                 poll_seconds: float = 0.01) -> None:
+    def __init__(
+        self, config: ReceiverConfig, layout: StorageLayout, *, executable: str = "storescp", poll_seconds: float = 0.01
+    ) -> None:
         self.config = config
         self.layout = layout
         self.stats = ReceiverStats()
@@ -127,7 +128,7 @@ class DcmtkStoreReceiver:
             raise RuntimeError("the receiver is not running")
         return int(self._listener.getsockname()[1])
 
-    def __enter__(self) -> "DcmtkStoreReceiver":
+    def __enter__(self) -> DcmtkStoreReceiver:
         if self.config.tls is not None:
             raise PacsConfigurationError('the DCMTK receiver backend does not offer TLS: use backend "pynetdicom"')
         if not Path("/proc/self/fd").is_dir():
@@ -161,8 +162,10 @@ class DcmtkStoreReceiver:
         self._listener.settimeout(0.2)
         self._stop.clear()
         self._pool = ThreadPoolExecutor(INGEST_THREADS, thread_name_prefix="dcmtk-ingest")
-        self._threads = [threading.Thread(target=loop, name=f"dcmtk-receiver-{loop.__name__}", daemon=True)
-                         for loop in (self._accept_loop, self._ingest_loop)]
+        self._threads = [
+            threading.Thread(target=loop, name=f"dcmtk-receiver-{loop.__name__}", daemon=True)
+            for loop in (self._accept_loop, self._ingest_loop)
+        ]
         for thread in self._threads:
             thread.start()
 
@@ -202,7 +205,7 @@ class DcmtkStoreReceiver:
         while not self._stop.is_set():
             try:
                 connection, address = self._listener.accept()
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -255,12 +258,33 @@ class DcmtkStoreReceiver:
         staging = Path(tempfile.mkdtemp(prefix="association-", dir=self.staging_root)).resolve()
         config = self.config
         process = subprocess.Popen(
-            [self._executable, "--inetd", "-aet", config.ae_title, "+B", "+uf",
-             "-xf", str(self._profile), PROFILE, "-pdu", str(min(config.max_pdu, DCMTK_MAX_PDU)),
-             "-ta", _seconds(config.acse_timeout), "-td", _seconds(config.dimse_timeout),
-             "-ts", _seconds(config.network_timeout), "-od", str(staging)],
-            stdin=connection.fileno(), stdout=connection.fileno(), stderr=subprocess.DEVNULL,
-            env={**os.environ, "TCP_NODELAY": "1"}, close_fds=True)
+            [
+                self._executable,
+                "--inetd",
+                "-aet",
+                config.ae_title,
+                "+B",
+                "+uf",
+                "-xf",
+                str(self._profile),
+                PROFILE,
+                "-pdu",
+                str(min(config.max_pdu, DCMTK_MAX_PDU)),
+                "-ta",
+                _seconds(config.acse_timeout),
+                "-td",
+                _seconds(config.dimse_timeout),
+                "-ts",
+                _seconds(config.network_timeout),
+                "-od",
+                str(staging),
+            ],
+            stdin=connection.fileno(),
+            stdout=connection.fileno(),
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "TCP_NODELAY": "1"},
+            close_fds=True,
+        )
         self._associations.append(_Association(process, staging))
 
     def _refusal(self, head: bytes) -> bytes | None:
@@ -372,7 +396,6 @@ class DcmtkStoreReceiver:
         path.unlink(missing_ok=True)
         self.stats.reject(reason)
         log.warning("refused a received instance: %s", reason)
-        return None
 
 
 def _fsync_or_error(path: Path) -> OSError | None:
@@ -425,4 +448,3 @@ def _open_files(pid: int) -> set[str] | None:
         except OSError:
             continue
     return held
-

@@ -34,8 +34,31 @@ _ITEM_TAGS = (0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD)  # item, item delimiter, seque
 _DELIMITERS = (0xFFFEE00D, 0xFFFEE0DD)
 _UNDEFINED = 0xFFFFFFFF
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
-_SHORT_VRS = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"PN",
-                        b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"})
+_SHORT_VRS = frozenset(
+    {
+        b"AE",
+        b"AS",
+        b"AT",
+        b"CS",
+        b"DA",
+        b"DS",
+        b"DT",
+        b"FL",
+        b"FD",
+        b"IS",
+        b"LO",
+        b"LT",
+        b"PN",
+        b"SH",
+        b"SL",
+        b"SS",
+        b"ST",
+        b"TM",
+        b"UI",
+        b"UL",
+        b"US",
+    }
+)
 _MEDIA_SOP_CLASS_UID = 0x00020002
 _ROWS = 0x00280010
 _PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # float, double float, pixel data
@@ -88,7 +111,7 @@ class _Reader:
         end = self.position + size
         if end > len(self.data):
             raise _CannotTell
-        chunk, self.position = self.data[self.position:end], end
+        chunk, self.position = self.data[self.position : end], end
         return chunk
 
     def skip(self, size: int) -> None:
@@ -185,8 +208,9 @@ def file_uids(path: Path) -> tuple[object, InstanceUids]:
         raise ValueError("a deflated data set reached the header reader")
     with warnings.catch_warnings():  # pydicom's warnings about a malformed value quote it: patient data
         warnings.simplefilter("ignore")
-        dataset = dcmread(path, stop_before_pixels=True,
-                          specific_tags=[_SOP_INSTANCE_UID, _STUDY_INSTANCE_UID, _SERIES_INSTANCE_UID])
+        dataset = dcmread(
+            path, stop_before_pixels=True, specific_tags=[_SOP_INSTANCE_UID, _STUDY_INSTANCE_UID, _SERIES_INSTANCE_UID]
+        )
     return dataset.file_meta.get("MediaStorageSOPInstanceUID"), InstanceUids.of(dataset)
 
 
@@ -234,8 +258,12 @@ def is_complete(path: Path) -> bool:
             if syntax is None or not syntax.is_transfer_syntax or syntax.is_deflated:
                 return False
             try:
-                sop_class = _walk(_Reader(data, 132, little_endian=True, whole=True), False,
-                                  {_MEDIA_SOP_CLASS_UID: "sop_class"}, 0x0002FFFF)["sop_class"]
+                sop_class = _walk(
+                    _Reader(data, 132, little_endian=True, whole=True),
+                    False,
+                    {_MEDIA_SOP_CLASS_UID: "sop_class"},
+                    0x0002FFFF,
+                )["sop_class"]
                 meta = _Reader(data, 132, little_endian=True, whole=True)
                 _walk_to_end(meta, False, last=0x0002FFFF)
                 data_set = _Reader(data, meta.position, syntax.is_little_endian, whole=True)

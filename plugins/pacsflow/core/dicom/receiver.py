@@ -31,9 +31,18 @@ from pacsflow.core.dicom.dcmtk_receiver import DcmtkStoreReceiver
 from pacsflow.core.dicom.intake import OUT_OF_RESOURCES, STORED, examine, placement_status
 from pacsflow.core.dicom.results import ReceiverStats
 from pacsflow.core.dicom.sharing import port_unavailable, receiver_lock
-from pacsflow.core.dicom.transport import (MAX_ASSOCIATE_RQ, RefusedConnection, await_associate_rq,
-                                          bound_pdu_reads, claim_stream, discard_unfinished_stream, server_tls,
-                                          stream_to, tls_handshake, tune_for_latency)
+from pacsflow.core.dicom.transport import (
+    MAX_ASSOCIATE_RQ,
+    RefusedConnection,
+    await_associate_rq,
+    bound_pdu_reads,
+    claim_stream,
+    discard_unfinished_stream,
+    server_tls,
+    stream_to,
+    tls_handshake,
+    tune_for_latency,
+)
 from pacsflow.core.privacy import make_private_dir, redact_uids_in_library_logs, use_private_umask
 from pacsflow.core.storage import StorageLayout, write_failure_reason
 
@@ -163,7 +172,7 @@ class StoreReceiver:
             raise RuntimeError("the receiver is not running")
         return int(self._server.server_address[1])
 
-    def __enter__(self) -> "StoreReceiver":
+    def __enter__(self) -> StoreReceiver:
         use_private_umask()
         redact_uids_in_library_logs()  # pynetdicom's warnings quote SOP Instance UIDs
         make_private_dir(self.layout.root)
@@ -177,13 +186,17 @@ class StoreReceiver:
 
     def _start(self) -> None:
         self.layout.sweep_temp_files()
-        handlers = [(evt.EVT_C_STORE, self._handler), (evt.EVT_CONN_OPEN, self._on_connection),
-                    (evt.EVT_CONN_CLOSE, _on_connection_closed)]
+        handlers = [
+            (evt.EVT_C_STORE, self._handler),
+            (evt.EVT_CONN_OPEN, self._on_connection),
+            (evt.EVT_CONN_CLOSE, _on_connection_closed),
+        ]
         ae = self._application_entity()
         gate = _Gate(self.config)  # TLS files are read here: a bad path fails before the port is bound
         try:
-            server = ae.make_server((self.config.host, self.config.port), evt_handlers=handlers,
-                                    server_class=_GatedServer)
+            server = ae.make_server(
+                (self.config.host, self.config.port), evt_handlers=handlers, server_class=_GatedServer
+            )
         except OSError as error:
             raise port_unavailable(self.config, error) from None
         server.gate = gate

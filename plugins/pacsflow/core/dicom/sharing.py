@@ -54,15 +54,18 @@ def receiver_lock(root: Path) -> Iterator[None]:
         except BlockingIOError:
             raise ReceiverUnavailable(
                 "another pacsflow receiver is already running on this data root; with several retrieval tasks "
-                "at once use receiver_mode 'shared' (the default) or 'service' in the dicom connection") from None
+                "at once use receiver_mode 'shared' (the default) or 'service' in the dicom connection"
+            ) from None
         yield
     finally:
         handle.close()
 
 
 def port_unavailable(config: ReceiverConfig, error: OSError) -> ReceiverUnavailable:
-    return ReceiverUnavailable(f"the receiver cannot listen on receiver_host {config.host} receiver_port "
-                               f"{config.port}: {error.strerror}; free the port or change the setting")
+    return ReceiverUnavailable(
+        f"the receiver cannot listen on receiver_host {config.host} receiver_port "
+        f"{config.port}: {error.strerror}; free the port or change the setting"
+    )
 
 
 def receiver_running(root: Path) -> bool:
@@ -116,11 +119,28 @@ def shared_receiver(config: ReceiverConfig, root: Path) -> Iterator[None]:
 
 def service_arguments(config: ReceiverConfig) -> list[str]:
     """The receiver service's command-line options for ``config`` (see ``python -m pacsflow.core.dicom``)."""
-    args = ["--ae-title", config.ae_title, "--host", config.host, "--port", str(config.port),
-            "--max-associations", str(config.max_associations), "--backend", config.backend,
-            "--acse-timeout", str(config.acse_timeout), "--dimse-timeout", str(config.dimse_timeout),
-            "--network-timeout", str(config.network_timeout), "--max-pdu", str(config.max_pdu),
-            "--max-inflated-bytes", str(config.max_inflated_bytes)]
+    args = [
+        "--ae-title",
+        config.ae_title,
+        "--host",
+        config.host,
+        "--port",
+        str(config.port),
+        "--max-associations",
+        str(config.max_associations),
+        "--backend",
+        config.backend,
+        "--acse-timeout",
+        str(config.acse_timeout),
+        "--dimse-timeout",
+        str(config.dimse_timeout),
+        "--network-timeout",
+        str(config.network_timeout),
+        "--max-pdu",
+        str(config.max_pdu),
+        "--max-inflated-bytes",
+        str(config.max_inflated_bytes),
+    ]
     for syntax in config.transfer_syntaxes:
         args += ["--transfer-syntax", syntax]
     for ae in config.allowed_calling_aes:
@@ -128,31 +148,48 @@ def service_arguments(config: ReceiverConfig) -> list[str]:
     for address in config.allowed_addresses:
         args += ["--allow-address", address]
     if config.tls is not None:
-        args += ["--tls-ca", config.tls.ca_file, "--tls-cert", config.tls.cert_file or "",
-                 "--tls-key", config.tls.key_file or ""]
+        args += [
+            "--tls-ca",
+            config.tls.ca_file,
+            "--tls-cert",
+            config.tls.cert_file or "",
+            "--tls-key",
+            config.tls.key_file or "",
+        ]
     return args
 
 
 def _start(config: ReceiverConfig, root: Path) -> None:
-    command = [sys.executable, "-m", "pacsflow.core.dicom", "--root", str(root), "--stop-when-idle",
-               *service_arguments(config)]
+    command = [
+        sys.executable,
+        "-m",
+        "pacsflow.core.dicom",
+        "--root",
+        str(root),
+        "--stop-when-idle",
+        *service_arguments(config),
+    ]
     log_path = root / LOG_NAME
     with os.fdopen(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
         # Its own session: it outlives the task that started it and is not killed with the task's group.
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                   start_new_session=True, close_fds=True)
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True
+        )
     deadline = time.monotonic() + READY_SECONDS
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise ReceiverUnavailable(
                 f"the shared receiver exited at start (code {process.returncode}); check receiver_port "
-                f"{config.port} is free and see {log_path}")
+                f"{config.port} is free and see {log_path}"
+            )
         if receiver_running(root) and _accepts(config):
             return
         time.sleep(0.1)
     process.kill()
-    raise ReceiverUnavailable(f"the shared receiver did not start listening on receiver_port {config.port} "
-                              f"within {READY_SECONDS:.0f} s; see {log_path}")
+    raise ReceiverUnavailable(
+        f"the shared receiver did not start listening on receiver_port {config.port} "
+        f"within {READY_SECONDS:.0f} s; see {log_path}"
+    )
 
 
 def _accepts(config: ReceiverConfig) -> bool:

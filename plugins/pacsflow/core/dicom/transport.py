@@ -88,8 +88,7 @@ class _StreamedDataSet:
     here, it would escape into the DUL thread and abort the whole association."""
 
     def __init__(self, root: Path) -> None:
-        self._handle = tempfile.NamedTemporaryFile(mode="wb", dir=root, prefix=TEMP_PREFIX, suffix=SUFFIX,
-                                                   delete=False)
+        self._handle = tempfile.NamedTemporaryFile(mode="wb", dir=root, prefix=TEMP_PREFIX, suffix=SUFFIX, delete=False)
         self.name = self._handle.name
         self.file = self
         self.error: OSError | None = None
@@ -206,7 +205,7 @@ def _peek(connection: socket.socket, size: int, deadline: float) -> bytes:
     connection.settimeout(remaining)
     try:
         data = connection.recv(size, socket.MSG_PEEK)
-    except (TimeoutError, socket.timeout) as error:
+    except TimeoutError as error:
         raise RefusedConnection("no A-ASSOCIATE-RQ in time") from error
     except OSError as error:
         raise RefusedConnection("connection failed") from error

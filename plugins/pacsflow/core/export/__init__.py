@@ -23,13 +23,25 @@ import pyarrow.dataset as ds
 from pacsflow.core.export.aggregate import RunAggregate
 from pacsflow.core.export.reader import ChunkResult, iter_chunks, read_chunk
 from pacsflow.core.export.schema import (
-    PARTITION_COLUMN, PARTITION_TYPE, SCHEMA_VERSION, TABLES, dataset_schema, schema_document,
+    PARTITION_COLUMN,
+    PARTITION_TYPE,
+    SCHEMA_VERSION,
+    TABLES,
+    dataset_schema,
+    schema_document,
 )
 from pacsflow.core.export.writer import PartitionedWriter, RunOutput, run_token
 from pacsflow.core.processes import default_workers, worker_context
 
-__all__ = ["DEFAULT_ROW_GROUP_SIZE", "ExportReport", "SCHEMA_VERSION", "export_instances", "open_dataset",
-           "run_token", "schema_document"]
+__all__ = [
+    "DEFAULT_ROW_GROUP_SIZE",
+    "SCHEMA_VERSION",
+    "ExportReport",
+    "export_instances",
+    "open_dataset",
+    "run_token",
+    "schema_document",
+]
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +62,15 @@ class ExportReport:
     input_bytes: int = 0  # size of the DICOM files exported
 
 
-def export_instances(files: Iterable[Path], out_dir: Path, run_id: str, *, workers: int | None = None,
-                     row_group_size: int = DEFAULT_ROW_GROUP_SIZE, include_private: bool = False) -> ExportReport:
+def export_instances(
+    files: Iterable[Path],
+    out_dir: Path,
+    run_id: str,
+    *,
+    workers: int | None = None,
+    row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
+    include_private: bool = False,
+) -> ExportReport:
     """Export the headers of ``files`` under the dataset root ``out_dir`` as the rows of run ``run_id``.
 
     ``files`` is consumed lazily (it may be a generator of 100k paths). ``workers`` processes read the
@@ -73,9 +92,15 @@ def export_instances(files: Iterable[Path], out_dir: Path, run_id: str, *, worke
         report.studies = _write_aggregate(output, "studies", aggregate.study_rows(run_id), row_group_size)
         report.paths = output.commit()
     report.bytes_written = sum(path.stat().st_size for path in report.paths)
-    log.info("export: %d instances, %d series, %d studies, %d files rejected, %d Parquet files (%d bytes)",
-             report.instances, report.series, report.studies, len(report.rejected), len(report.paths),
-             report.bytes_written)
+    log.info(
+        "export: %d instances, %d series, %d studies, %d files rejected, %d Parquet files (%d bytes)",
+        report.instances,
+        report.series,
+        report.studies,
+        len(report.rejected),
+        len(report.paths),
+        report.bytes_written,
+    )
     return report
 
 
@@ -114,5 +139,4 @@ def open_dataset(out_dir: Path, table: str = "instances") -> ds.Dataset:
     if table not in TABLES:
         raise ValueError(f"table must be one of {', '.join(TABLES)}")
     partitioning = ds.partitioning(pa.schema([(PARTITION_COLUMN, PARTITION_TYPE)]), flavor="hive")
-    return ds.dataset(Path(out_dir) / table, format="parquet", partitioning=partitioning,
-                      schema=dataset_schema(table))
+    return ds.dataset(Path(out_dir) / table, format="parquet", partitioning=partitioning, schema=dataset_schema(table))

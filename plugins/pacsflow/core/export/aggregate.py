@@ -14,7 +14,14 @@ from typing import Any
 import pyarrow as pa
 
 from pacsflow.core.export.schema import (
-    PARTITION_COLUMN, RUN_ID, SERIES_ATTRIBUTES, SERIES_COLUMNS, STUDY_ATTRIBUTES, STUDY_COLUMNS, Column, file_schema,
+    PARTITION_COLUMN,
+    RUN_ID,
+    SERIES_ATTRIBUTES,
+    SERIES_COLUMNS,
+    STUDY_ATTRIBUTES,
+    STUDY_COLUMNS,
+    Column,
+    file_schema,
 )
 
 _FIRST = frozenset(SERIES_ATTRIBUTES) | frozenset(STUDY_ATTRIBUTES)
@@ -42,12 +49,19 @@ class SeriesState:
 
     def add(self, row: dict[str, Any]) -> None:
         """Fold in one instance row (its ``study_date`` is the series' partition if it is the first)."""
-        self.merge(SeriesState(
-            first={name: row[name] for name in _FIRST if row[name] is not None},
-            study_date=row[PARTITION_COLUMN], has_row=True, instance_count=1, total_bytes=row["file_size"],
-            first_acquisition_datetime=row["acquisition_datetime"],
-            last_acquisition_datetime=row["acquisition_datetime"],
-            min_instance_number=row["instance_number"], max_instance_number=row["instance_number"]))
+        self.merge(
+            SeriesState(
+                first={name: row[name] for name in _FIRST if row[name] is not None},
+                study_date=row[PARTITION_COLUMN],
+                has_row=True,
+                instance_count=1,
+                total_bytes=row["file_size"],
+                first_acquisition_datetime=row["acquisition_datetime"],
+                last_acquisition_datetime=row["acquisition_datetime"],
+                min_instance_number=row["instance_number"],
+                max_instance_number=row["instance_number"],
+            )
+        )
 
     def merge(self, later: SeriesState) -> None:
         """Fold in the state of rows that came after this state's rows in the input."""

@@ -31,7 +31,14 @@ from pydicom.multival import MultiValue
 
 from pacsflow.core.export.aggregate import SeriesState
 from pacsflow.core.export.schema import (
-    DICOM_COLUMNS, INSTANCE_COLUMNS, RUN_ID, STUDY_DATE, TRANSFER_SYNTAX, Column, Kind, file_schema,
+    DICOM_COLUMNS,
+    INSTANCE_COLUMNS,
+    RUN_ID,
+    STUDY_DATE,
+    TRANSFER_SYNTAX,
+    Column,
+    Kind,
+    file_schema,
 )
 from pacsflow.core.uids import InvalidIdentifierError, require_uid
 
@@ -149,8 +156,12 @@ def _require_complete(ds: Dataset, fp: BinaryIO, size: int) -> None:
     if position > size:  # an element skipped by seeking ended beyond the end of the file
         raise Rejected("truncated (an element ends after the end of the file)")
     for element in ds.values():
-        if isinstance(element, RawDataElement) and element.length != _UNDEFINED_LENGTH \
-                and element.value is not None and len(element.value) < element.length:
+        if (
+            isinstance(element, RawDataElement)
+            and element.length != _UNDEFINED_LENGTH
+            and element.value is not None
+            and len(element.value) < element.length
+        ):
             raise Rejected("truncated (an element ends after the end of the file)")
     if position < size:
         implicit, little = ds.original_encoding
@@ -264,15 +275,20 @@ class _Elements:
 
 def _converted_values(value: Any) -> list[Any] | None:
     values = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
-    kept = [item if isinstance(item, (int, float)) else str(item) for item in values
-            if item is not None and str(item).strip() != ""]
+    kept = [
+        item if isinstance(item, (int, float)) else str(item)
+        for item in values
+        if item is not None and str(item).strip() != ""
+    ]
     return kept or None
 
 
 def _unpack(raw: bytes, code: str, little_endian: bool) -> list[int | float] | None:
     count = len(raw) // struct.calcsize(code)
-    return list(struct.unpack(f"{'<' if little_endian else '>'}{count}{code}", raw[: count * struct.calcsize(code)])) \
+    return (
+        list(struct.unpack(f"{'<' if little_endian else '>'}{count}{code}", raw[: count * struct.calcsize(code)]))
         or None
+    )
 
 
 def _vr(element: RawDataElement, tag: int) -> str:
@@ -359,8 +375,14 @@ def parse_datetime(text: str) -> dt.datetime | None:
 
 
 _CONVERTERS: dict[Kind, Callable[[list[Any]], Any]] = {
-    Kind.TEXT: _text, Kind.NAME: _text, Kind.UID: _text, Kind.INT: _int, Kind.FLOAT: _float,
-    Kind.TEXTS: _texts, Kind.FLOATS: _floats, Kind.DATE: lambda values: parse_date(str(values[0])),
+    Kind.TEXT: _text,
+    Kind.NAME: _text,
+    Kind.UID: _text,
+    Kind.INT: _int,
+    Kind.FLOAT: _float,
+    Kind.TEXTS: _texts,
+    Kind.FLOATS: _floats,
+    Kind.DATE: lambda values: parse_date(str(values[0])),
 }
 
 

@@ -62,16 +62,24 @@ def _timestamp(name: str, description: str, *tags_and_keywords: tuple[int, str])
 
 
 RUN_ID = Column("run_id", Kind.TEXT, "export run", "Airflow run id of the run that wrote the row", False)
-STUDY_DATE = _dicom(PARTITION_COLUMN, Kind.DATE, 0x00080020, "StudyDate",
-                    "Hive partition key (directory study_date=YYYY-MM-DD), not stored inside the files")
+STUDY_DATE = _dicom(
+    PARTITION_COLUMN,
+    Kind.DATE,
+    0x00080020,
+    "StudyDate",
+    "Hive partition key (directory study_date=YYYY-MM-DD), not stored inside the files",
+)
 STUDY_UID = _dicom("study_instance_uid", Kind.UID, 0x0020000D, "StudyInstanceUID", "Study Instance UID", False)
-SERIES_UID = _dicom("series_instance_uid", Kind.UID, 0x0020000E, "SeriesInstanceUID", "Series Instance UID",
-                    False)
+SERIES_UID = _dicom("series_instance_uid", Kind.UID, 0x0020000E, "SeriesInstanceUID", "Series Instance UID", False)
 SOP_UID = _dicom("sop_instance_uid", Kind.UID, 0x00080018, "SOPInstanceUID", "SOP Instance UID", False)
 
 ACQUISITION_DATETIME = _timestamp(
-    "acquisition_datetime", "AcquisitionDateTime, else AcquisitionDate + AcquisitionTime",
-    (0x0008002A, "AcquisitionDateTime"), (0x00080022, "AcquisitionDate"), (0x00080032, "AcquisitionTime"))
+    "acquisition_datetime",
+    "AcquisitionDateTime, else AcquisitionDate + AcquisitionTime",
+    (0x0008002A, "AcquisitionDateTime"),
+    (0x00080022, "AcquisitionDate"),
+    (0x00080032, "AcquisitionTime"),
+)
 
 # Columns read from each file, in file order. TransferSyntaxUID comes from the file meta information.
 DICOM_COLUMNS: tuple[Column, ...] = (
@@ -88,8 +96,13 @@ DICOM_COLUMNS: tuple[Column, ...] = (
     _dicom("patient_age", Kind.TEXT, 0x00101010, "PatientAge", "Age string as recorded (e.g. 064Y)"),
     _timestamp("study_datetime", "StudyDate + StudyTime", (0x00080020, "StudyDate"), (0x00080030, "StudyTime")),
     _dicom("study_description", Kind.TEXT, 0x00081030, "StudyDescription", "Study description"),
-    _dicom("referring_physician_name", Kind.NAME, 0x00080090, "ReferringPhysicianName",
-           "Referring physician, decoded per SpecificCharacterSet"),
+    _dicom(
+        "referring_physician_name",
+        Kind.NAME,
+        0x00080090,
+        "ReferringPhysicianName",
+        "Referring physician, decoded per SpecificCharacterSet",
+    ),
     _dicom("institution_name", Kind.TEXT, 0x00080080, "InstitutionName", "Institution"),
     _dicom("modality", Kind.TEXT, 0x00080060, "Modality", "Modality (CT, MR, ...)"),
     _dicom("series_number", Kind.INT, 0x00200011, "SeriesNumber", "Series number"),
@@ -104,35 +117,54 @@ DICOM_COLUMNS: tuple[Column, ...] = (
     _dicom("instance_number", Kind.INT, 0x00200013, "InstanceNumber", "Instance number within the series"),
     _dicom("image_type", Kind.TEXTS, 0x00080008, "ImageType", "Image type values (ORIGINAL, PRIMARY, ...)"),
     ACQUISITION_DATETIME,
-    _timestamp("content_datetime", "ContentDate + ContentTime", (0x00080023, "ContentDate"),
-               (0x00080033, "ContentTime")),
+    _timestamp(
+        "content_datetime", "ContentDate + ContentTime", (0x00080023, "ContentDate"), (0x00080033, "ContentTime")
+    ),
     _dicom("rows", Kind.INT, 0x00280010, "Rows", "Pixel rows"),
     _dicom("columns", Kind.INT, 0x00280011, "Columns", "Pixel columns"),
     _dicom("number_of_frames", Kind.INT, 0x00280008, "NumberOfFrames", "Frames (multi-frame objects only)"),
     _dicom("pixel_spacing", Kind.FLOATS, 0x00280030, "PixelSpacing", "Row and column spacing, mm"),
     _dicom("slice_thickness", Kind.FLOAT, 0x00180050, "SliceThickness", "Slice thickness, mm"),
     _dicom("spacing_between_slices", Kind.FLOAT, 0x00180088, "SpacingBetweenSlices", "Spacing between slices, mm"),
-    _dicom("image_orientation_patient", Kind.FLOATS, 0x00200037, "ImageOrientationPatient",
-           "Direction cosines of the first row and column (6 values)"),
-    _dicom("image_position_patient", Kind.FLOATS, 0x00200032, "ImagePositionPatient",
-           "x, y, z of the upper left voxel centre, mm"),
+    _dicom(
+        "image_orientation_patient",
+        Kind.FLOATS,
+        0x00200037,
+        "ImageOrientationPatient",
+        "Direction cosines of the first row and column (6 values)",
+    ),
+    _dicom(
+        "image_position_patient",
+        Kind.FLOATS,
+        0x00200032,
+        "ImagePositionPatient",
+        "x, y, z of the upper left voxel centre, mm",
+    ),
     _dicom("slice_location", Kind.FLOAT, 0x00201041, "SliceLocation", "Slice location, mm"),
-    _dicom("photometric_interpretation", Kind.TEXT, 0x00280004, "PhotometricInterpretation",
-           "MONOCHROME2, RGB, ..."),
+    _dicom("photometric_interpretation", Kind.TEXT, 0x00280004, "PhotometricInterpretation", "MONOCHROME2, RGB, ..."),
     _dicom("bits_allocated", Kind.INT, 0x00280100, "BitsAllocated", "Bits allocated per sample"),
     _dicom("kvp", Kind.FLOAT, 0x00180060, "KVP", "Peak kilovoltage (CT, X-ray)"),
     _dicom("convolution_kernel", Kind.TEXTS, 0x00181210, "ConvolutionKernel", "Reconstruction kernel (CT)"),
 )
-TRANSFER_SYNTAX = _dicom("transfer_syntax_uid", Kind.UID, 0x00020010, "TransferSyntaxUID",
-                         "Transfer syntax of the file (file meta information)")
+TRANSFER_SYNTAX = _dicom(
+    "transfer_syntax_uid",
+    Kind.UID,
+    0x00020010,
+    "TransferSyntaxUID",
+    "Transfer syntax of the file (file meta information)",
+)
 FILE_COLUMNS: tuple[Column, ...] = (
     TRANSFER_SYNTAX,
     Column("file_path", Kind.TEXT, "file", "Path of the file as given to the export", False),
     Column("file_size", Kind.COUNT, "file", "File size in bytes", False),
-    Column("file_sha256", Kind.TEXT, "file", "SHA-256 of the whole file, lowercase hex (as sha256sum prints)",
-           False),
-    Column("private_tags", Kind.MAP, "private elements", "Null unless the export was asked for private tags; "
-           "then '(gggg,eeee)' -> text value of every top-level private element that is not binary"),
+    Column("file_sha256", Kind.TEXT, "file", "SHA-256 of the whole file, lowercase hex (as sha256sum prints)", False),
+    Column(
+        "private_tags",
+        Kind.MAP,
+        "private elements",
+        "Null unless the export was asked for private tags; "
+        "then '(gggg,eeee)' -> text value of every top-level private element that is not binary",
+    ),
 )
 INSTANCE_COLUMNS: tuple[Column, ...] = (RUN_ID, *DICOM_COLUMNS, *FILE_COLUMNS)
 _BY_NAME = {column.name: column for column in (*INSTANCE_COLUMNS, STUDY_DATE)}
@@ -144,8 +176,9 @@ def _derived(name: str, kind: Kind, source: str, description: str, nullable: boo
 
 def _first(name: str) -> Column:
     column = _BY_NAME[name]
-    return Column(name, column.kind, f"instances.{name}", "first non-null value over the group's instances",
-                  column.nullable)
+    return Column(
+        name, column.kind, f"instances.{name}", "first non-null value over the group's instances", column.nullable
+    )
 
 
 _COUNTS = (
@@ -155,11 +188,29 @@ _COUNTS = (
     _derived("last_acquisition_datetime", Kind.TIMESTAMP, "instances.acquisition_datetime", "Latest"),
 )
 # Instance attributes copied to the series and study tables (first non-null value in input order).
-SERIES_ATTRIBUTES = ("study_instance_uid", "series_instance_uid", "modality", "series_number", "series_description",
-                     "series_datetime", "body_part_examined", "protocol_name", "manufacturer",
-                     "manufacturer_model_name")
-STUDY_ATTRIBUTES = ("study_instance_uid", "accession_number", "study_id", "patient_id", "patient_name",
-                    "patient_birth_date", "patient_sex", "study_datetime", "study_description")
+SERIES_ATTRIBUTES = (
+    "study_instance_uid",
+    "series_instance_uid",
+    "modality",
+    "series_number",
+    "series_description",
+    "series_datetime",
+    "body_part_examined",
+    "protocol_name",
+    "manufacturer",
+    "manufacturer_model_name",
+)
+STUDY_ATTRIBUTES = (
+    "study_instance_uid",
+    "accession_number",
+    "study_id",
+    "patient_id",
+    "patient_name",
+    "patient_birth_date",
+    "patient_sex",
+    "study_datetime",
+    "study_description",
+)
 SERIES_COLUMNS: tuple[Column, ...] = (
     RUN_ID,
     *(_first(name) for name in SERIES_ATTRIBUTES),
@@ -175,13 +226,17 @@ STUDY_COLUMNS: tuple[Column, ...] = (
     *_COUNTS,
 )
 COLUMNS_BY_TABLE: dict[str, tuple[Column, ...]] = {
-    "instances": INSTANCE_COLUMNS, "series": SERIES_COLUMNS, "studies": STUDY_COLUMNS}
+    "instances": INSTANCE_COLUMNS,
+    "series": SERIES_COLUMNS,
+    "studies": STUDY_COLUMNS,
+}
 
 
 def file_schema(table: str) -> pa.Schema:
     """Schema of the Parquet files of ``table`` (the partition column lives in the directory name)."""
-    return pa.schema([column.field for column in COLUMNS_BY_TABLE[table]],
-                     metadata={"pacsflow.schema": f"{table}_v{SCHEMA_VERSION}"})
+    return pa.schema(
+        [column.field for column in COLUMNS_BY_TABLE[table]], metadata={"pacsflow.schema": f"{table}_v{SCHEMA_VERSION}"}
+    )
 
 
 def dataset_schema(table: str) -> pa.Schema:
@@ -191,15 +246,25 @@ def dataset_schema(table: str) -> pa.Schema:
 
 def schema_document() -> dict[str, Any]:
     """The machine-readable schema published in ``include/schemas/metadata_v1.json``."""
+
     def describe(column: Column) -> dict[str, Any]:
-        return {"name": column.name, "type": column.kind.type_name, "nullable": column.nullable,
-                "source": column.source, "description": column.description}
+        return {
+            "name": column.name,
+            "type": column.kind.type_name,
+            "nullable": column.nullable,
+            "source": column.source,
+            "description": column.description,
+        }
 
     return {
         "schema": "pacsflow-metadata",
         "version": SCHEMA_VERSION,
         "partitioning": {"flavor": "hive", "column": describe(STUDY_DATE), "null_directory": NULL_PARTITION},
-        "tables": {table: {"path": f"{table}/{PARTITION_COLUMN}=YYYY-MM-DD/<run-token>-<n>.parquet",
-                           "columns": [describe(column) for column in columns]}
-                   for table, columns in COLUMNS_BY_TABLE.items()},
+        "tables": {
+            table: {
+                "path": f"{table}/{PARTITION_COLUMN}=YYYY-MM-DD/<run-token>-<n>.parquet",
+                "columns": [describe(column) for column in columns],
+            }
+            for table, columns in COLUMNS_BY_TABLE.items()
+        },
     }

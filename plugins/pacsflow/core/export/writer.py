@@ -46,8 +46,9 @@ class RunOutput:
         self._remove(self._files(staged=True))  # left over by a run that died before its commit
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         if kind is not None:
             self._remove(self._staged)
 
@@ -67,7 +68,7 @@ class RunOutput:
         for path in self._staged:
             _fsync(path)
         self._remove(self._files(staged=False))
-        final = [path.with_name(path.name[1: -len(_STAGED_SUFFIX)]) for path in self._staged]
+        final = [path.with_name(path.name[1 : -len(_STAGED_SUFFIX)]) for path in self._staged]
         for staged, path in zip(self._staged, final):
             os.replace(staged, path)
         for directory in {path.parent for path in final}:
@@ -88,8 +89,11 @@ class RunOutput:
 
     def _is_run_file(self, name: str, staged: bool) -> bool:
         if staged:
-            return name.startswith(".") and name.endswith(_STAGED_SUFFIX) \
-                and self._committed_name.fullmatch(name[1: -len(_STAGED_SUFFIX)]) is not None
+            return (
+                name.startswith(".")
+                and name.endswith(_STAGED_SUFFIX)
+                and self._committed_name.fullmatch(name[1 : -len(_STAGED_SUFFIX)]) is not None
+            )
         return self._committed_name.fullmatch(name) is not None
 
     @staticmethod
@@ -124,8 +128,9 @@ class PartitionedWriter:
     def __enter__(self) -> PartitionedWriter:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         if kind is None:
             self.flush_all()
         while self._writers:
@@ -169,7 +174,6 @@ class PartitionedWriter:
             return self._writers[study_date]
         if len(self._writers) >= MAX_OPEN_WRITERS:
             self._writers.popitem(last=False)[1].close()  # that partition continues in a new file
-        writer = pq.ParquetWriter(self.output.new_file(self.table, study_date), self.schema,
-                                  compression=COMPRESSION)
+        writer = pq.ParquetWriter(self.output.new_file(self.table, study_date), self.schema, compression=COMPRESSION)
         self._writers[study_date] = writer
         return writer

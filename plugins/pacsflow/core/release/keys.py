@@ -48,7 +48,7 @@ class ReleaseKeys:
     secret: bytes
 
     def _digest(self, purpose: str, value: str) -> bytes:
-        return hmac.new(self.secret, f"{purpose}\x00{value}".encode("utf-8"), hashlib.sha256).digest()
+        return hmac.new(self.secret, f"{purpose}\x00{value}".encode(), hashlib.sha256).digest()
 
     def patient_pseudonym(self, patient_id: str) -> str:
         """``PF`` and 14 hex digits: fits PatientID (LO) and PatientName (PN)."""

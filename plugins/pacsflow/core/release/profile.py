@@ -29,53 +29,131 @@ from pacsflow.core.release.settings import ReleaseSettings
 
 STANDARD_UID_PREFIX = "1.2.840.10008."  # DICOM's own UIDs (classes, transfer syntaxes, coding schemes)
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # and its multi-frame variants .7.1 to .7.4
-ULTRASOUND_SOP_CLASSES = frozenset({
-    "1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.5.1.4.1.1.6.2", "1.2.840.10008.5.1.4.1.1.3.1",
-    "1.2.840.10008.5.1.4.1.1.6", "1.2.840.10008.5.1.4.1.1.3",
-})
+ULTRASOUND_SOP_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.6.1",
+        "1.2.840.10008.5.1.4.1.1.6.2",
+        "1.2.840.10008.5.1.4.1.1.3.1",
+        "1.2.840.10008.5.1.4.1.1.6",
+        "1.2.840.10008.5.1.4.1.1.3",
+    }
+)
 DUMMY_DATE, DUMMY_DATETIME = "19000101", "19000101000000"
 
 # Identifiers replaced by a keyed pseudonym (PatientID by the patient pseudonym, the others by a keyed ID).
 PATIENT_ID = "PatientID"
-KEYED_IDS = frozenset({
-    "AccessionNumber", "StudyID", "RequestedProcedureID", "ScheduledProcedureStepID", "PerformedProcedureStepID",
-    "PlacerOrderNumberImagingServiceRequest", "FillerOrderNumberImagingServiceRequest",
-    "PlacerOrderNumberProcedure", "FillerOrderNumberProcedure", "AdmissionID", "ServiceEpisodeID",
-})
+KEYED_IDS = frozenset(
+    {
+        "AccessionNumber",
+        "StudyID",
+        "RequestedProcedureID",
+        "ScheduledProcedureStepID",
+        "PerformedProcedureStepID",
+        "PlacerOrderNumberImagingServiceRequest",
+        "FillerOrderNumberImagingServiceRequest",
+        "PlacerOrderNumberProcedure",
+        "FillerOrderNumberProcedure",
+        "AdmissionID",
+        "ServiceEpisodeID",
+    }
+)
 # Attributes the profile removes but the IODs require present (Type 2): emptied instead.
 EMPTIED = frozenset({"ReferringPhysicianName", "PatientBirthDate", "ContrastBolusAgent", "PatientComments"})
 # Text-valued attributes known to hold no identity: technical values and codes.
-SAFE_TEXT = frozenset({
-    "Manufacturer", "ManufacturerModelName", "SoftwareVersions", "RescaleType", "ConvolutionKernel",
-    "PositionReferenceIndicator", "WindowCenterWidthExplanation", "ContrastBolusRoute", "FilterType",
-    "CodeValue", "CodingSchemeDesignator", "CodingSchemeVersion", "CodeMeaning", "LongCodeValue",
-    "ImplementationVersionName", "DeidentificationMethod", "FrameLaterality",
-    "ReconstructionMethod", "DetectorConfiguration", "TransducerData", "ProcessingFunction",
-    "AcquisitionDeviceProcessingCode", "LUTExplanation", "FrameType", "ScanningSequence",
-})
+SAFE_TEXT = frozenset(
+    {
+        "Manufacturer",
+        "ManufacturerModelName",
+        "SoftwareVersions",
+        "RescaleType",
+        "ConvolutionKernel",
+        "PositionReferenceIndicator",
+        "WindowCenterWidthExplanation",
+        "ContrastBolusRoute",
+        "FilterType",
+        "CodeValue",
+        "CodingSchemeDesignator",
+        "CodingSchemeVersion",
+        "CodeMeaning",
+        "LongCodeValue",
+        "ImplementationVersionName",
+        "DeidentificationMethod",
+        "FrameLaterality",
+        "ReconstructionMethod",
+        "DetectorConfiguration",
+        "TransducerData",
+        "ProcessingFunction",
+        "AcquisitionDeviceProcessingCode",
+        "LUTExplanation",
+        "FrameType",
+        "ScanningSequence",
+    }
+)
 # Free-text descriptions: kept only with the Clean Descriptors option, with identifiers cut out.
-DESCRIPTORS = frozenset({
-    "StudyDescription", "SeriesDescription", "ProtocolName", "PerformedProcedureStepDescription",
-    "RequestedProcedureDescription", "ScheduledProcedureStepDescription", "AcquisitionDeviceProcessingDescription",
-})
+DESCRIPTORS = frozenset(
+    {
+        "StudyDescription",
+        "SeriesDescription",
+        "ProtocolName",
+        "PerformedProcedureStepDescription",
+        "RequestedProcedureDescription",
+        "ScheduledProcedureStepDescription",
+        "AcquisitionDeviceProcessingDescription",
+    }
+)
 # Device identity: kept only with the Retain Device Identity option.
-DEVICE_IDENTITY = frozenset({
-    "StationName", "DeviceSerialNumber", "DetectorID", "GantryID", "PlateID", "CassetteID", "PerformedStationName",
-    "DeviceUID", "PerformedStationAETitle",
-})
+DEVICE_IDENTITY = frozenset(
+    {
+        "StationName",
+        "DeviceSerialNumber",
+        "DetectorID",
+        "GantryID",
+        "PlateID",
+        "CassetteID",
+        "PerformedStationName",
+        "DeviceUID",
+        "PerformedStationAETitle",
+    }
+)
 # Kept by value type, but removed by the profile (Table E.1-1, X).
-REMOVED_NON_TEXT = frozenset({
-    "PatientSize", "PatientWeight", "PatientBirthTime", "PregnancyStatus", "SmokingStatus", "PatientSexNeutered",
-    "IconImageSequence", "OriginalAttributesSequence", "ReferencedPatientPhotoSequence", "OtherPatientIDsSequence",
-    "DigitalSignaturesSequence", "EncryptedAttributesSequence", "MACParametersSequence", "ReferencedPatientSequence",
-    "PatientAge",
-})
+REMOVED_NON_TEXT = frozenset(
+    {
+        "PatientSize",
+        "PatientWeight",
+        "PatientBirthTime",
+        "PregnancyStatus",
+        "SmokingStatus",
+        "PatientSexNeutered",
+        "IconImageSequence",
+        "OriginalAttributesSequence",
+        "ReferencedPatientPhotoSequence",
+        "OtherPatientIDsSequence",
+        "DigitalSignaturesSequence",
+        "EncryptedAttributesSequence",
+        "MACParametersSequence",
+        "ReferencedPatientSequence",
+        "PatientAge",
+    }
+)
 # Top-level values cut out of descriptors when they occur there.
 IDENTIFYING_TEXT = (
-    "PatientName", "PatientID", "OtherPatientIDs", "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName",
-    "AccessionNumber", "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName", "RequestingPhysician",
-    "NameOfPhysiciansReadingStudy", "PhysiciansOfRecord", "InstitutionName", "InstitutionAddress",
-    "InstitutionalDepartmentName", "StationName",
+    "PatientName",
+    "PatientID",
+    "OtherPatientIDs",
+    "OtherPatientNames",
+    "PatientBirthName",
+    "PatientMotherBirthName",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "PerformingPhysicianName",
+    "OperatorsName",
+    "RequestingPhysician",
+    "NameOfPhysiciansReadingStudy",
+    "PhysiciansOfRecord",
+    "InstitutionName",
+    "InstitutionAddress",
+    "InstitutionalDepartmentName",
+    "StationName",
 )
 TEXT_VRS = frozenset({"AE", "AS", "LO", "LT", "SH", "ST", "UC", "UR", "UT", "UN", "PN"})
 _LONG_NUMBER = re.compile(r"\d{5,}")
@@ -111,7 +189,8 @@ class Deidentifier:
         ds.DeidentificationMethod = f"pacsflow release, dicognito {dicognito.__version__}"
         ds.DeidentificationMethodCodeSequence = [_code(value, meaning) for value, meaning in self._method_codes()]
         ds.LongitudinalTemporalInformationModified = (
-            "MODIFIED" if self.settings.retain_longitudinal_dates else "REMOVED")
+            "MODIFIED" if self.settings.retain_longitudinal_dates else "REMOVED"
+        )
 
     def _method_codes(self) -> Iterator[tuple[str, str]]:
         yield "113100", "Basic Application Confidentiality Profile"
@@ -239,8 +318,10 @@ class _Profile:
     def _remap_uids(self, element: DataElement) -> None:
         if not element.value:
             return
-        new = [value if str(value).startswith(STANDARD_UID_PREFIX) else self.keys.uid(str(value))
-               for value in _values(element)]
+        new = [
+            value if str(value).startswith(STANDARD_UID_PREFIX) else self.keys.uid(str(value))
+            for value in _values(element)
+        ]
         element.value = new if len(new) > 1 else new[0]
 
     def _date(self, ds: Dataset, element: DataElement, keyword: str) -> None:

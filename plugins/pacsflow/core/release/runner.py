@@ -83,13 +83,18 @@ def release_chunk(job: ReleaseJob, paths: list[str]) -> list[FileResult]:
         layout.replace_many(staged)
     except OSError as error:
         reason = f"write failed ({errno.errorcode.get(error.errno or 0, 'I/O')})"
-        return [FileResult(r.study_uid, r.series_uid, FileOutcome.FAILED, reason) if r.outcome is FileOutcome.RELEASED
-                else r for r in results]
+        return [
+            FileResult(r.study_uid, r.series_uid, FileOutcome.FAILED, reason)
+            if r.outcome is FileOutcome.RELEASED
+            else r
+            for r in results
+        ]
     return results
 
 
-def release_file(path: Path, deidentifier: Deidentifier,
-                 layout: StorageLayout) -> tuple[FileResult, tuple[Path, str, str, str] | None]:
+def release_file(
+    path: Path, deidentifier: Deidentifier, layout: StorageLayout
+) -> tuple[FileResult, tuple[Path, str, str, str] | None]:
     """The outcome for one file and, when released, its written temp file (to commit) with its new UIDs."""
     study_uid, series_uid = path.parent.parent.name, path.parent.name
     try:
@@ -104,14 +109,17 @@ def release_file(path: Path, deidentifier: Deidentifier,
         new_uids = (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
         temp = _write_temp(ds, layout, *new_uids)
     except InvalidIdentifierError:
-        return FileResult(study_uid, series_uid, FileOutcome.FAILED,
-                          "missing or invalid UID after de-identification"), None
+        return FileResult(
+            study_uid, series_uid, FileOutcome.FAILED, "missing or invalid UID after de-identification"
+        ), None
     except OSError as error:
-        return FileResult(study_uid, series_uid, FileOutcome.FAILED,
-                          f"write failed ({errno.errorcode.get(error.errno or 0, 'I/O')})"), None
+        return FileResult(
+            study_uid, series_uid, FileOutcome.FAILED, f"write failed ({errno.errorcode.get(error.errno or 0, 'I/O')})"
+        ), None
     except (ValueError, TypeError, AttributeError, KeyError) as error:
-        return FileResult(study_uid, series_uid, FileOutcome.FAILED,
-                          f"cannot de-identify ({type(error).__name__})"), None
+        return FileResult(
+            study_uid, series_uid, FileOutcome.FAILED, f"cannot de-identify ({type(error).__name__})"
+        ), None
     result = FileResult(study_uid, series_uid, FileOutcome.RELEASED, None, new_uids[0], new_uids[1])
     return result, (temp, *new_uids)
 

@@ -29,7 +29,7 @@ class PrivateTag(BaseModel):
     creator: str
 
     @classmethod
-    def parse(cls, text: str) -> "PrivateTag":
+    def parse(cls, text: str) -> PrivateTag:
         """``"0029,xx10,SIEMENS CSA HEADER"``: group, element offset in the block, private creator."""
         match = _PRIVATE_TAG.fullmatch(text.strip())
         if not match:
@@ -46,16 +46,22 @@ class ReleaseSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     enabled: bool = True
-    project: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$",
-                                description="names the pseudonym key: same project, same pseudonyms; others "
-                                            "unlinkable (default: the extraction's id)")
+    project: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$",
+        description="names the pseudonym key: same project, same pseudonyms; others "
+        "unlinkable (default: the extraction's id)",
+    )
     retain_longitudinal_dates: bool = Field(
-        True, description="shift every date of a patient by one keyed offset (intervals kept); "
-                          "off: dates replaced by a dummy date")
+        True,
+        description="shift every date of a patient by one keyed offset (intervals kept); "
+        "off: dates replaced by a dummy date",
+    )
     retain_device_identity: bool = Field(False, description="keep StationName, DeviceSerialNumber, ...")
     clean_descriptors: bool = Field(
-        True, description="keep study/series descriptions and protocol names, with identifiers removed; "
-                          "off: remove them")
+        True,
+        description="keep study/series descriptions and protocol names, with identifiers removed; off: remove them",
+    )
     allow_ultrasound: bool = Field(False, description="release ultrasound (held back by default: burned-in text)")
     private_tag_allowlist: tuple[PrivateTag, ...] = ()
 
@@ -67,7 +73,7 @@ class ReleaseSettings(BaseModel):
         return value
 
     @classmethod
-    def parse(cls, config: Mapping[str, Any] | None) -> "ReleaseSettings":
+    def parse(cls, config: Mapping[str, Any] | None) -> ReleaseSettings:
         """Validate plain configuration; a :class:`ReleaseSettingsError` names each key at fault."""
         try:
             return cls.model_validate(dict(config or {}))

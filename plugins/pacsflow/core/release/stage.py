@@ -29,8 +29,14 @@ from pacsflow.core.release.runner import FileOutcome, FileResult, ReleaseJob, re
 from pacsflow.core.release.settings import ReleaseSettings, ReleaseSettingsError
 from pacsflow.core.storage import StorageLayout
 
-__all__ = ["ReleaseReport", "ReleaseSettings", "ReleaseSettingsError", "release_run", "release_series",
-           "release_series_rows"]
+__all__ = [
+    "ReleaseReport",
+    "ReleaseSettings",
+    "ReleaseSettingsError",
+    "release_run",
+    "release_series",
+    "release_series_rows",
+]
 
 log = logging.getLogger(__name__)
 
@@ -89,32 +95,70 @@ class ReleaseReport:
     metadata: ExportReport | None = None
 
     def counts(self) -> dict[str, Any]:
-        return {"released": self.released, "held_back": self.held_back, "failed": self.failed,
-                "series": dict(self.series), "reasons": dict(self.reasons),
-                "metadata_instances": self.metadata.instances if self.metadata else 0}
+        return {
+            "released": self.released,
+            "held_back": self.held_back,
+            "failed": self.failed,
+            "series": dict(self.series),
+            "reasons": dict(self.reasons),
+            "metadata_instances": self.metadata.instances if self.metadata else 0,
+        }
 
 
-def release_run(ctx: RunContext, layout: StorageLayout, settings: ReleaseSettings, *, release_root: Path,
-                key_dir: Path, run_id: str, secret: str | bytes | None = None,
-                workers: int | None = None) -> ReleaseReport:
+def release_run(
+    ctx: RunContext,
+    layout: StorageLayout,
+    settings: ReleaseSettings,
+    *,
+    release_root: Path,
+    key_dir: Path,
+    run_id: str,
+    secret: str | bytes | None = None,
+    workers: int | None = None,
+) -> ReleaseReport:
     """Release the run's retrieved series into ``release_root`` and record one audit row per series.
     Re-running gives byte-identical files (everything is keyed, nothing random or timed)."""
     if settings.project is None:
-        raise ReleaseSettingsError("release.project is not set: it names the pseudonym key (an extraction "
-                                   "definition uses its id)")
+        raise ReleaseSettingsError(
+            "release.project is not set: it names the pseudonym key (an extraction definition uses its id)"
+        )
     with stage_attempt(ctx, Stage.RELEASE) as counts:
-        report = _release(ctx, layout, settings, release_root=release_root, key_dir=key_dir, run_id=run_id,
-                          secret=secret, workers=workers)
+        report = _release(
+            ctx,
+            layout,
+            settings,
+            release_root=release_root,
+            key_dir=key_dir,
+            run_id=run_id,
+            secret=secret,
+            workers=workers,
+        )
         counts.update(report.counts())
-    log.info("release: %d instances released, %d held back, %d failed; series %s; reasons %s",
-             report.released, report.held_back, report.failed, dict(report.series), dict(report.reasons))
+    log.info(
+        "release: %d instances released, %d held back, %d failed; series %s; reasons %s",
+        report.released,
+        report.held_back,
+        report.failed,
+        dict(report.series),
+        dict(report.reasons),
+    )
     return report
 
 
-def _release(ctx: RunContext, layout: StorageLayout, settings: ReleaseSettings, *, release_root: Path,
-             key_dir: Path, run_id: str, secret: str | bytes | None, workers: int | None) -> ReleaseReport:
-    job = ReleaseJob(settings, project_secret(settings.project, key_dir, secret),
-                     make_private_dir(release_root) / "dicom")
+def _release(
+    ctx: RunContext,
+    layout: StorageLayout,
+    settings: ReleaseSettings,
+    *,
+    release_root: Path,
+    key_dir: Path,
+    run_id: str,
+    secret: str | bytes | None,
+    workers: int | None,
+) -> ReleaseReport:
+    job = ReleaseJob(
+        settings, project_secret(settings.project, key_dir, secret), make_private_dir(release_root) / "dicom"
+    )
     tallies: dict[tuple[str, str], _SeriesTally] = {}
     report = ReleaseReport()
     for result in release_files(retrieved_files(ctx, layout), job, workers=workers):
@@ -127,8 +171,9 @@ def _release(ctx: RunContext, layout: StorageLayout, settings: ReleaseSettings, 
     _record(ctx.store.engine, ctx.run_key, settings.project, tallies)
     # The Airflow run id names the data interval (real dates): the release gets a keyed label instead.
     release_label = "release-" + ReleaseKeys(job.secret).identifier("run", run_id).lower()
-    report.metadata = export_instances(_released_files(StorageLayout(job.out_root), tallies.values()),
-                                       release_root / "metadata", release_label)
+    report.metadata = export_instances(
+        _released_files(StorageLayout(job.out_root), tallies.values()), release_root / "metadata", release_label
+    )
     return report
 
 
@@ -144,11 +189,23 @@ def _record(engine: Engine, run_key: str, project: str, tallies: dict[tuple[str,
     """Replace the run's release rows (a re-run of the release supersedes the previous one)."""
     release_metadata.create_all(engine)
     now = utcnow()
-    rows = [{"run_key": run_key, "study_uid": study_uid, "series_uid": series_uid, "project": project,
-             "status": tally.status, "released": tally.released, "held_back": tally.held_back,
-             "failed": tally.failed, "reasons": "; ".join(f"{r}: {n}" for r, n in sorted(tally.reasons.items())) or None,
-             "released_study_uid": tally.released_study_uid, "released_series_uid": tally.released_series_uid,
-             "updated_at": now} for (study_uid, series_uid), tally in sorted(tallies.items())]
+    rows = [
+        {
+            "run_key": run_key,
+            "study_uid": study_uid,
+            "series_uid": series_uid,
+            "project": project,
+            "status": tally.status,
+            "released": tally.released,
+            "held_back": tally.held_back,
+            "failed": tally.failed,
+            "reasons": "; ".join(f"{r}: {n}" for r, n in sorted(tally.reasons.items())) or None,
+            "released_study_uid": tally.released_study_uid,
+            "released_series_uid": tally.released_series_uid,
+            "updated_at": now,
+        }
+        for (study_uid, series_uid), tally in sorted(tallies.items())
+    ]
     with engine.begin() as conn:
         conn.execute(delete(release_series).where(release_series.c.run_key == run_key))
         if rows:

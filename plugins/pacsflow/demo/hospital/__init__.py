@@ -40,9 +40,21 @@ from pacsflow.demo.hospital.truth import (
 )
 
 __all__ = [
-    "COHORT_MODALITIES", "INTERVAL", "SERIES_RULES", "SITE_PREFIX", "Hospital", "Quirk", "build_hospital",
-    "dropped_series", "exams_table", "expected_instances", "expected_outcomes", "load_ground_truth",
-    "plan_hospital", "quirk_counts", "within",
+    "COHORT_MODALITIES",
+    "INTERVAL",
+    "SERIES_RULES",
+    "SITE_PREFIX",
+    "Hospital",
+    "Quirk",
+    "build_hospital",
+    "dropped_series",
+    "exams_table",
+    "expected_instances",
+    "expected_outcomes",
+    "load_ground_truth",
+    "plan_hospital",
+    "quirk_counts",
+    "within",
 ]
 
 MAX_IMAGE_SIZE = 1024
@@ -57,8 +69,16 @@ class Hospital:
     files_written: int = 0
 
 
-def build_hospital(out_dir: Path, *, accessions: int = 60, seed: int = 7, image_size: int = 32,
-                   ris_url: str | None = None, first_day: date = FIRST_DAY, last_day: date = LAST_DAY) -> Hospital:
+def build_hospital(
+    out_dir: Path,
+    *,
+    accessions: int = 60,
+    seed: int = 7,
+    image_size: int = 32,
+    ris_url: str | None = None,
+    first_day: date = FIRST_DAY,
+    last_day: date = LAST_DAY,
+) -> Hospital:
     """Build (or rebuild from scratch) the hospital in ``out_dir``; the RIS defaults to SQLite in it."""
     if not isinstance(accessions, int) or accessions < 1:
         raise ValueError("accessions must be a whole number >= 1")
@@ -78,6 +98,10 @@ def build_hospital(out_dir: Path, *, accessions: int = 60, seed: int = 7, image_
     files = write_exams(exams, dicom_dir, image_size)
     truth_path = out_dir / "ground_truth.json"
     write_ground_truth(truth_path, ground_truth(exams, seed))
-    return Hospital(ris_url=url, dicom_dir=dicom_dir, ground_truth_path=truth_path,
-                    interval=span_interval(first_day, last_day),
-                    files_written=files)
+    return Hospital(
+        ris_url=url,
+        dicom_dir=dicom_dir,
+        ground_truth_path=truth_path,
+        interval=span_interval(first_day, last_day),
+        files_written=files,
+    )

@@ -24,8 +24,9 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     try:
-        hospital = build_hospital(args.out, accessions=args.accessions, seed=args.seed,
-                                  image_size=args.image_size, ris_url=args.ris_url)
+        hospital = build_hospital(
+            args.out, accessions=args.accessions, seed=args.seed, image_size=args.image_size, ris_url=args.ris_url
+        )
     except ValueError as error:
         parser.error(str(error))
     elapsed = time.perf_counter() - started
@@ -36,8 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"accessions        {len(accessions)} ({sum(a['in_cohort'] for a in accessions)} in the cohort)")
     print(f"PACS              {len(studies)} studies, {len(series)} series, {hospital.files_written} files")
     print(f"built in          {elapsed:.1f} s")
-    for name, counts in (("quirk", Counter(a["quirk"] for a in accessions)),
-                         ("expected outcome", Counter(a["expected_outcome"] or "(out of cohort)" for a in accessions))):
+    for name, counts in (
+        ("quirk", Counter(a["quirk"] for a in accessions)),
+        ("expected outcome", Counter(a["expected_outcome"] or "(out of cohort)" for a in accessions)),
+    ):
         print(f"by {name}:")
         for key, count in sorted(counts.items()):
             print(f"  {key:<18}{count}")

@@ -56,7 +56,7 @@ class PixelSource:
 
     def image(self, index: int) -> bytes:
         start = (index * 37 % self.SHIFTS) * 2
-        return self._ramp[start:start + self._bytes_per_image]
+        return self._ramp[start : start + self._bytes_per_image]
 
 
 def write_exam(exam: PlannedExam, layout: StorageLayout, pixels: PixelSource) -> int:
@@ -68,8 +68,9 @@ def write_exam(exam: PlannedExam, layout: StorageLayout, pixels: PixelSource) ->
     return written
 
 
-def _write_series(exam: PlannedExam, study: PlannedStudy, series: PlannedSeries, layout: StorageLayout,
-                  pixels: PixelSource) -> int:
+def _write_series(
+    exam: PlannedExam, study: PlannedStudy, series: PlannedSeries, layout: StorageLayout, pixels: PixelSource
+) -> int:
     ds = _series_dataset(exam, study, series, pixels.image_size)
     layout.series_dir(study.uid, series.uid).mkdir(parents=True, exist_ok=True)
     for number, sop_uid in enumerate(series.sop_uids, start=1):

@@ -9,20 +9,22 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 
 UID_ROOT = "1.2.826.0.1.3680043.10.1234."
 FIRST_DAY = date(2020, 1, 1)
 LAST_DAY = date(2024, 12, 31)
-INTERVAL = (datetime(2020, 1, 1, tzinfo=timezone.utc), datetime(2025, 1, 1, tzinfo=timezone.utc))
+INTERVAL = (datetime(2020, 1, 1, tzinfo=UTC), datetime(2025, 1, 1, tzinfo=UTC))
 
 
 def span_interval(first_day: date, last_day: date) -> tuple[datetime, datetime]:
     """The half-open UTC interval holding every exam of a hospital whose exams fall on these days."""
-    start = datetime(first_day.year, first_day.month, first_day.day, tzinfo=timezone.utc)
-    end = datetime(last_day.year, last_day.month, last_day.day, tzinfo=timezone.utc) + timedelta(days=1)
+    start = datetime(first_day.year, first_day.month, first_day.day, tzinfo=UTC)
+    end = datetime(last_day.year, last_day.month, last_day.day, tzinfo=UTC) + timedelta(days=1)
     return start, end
+
+
 COHORT_MODALITIES = ("CT", "MG")
 SERIES_RULES = {
     "include_modalities": list(COHORT_MODALITIES),
@@ -85,8 +87,9 @@ class ExamType:
     series_descriptions: tuple[str, ...]
 
 
-CT_SHOULDER = ExamType("CTSHA", "CT", "CT ARTHRO SHOULDER", "SHOULDER",
-                       ("ARTHRO SHOULDER 0.6 BONE", "ARTHRO SHOULDER 2.0 SOFT TISSUE"))
+CT_SHOULDER = ExamType(
+    "CTSHA", "CT", "CT ARTHRO SHOULDER", "SHOULDER", ("ARTHRO SHOULDER 0.6 BONE", "ARTHRO SHOULDER 2.0 SOFT TISSUE")
+)
 CT_CHEST = ExamType("CTCHE", "CT", "CT CHEST", "CHEST", ("CHEST 1.0 LUNG", "CHEST 3.0 MEDIASTINUM"))
 MAMMOGRAPHY = ExamType("MGSCR", "MG", "MAMMOGRAPHY SCREENING", "BREAST", ("SCREENING MAMMOGRAPHY",))
 MR_KNEE = ExamType("MRKNE", "MR", "MR KNEE", "KNEE", ("PD TSE SAG", "T1 TSE COR"))
@@ -104,18 +107,29 @@ EQUIPMENT = {
 REFERRING_PHYSICIANS = ("House^Gregory", "Grey^Meredith", "Quinn^Michaela", "Carter^John", "Ross^Doug")
 # Where and by whom a study was made: identifiers a research release must not carry (the release proof scans
 # for them). Written into every file; a pure function of the study UID, so the plan's RNG is untouched.
-INSTITUTIONS = (("Saint Elsewhere Hospital", "12 Elm Street, Springfield"),
-                ("Princeton-Plainsboro Teaching Hospital", "1 Hospital Plaza, Princeton"))
+INSTITUTIONS = (
+    ("Saint Elsewhere Hospital", "12 Elm Street, Springfield"),
+    ("Princeton-Plainsboro Teaching Hospital", "1 Hospital Plaza, Princeton"),
+)
 OPERATORS = ("Whitaker^Rosalind", "Okonkwo^Chidi", "Lindqvist^Mats")
 
 # Patient names by the character set their files declare (None: the DICOM default repertoire, no element).
 NAMES = {
-    None: (("Smith", "Brown", "Taylor", "Wilson", "Martin", "Nguyen", "Okafor", "Jones"),
-           ("John", "James", "Peter", "Omar"), ("Emily", "Sarah", "Olivia", "Anna")),
-    "ISO_IR 100": (("Müller", "Lefèvre", "García", "Østergård", "Schäfer", "Niño", "Dubois", "Åberg"),
-                   ("Jürgen", "José", "Björn", "Søren"), ("Zoé", "Hélène", "Inés", "Käthe")),
-    "ISO_IR 192": (("Dvořák", "Ångström", "Kovačević", "Wałęsa", "Şahin", "Čapek", "Nowak", "Łukasiewicz"),
-                   ("Łukasz", "Michał", "Tomáš", "Oğuz"), ("Zoë", "Małgorzata", "Ayşe", "Zuzana")),
+    None: (
+        ("Smith", "Brown", "Taylor", "Wilson", "Martin", "Nguyen", "Okafor", "Jones"),
+        ("John", "James", "Peter", "Omar"),
+        ("Emily", "Sarah", "Olivia", "Anna"),
+    ),
+    "ISO_IR 100": (
+        ("Müller", "Lefèvre", "García", "Østergård", "Schäfer", "Niño", "Dubois", "Åberg"),
+        ("Jürgen", "José", "Björn", "Søren"),
+        ("Zoé", "Hélène", "Inés", "Käthe"),
+    ),
+    "ISO_IR 192": (
+        ("Dvořák", "Ångström", "Kovačević", "Wałęsa", "Şahin", "Čapek", "Nowak", "Łukasiewicz"),
+        ("Łukasz", "Michał", "Tomáš", "Oğuz"),
+        ("Zoë", "Małgorzata", "Ayşe", "Zuzana"),
+    ),
 }
 CHARSET_WEIGHTS = {None: 0.5, "ISO_IR 100": 0.25, "ISO_IR 192": 0.25}
 
@@ -249,7 +263,8 @@ class _Planner:
         if self.patients and self.rng.random() < 0.3:  # a returning patient, if one fits
             patient = self.rng.choice(self.patients)
             far_enough = moment - self.last_exam_of[patient.patient_id] > timedelta(
-                days=MIN_DAYS_BETWEEN_EXAMS_OF_A_PATIENT)
+                days=MIN_DAYS_BETWEEN_EXAMS_OF_A_PATIENT
+            )
             if far_enough and needs_sex in (None, patient.sex):
                 self.last_exam_of[patient.patient_id] = moment
                 return patient
@@ -266,8 +281,13 @@ class _Planner:
         return Patient(f"P{len(self.patients) + 1:07d}", name, birth, sex, charset)
 
     # -- studies and series -----------------------------------------------------------------------------
-    def study(self, exam_type: ExamType, accession_number: str, moment: datetime,
-              series: list[Callable[[int], PlannedSeries]] | None = None) -> PlannedStudy:
+    def study(
+        self,
+        exam_type: ExamType,
+        accession_number: str,
+        moment: datetime,
+        series: list[Callable[[int], PlannedSeries]] | None = None,
+    ) -> PlannedStudy:
         makers = series if series is not None else self.standard_series(exam_type)
         return PlannedStudy(
             uid=self.uids.next("study"),
@@ -282,24 +302,39 @@ class _Planner:
         if exam_type.modality == "MG":
             return [self.series_maker(exam_type, exam_type.series_descriptions[0], "MG", len(MG_VIEWS))]
         sizes = (3, 8) if exam_type.modality == "CT" else (3, 5)
-        return [self.series_maker(exam_type, description, exam_type.modality, self.rng.randint(*sizes))
-                for description in exam_type.series_descriptions]
+        return [
+            self.series_maker(exam_type, description, exam_type.modality, self.rng.randint(*sizes))
+            for description in exam_type.series_descriptions
+        ]
 
-    def series_maker(self, exam_type: ExamType, description: str, modality: str, instances: int,
-                     drop_reason: str | None = None, localizer: bool = False) -> Callable[[int], PlannedSeries]:
+    def series_maker(
+        self,
+        exam_type: ExamType,
+        description: str,
+        modality: str,
+        instances: int,
+        drop_reason: str | None = None,
+        localizer: bool = False,
+    ) -> Callable[[int], PlannedSeries]:
         def make(number: int) -> PlannedSeries:
             return PlannedSeries(
-                uid=self.uids.next("series"), number=number, modality=modality, description=description,
-                body_part=exam_type.body_part, manufacturer=self.rng.choice(EQUIPMENT[modality]),
+                uid=self.uids.next("series"),
+                number=number,
+                modality=modality,
+                description=description,
+                body_part=exam_type.body_part,
+                manufacturer=self.rng.choice(EQUIPMENT[modality]),
                 sop_uids=tuple(self.uids.next("instance") for _ in range(instances)),
                 drop_reason=drop_reason if drop_reason else (None if modality in COHORT_MODALITIES else "modality"),
                 localizer=localizer,
             )
+
         return make
 
     def scout_maker(self, exam_type: ExamType) -> Callable[[int], PlannedSeries]:
-        return self.series_maker(exam_type, self.rng.choice(SCOUT_DESCRIPTIONS), "CT", 1,
-                                 drop_reason="description", localizer=True)
+        return self.series_maker(
+            exam_type, self.rng.choice(SCOUT_DESCRIPTIONS), "CT", 1, drop_reason="description", localizer=True
+        )
 
     def us_maker(self) -> Callable[[int], PlannedSeries]:
         return self.series_maker(MAMMOGRAPHY, US_DESCRIPTION, "US", 2)
@@ -387,8 +422,9 @@ _STUDIES: dict[Quirk, Callable[[_Planner, ExamType, str, datetime], StudyPlan]] 
 }
 
 
-def plan_hospital(accessions: int, seed: int, first_day: date = FIRST_DAY,
-                  last_day: date = LAST_DAY) -> list[PlannedExam]:
+def plan_hospital(
+    accessions: int, seed: int, first_day: date = FIRST_DAY, last_day: date = LAST_DAY
+) -> list[PlannedExam]:
     """Every exam of the hospital (on days from ``first_day`` to ``last_day``), sorted by AN (the RIS's spelling)."""
     if last_day < first_day:
         raise ValueError("last_day must not be before first_day")

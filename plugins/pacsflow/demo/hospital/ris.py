@@ -14,7 +14,8 @@ INSERT_CHUNK = 1000
 
 metadata = MetaData()
 exams_table = Table(
-    "exams", metadata,
+    "exams",
+    metadata,
     Column("accession_number", String(16), primary_key=True),
     Column("patient_id", String(64), nullable=False),
     Column("patient_name", Unicode(128)),

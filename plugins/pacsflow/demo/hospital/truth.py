@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -77,9 +77,11 @@ def load_ground_truth(path: Path) -> dict[str, Any]:
 
 def within(truth: dict[str, Any], start: datetime, end: datetime) -> dict[str, Any]:
     """The ground truth of the exams in ``[start, end)`` (aware UTC): what a run over that interval extracts."""
+
     def inside(accession: dict[str, Any]) -> bool:
-        moment = datetime.fromisoformat(accession["exam_datetime"]).replace(tzinfo=timezone.utc)
+        moment = datetime.fromisoformat(accession["exam_datetime"]).replace(tzinfo=UTC)
         return start <= moment < end
+
     return {**truth, "accessions": [a for a in truth["accessions"] if inside(a)]}
 
 
@@ -103,8 +105,11 @@ def expected_instances(truth: dict[str, Any]) -> set[tuple[str, str, str]]:
 
 def dropped_series(truth: dict[str, Any]) -> dict[str, str]:
     """SeriesUID -> drop reason, for every series of an in-cohort AN that the default rules drop."""
-    return {series["series_instance_uid"]: series["drop_reason"]
-            for _, series in _cohort_series(truth) if not series["kept"]}
+    return {
+        series["series_instance_uid"]: series["drop_reason"]
+        for _, series in _cohort_series(truth)
+        if not series["kept"]
+    }
 
 
 def expected_outcomes(truth: dict[str, Any]) -> dict[str, str]:
