@@ -1,6 +1,7 @@
 from datetime import UTC, datetime
 
 import pytest
+from alembic import command
 from pacsflow.core.audit import (
     RESOLUTION_NEVER_RAN,
     RETRIEVAL_FAILED,
@@ -11,6 +12,7 @@ from pacsflow.core.audit import (
     SeriesStatus,
     Stage,
 )
+from pacsflow.core.audit.migrate import alembic_config
 
 RUN = "pacsflow_extract/manual__1"
 
@@ -24,9 +26,8 @@ def store(request, tmp_path):
     )
     with AuditStore.connect(url) as audit:
         yield audit
-        from pacsflow.core.audit import metadata
-
-        metadata.drop_all(audit.engine)
+        with audit.engine.begin() as conn:  # the PostgreSQL database is shared by the session
+            command.downgrade(alembic_config(conn), "base")
 
 
 def cohort_row(an: str) -> dict:
@@ -80,9 +81,12 @@ def test_every_accession_ends_in_exactly_one_outcome(store):
         interval=(datetime(2021, 1, 1, tzinfo=UTC), datetime(2022, 1, 1, tzinfo=UTC)),
     )
     store.replace_cohort(RUN, [cohort_row(an) for an in ("A1", "A2", "A3", "A4", "A5", "A6")])
-    resolve = dict(
-        resolved_by="accession_number", detail=None, rules_tried=["accession_number"], batch_of=lambda uid: 0
-    )
+    resolve = {
+        "resolved_by": "accession_number",
+        "detail": None,
+        "rules_tried": ["accession_number"],
+        "batch_of": lambda uid: 0,
+    }
     store.record_resolution(RUN, "A1", resolution="resolved", study_uids=["1.1"], **resolve)
     store.record_resolution(RUN, "A2", resolution="resolved", study_uids=["1.2"], **resolve)
     store.record_resolution(RUN, "A3", resolution="not_found", study_uids=[], **resolve)

@@ -7,7 +7,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
-from pacsflow.core.audit import AttemptState, AuditStore, Stage, metadata
+from alembic import command
+from pacsflow.core.audit import AttemptState, AuditStore, Stage
+from pacsflow.core.audit.migrate import alembic_config
 from pacsflow.core.privacy import Pseudonymizer
 from pacsflow.ui.review import AccessionFilter, AuditReview, Page, RunFilter, series_ref
 from sqlalchemy import create_engine
@@ -97,7 +99,8 @@ def review(request, tmp_path) -> AuditReview:
         fill_run(store, "second", found=set(range(25)), partial={4, 5, 6})
         yield AuditReview(store)
     finally:
-        metadata.drop_all(store.engine)  # the PostgreSQL database is shared by the session
+        with store.engine.begin() as conn:  # the PostgreSQL database is shared by the session
+            command.downgrade(alembic_config(conn), "base")
         store.close()
 
 
