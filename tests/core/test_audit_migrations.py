@@ -23,7 +23,8 @@ from pacsflow.cli import main
 from pacsflow.core.audit import VERSION_TABLE, AuditStore, metadata, runs, stage_attempts
 from pacsflow.core.audit.migrate import PREVIOUS_RELEASE, alembic_config, current_revision, head_revision
 from pacsflow.core.db import make_engine
-from sqlalchemy import MetaData, inspect, select
+from pacsflow.core.errors import ConfigurationError
+from sqlalchemy import MetaData, inspect, select, text
 
 PREVIOUS_RELEASE_MODULE = Path(__file__).with_name("data") / "audit_430716e.py.txt"
 # What a summary of the previous release counted. Not compared: ``reconciled`` and ``unfinished``, which the
@@ -329,3 +330,14 @@ def test_two_tasks_starting_together_on_an_old_database_migrate_it_once(audit_ur
     engine = make_engine(audit_url)
     assert not inspect(engine).has_table("pacsflow_stage_events")
     engine.dispose()
+
+
+def test_a_database_upgraded_by_a_newer_pacsflow_is_refused_with_what_to_do(tmp_path):
+    url = f"sqlite:///{tmp_path / 'audit.sqlite'}"
+    AuditStore.connect(url).close()
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text(f"UPDATE {VERSION_TABLE} SET version_num = '9999'"))
+    engine.dispose()
+    with pytest.raises(ConfigurationError, match="schema revision 9999, which this pacsflow does not know"):
+        AuditStore.connect(url)
