@@ -1,7 +1,6 @@
 from datetime import UTC, datetime
 
 import pytest
-from alembic import command
 from pacsflow.core.audit import (
     RESOLUTION_NEVER_RAN,
     RETRIEVAL_FAILED,
@@ -12,7 +11,7 @@ from pacsflow.core.audit import (
     SeriesStatus,
     Stage,
 )
-from pacsflow.core.audit.migrate import alembic_config
+from pacsflow.core.audit.migrate import remove as remove_audit_store
 
 RUN = "pacsflow_extract/manual__1"
 
@@ -26,8 +25,7 @@ def store(request, tmp_path):
     )
     with AuditStore.connect(url) as audit:
         yield audit
-        with audit.engine.begin() as conn:  # the PostgreSQL database is shared by the session
-            command.downgrade(alembic_config(conn), "base")
+        remove_audit_store(audit.engine)  # the PostgreSQL database is shared by the session
 
 
 def cohort_row(an: str) -> dict:

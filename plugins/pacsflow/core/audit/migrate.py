@@ -103,6 +103,15 @@ def upgrade(engine: Engine) -> tuple[str | None, str]:
         return before, head_revision()
 
 
+def remove(engine: Engine) -> None:
+    """Drop the audit store's tables through the migrations' downgrades, leaving an empty version table (taking
+    pacsflow out of a database it shares, or a test starting afresh); the next store starts a new database."""
+    with engine.connect() as connection:
+        _lock(connection)
+        command.downgrade(alembic_config(connection), "base")
+        connection.commit()
+
+
 def _lock(connection: Connection) -> None:
     """Serialise migrations: the lock lasts until the transaction it opens ends."""
     dialect = connection.dialect.name
