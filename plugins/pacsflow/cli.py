@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from pacsflow.core.audit import AttemptState, AuditStore
 from pacsflow.core.audit import upgrade as upgrade_audit_schema
@@ -106,6 +107,9 @@ def _db_upgrade(args: argparse.Namespace) -> int:
     engine = _audit_engine(args)
     try:
         before, after = upgrade_audit_schema(engine)
+    except (ConfigurationError, SQLAlchemyError) as error:  # on PostgreSQL and SQLite nothing was changed
+        print(f"pacsflow db upgrade: {error}", file=sys.stderr)
+        return EXIT_FAILED
     finally:
         engine.dispose()
     backend = engine.url.get_backend_name()

@@ -332,7 +332,7 @@ def test_two_tasks_starting_together_on_an_old_database_migrate_it_once(audit_ur
     engine.dispose()
 
 
-def test_a_database_upgraded_by_a_newer_pacsflow_is_refused_with_what_to_do(tmp_path):
+def test_a_database_upgraded_by_a_newer_pacsflow_is_refused_with_what_to_do(tmp_path, capsys):
     url = f"sqlite:///{tmp_path / 'audit.sqlite'}"
     AuditStore.connect(url).close()
     engine = make_engine(url)
@@ -341,3 +341,6 @@ def test_a_database_upgraded_by_a_newer_pacsflow_is_refused_with_what_to_do(tmp_
     engine.dispose()
     with pytest.raises(ConfigurationError, match="schema revision 9999, which this pacsflow does not know"):
         AuditStore.connect(url)
+    assert main(["db", "upgrade", "--audit-url", url]) == 1
+    assert "install that version on this worker too" in capsys.readouterr().err
+    assert revision_of(url) == "9999"
