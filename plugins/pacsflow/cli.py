@@ -1,5 +1,5 @@
-"""``pacsflow`` command line: run summaries, a dry run of a definition's cohort, the audit store's schema, and
-a C-ECHO health check.
+"""``pacsflow`` command line: run summaries, a dry run of a definition's cohort, the audit store's schema
+(``pacsflow db upgrade``), and a C-ECHO health check.
 
 Exit codes of ``pacsflow summary``: 0 the run succeeded, 1 it failed (the state line says at which stage and
 why), 2 no such run, 3 the run is still in progress. The receiver service is ``python -m pacsflow.core.dicom``.
@@ -15,7 +15,11 @@ from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
 from pacsflow.core.audit import AttemptState, AuditStore
+from pacsflow.core.audit import upgrade as upgrade_audit_schema
 from pacsflow.core.db import make_engine
 from pacsflow.core.errors import ConfigurationError
 from pacsflow.core.privacy import use_private_umask
@@ -45,9 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     cohort.add_argument("--start", required=True, type=_utc, help="interval start, ISO 8601 (UTC if no offset)")
     cohort.add_argument("--end", required=True, type=_utc, help="interval end (exclusive)")
     cohort.add_argument("--sql-dir", type=Path, help="template folder (default: ../sql beside the definition)")
-    init_audit = commands.add_parser("init-audit", help="create or upgrade the audit store's tables")
-    init_audit.add_argument("--audit-url", help="SQLAlchemy URL; default: the Airflow connection --conn-id")
-    init_audit.add_argument("--conn-id", default=AUDIT_CONN_ID)
+    db = commands.add_parser("db", help="the audit store's schema").add_subparsers(dest="db_command", required=True)
+    for upgrade in (
+        db.add_parser("upgrade", help="create the audit store's tables, or bring them to the current schema"),
+        commands.add_parser("init-audit", help="the same as `pacsflow db upgrade` (kept for existing set-ups)"),
+    ):
+        upgrade.add_argument("--audit-url", help="SQLAlchemy URL; default: the Airflow connection --conn-id")
+        upgrade.add_argument("--conn-id", default=AUDIT_CONN_ID)
     echo = commands.add_parser(
         "echo",
         help="C-ECHO a DICOM peer; by default the receiver service of this environment (the container health check)",
@@ -65,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     use_private_umask()  # an audit database created here holds patient data: the service account only
     if args.command == "cohort":
         return dry_run(args.definition, args.ris_url, args.start, args.end, args.sql_dir)
-    if args.command == "init-audit":
-        return _init_audit(args)
+    if args.command in ("db", "init-audit"):
+        return _db_upgrade(args)
     if args.command == "echo":
         return _echo(args)
 
@@ -84,17 +92,33 @@ def main(argv: list[str] | None = None) -> int:
 
 def _audit_store(args: argparse.Namespace) -> AuditStore:
     """The store at ``--audit-url``, else the one of the Airflow connection ``--conn-id``."""
+    return AuditStore(_audit_engine(args))
+
+
+def _audit_engine(args: argparse.Namespace) -> Engine:
     if args.audit_url:
-        return AuditStore.connect(args.audit_url)
+        return make_engine(args.audit_url)
     from pacsflow.hooks.database import DatabaseHook  # Airflow only when a connection is named
 
-    return AuditStore(DatabaseHook(args.conn_id).get_conn())
+    return DatabaseHook(args.conn_id).get_conn()
 
 
-def _init_audit(args: argparse.Namespace) -> int:
-    with _audit_store(args) as store:
-        backend = store.engine.url.get_backend_name()
-    print(f"audit store ready ({backend})")
+def _db_upgrade(args: argparse.Namespace) -> int:
+    engine = _audit_engine(args)
+    try:
+        before, after = upgrade_audit_schema(engine)
+    except (ConfigurationError, SQLAlchemyError) as error:  # on PostgreSQL and SQLite nothing was changed
+        print(f"pacsflow db upgrade: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        engine.dispose()
+    backend = engine.url.get_backend_name()
+    if before == after:
+        print(f"audit store ({backend}) already at schema revision {after}")
+    elif before == "new":
+        print(f"audit store ({backend}) created at schema revision {after}")
+    else:
+        print(f"audit store ({backend}) upgraded from schema revision {before or 'of the previous release'} to {after}")
     return 0
 
 

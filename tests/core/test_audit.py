@@ -11,6 +11,7 @@ from pacsflow.core.audit import (
     SeriesStatus,
     Stage,
 )
+from pacsflow.core.audit.migrate import remove as remove_audit_store
 
 RUN = "pacsflow_extract/manual__1"
 
@@ -24,9 +25,7 @@ def store(request, tmp_path):
     )
     with AuditStore.connect(url) as audit:
         yield audit
-        from pacsflow.core.audit import metadata
-
-        metadata.drop_all(audit.engine)
+        remove_audit_store(audit.engine)  # the PostgreSQL database is shared by the session
 
 
 def cohort_row(an: str) -> dict:
@@ -80,9 +79,12 @@ def test_every_accession_ends_in_exactly_one_outcome(store):
         interval=(datetime(2021, 1, 1, tzinfo=UTC), datetime(2022, 1, 1, tzinfo=UTC)),
     )
     store.replace_cohort(RUN, [cohort_row(an) for an in ("A1", "A2", "A3", "A4", "A5", "A6")])
-    resolve = dict(
-        resolved_by="accession_number", detail=None, rules_tried=["accession_number"], batch_of=lambda uid: 0
-    )
+    resolve = {
+        "resolved_by": "accession_number",
+        "detail": None,
+        "rules_tried": ["accession_number"],
+        "batch_of": lambda uid: 0,
+    }
     store.record_resolution(RUN, "A1", resolution="resolved", study_uids=["1.1"], **resolve)
     store.record_resolution(RUN, "A2", resolution="resolved", study_uids=["1.2"], **resolve)
     store.record_resolution(RUN, "A3", resolution="not_found", study_uids=[], **resolve)

@@ -11,6 +11,7 @@ from datetime import datetime
 
 import pytest
 from pacsflow.core.audit import AuditStore, SeriesStatus, series
+from pacsflow.core.audit.migrate import remove as remove_audit_store
 from pacsflow.core.pipeline import RunContext, extract_cohort
 from pacsflow.core.privacy import Pseudonymizer
 from pacsflow.core.ris import RisExam, query_cohort
@@ -39,18 +40,21 @@ def test_a_locked_audit_database_shows_no_identifier(tmp_path, caplog):
     locker = sqlite3.connect(path)
     locker.execute("BEGIN IMMEDIATE")  # another process is writing: reads work, writes wait and time out
     try:
-        with caplog.at_level(logging.DEBUG), AuditStore.connect(f"sqlite:///{path}?timeout=0.2") as store:
-            with pytest.raises(OperationalError) as raised:
-                store.record_resolution(
-                    RUN_KEY,
-                    AN,
-                    resolution="resolved",
-                    resolved_by="accession_number",
-                    detail=None,
-                    rules_tried=[],
-                    study_uids=[STUDY_UID],
-                    batch_of=lambda _: 0,
-                )
+        with (
+            caplog.at_level(logging.DEBUG),
+            AuditStore.connect(f"sqlite:///{path}?timeout=0.2") as store,
+            pytest.raises(OperationalError) as raised,
+        ):
+            store.record_resolution(
+                RUN_KEY,
+                AN,
+                resolution="resolved",
+                resolved_by="accession_number",
+                detail=None,
+                rules_tried=[],
+                study_uids=[STUDY_UID],
+                batch_of=lambda _: 0,
+            )
     finally:
         locker.rollback()
         locker.close()
@@ -64,9 +68,7 @@ def audit_url(request, tmp_path):
         return f"sqlite:///{tmp_path / 'audit.sqlite'}"
     url = request.getfixturevalue("postgres_url")
     engine = create_engine(url)
-    with engine.begin() as conn:  # each test starts from empty tables
-        for table in ("pacsflow_series", "pacsflow_studies", "pacsflow_accessions"):
-            conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
+    remove_audit_store(engine)  # each test starts from an empty database
     engine.dispose()
     return url
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
-from pacsflow.core.audit import AttemptState, AuditStore, Stage, metadata
+from pacsflow.core.audit import AttemptState, AuditStore, Stage
+from pacsflow.core.audit.migrate import remove as remove_audit_store
 from pacsflow.core.privacy import Pseudonymizer
 from pacsflow.ui.review import AccessionFilter, AuditReview, Page, RunFilter, series_ref
 from sqlalchemy import create_engine
@@ -97,7 +98,7 @@ def review(request, tmp_path) -> AuditReview:
         fill_run(store, "second", found=set(range(25)), partial={4, 5, 6})
         yield AuditReview(store)
     finally:
-        metadata.drop_all(store.engine)  # the PostgreSQL database is shared by the session
+        remove_audit_store(store.engine)  # the PostgreSQL database is shared by the session
         store.close()
 
 

@@ -1,4 +1,4 @@
-"""The durable state and audit store: one row per run, AN, study and series, plus timed stage events.
+"""The audit store: reads and writes the state tables (see :mod:`.schema`).
 
 It is the memory that makes every step retryable (what is already done is skipped) and every AN accounted
 for (the summary reconciles cohort = retrieved + filtered + not found + failed). SQLAlchemy Core, so any
@@ -8,245 +8,32 @@ database works: SQLite by default, PostgreSQL in production.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import (
-    JSON,
-    Boolean,
-    Column,
-    DateTime,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    Text,
-    delete,
-    func,
-    insert,
-    select,
-    update,
-)
+from sqlalchemy import Insert, Table, delete, func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 
+from pacsflow.core.audit.migrate import ensure_current_schema
+from pacsflow.core.audit.outcome import AttemptState, RunSummary, Stage, StageBook, Verdict, accession_outcome
+from pacsflow.core.audit.schema import AUDIT_TABLES, accessions, runs, series, stage_attempts, studies
 from pacsflow.core.db import make_engine
-
-metadata = MetaData()
-
-runs = Table(
-    "pacsflow_runs",
-    metadata,
-    Column("run_key", String(250), primary_key=True),
-    Column("dag_id", String(250)),
-    Column("run_id", String(250)),
-    Column("run_type", String(32)),
-    Column("triggered_by", String(250)),
-    Column("params", JSON),
-    Column("interval_start", DateTime(timezone=True)),
-    Column("interval_end", DateTime(timezone=True)),
-    Column("started_at", DateTime(timezone=True)),
-    Column("finished_at", DateTime(timezone=True)),
-)
-
-accessions = Table(
-    "pacsflow_accessions",
-    metadata,
-    Column("run_key", String(250), primary_key=True),
-    Column("accession_number", String(64), primary_key=True),
-    Column("an_ref", String(32), nullable=False),
-    Column("patient_id", String(64)),
-    Column("ris_study_uid", String(64)),
-    Column("exam_datetime", DateTime),
-    Column("modality", String(16)),
-    Column("occurrences", Integer, nullable=False, default=1),
-    Column("resolution", String(16)),
-    Column("resolved_by", String(32)),
-    Column("resolution_detail", Text),
-    Column("rules_tried", JSON),
-    Column("outcome", String(16)),
-    Column("outcome_reason", Text),
-    Column("updated_at", DateTime(timezone=True)),
-)
-
-studies = Table(
-    "pacsflow_studies",
-    metadata,
-    Column("run_key", String(250), primary_key=True),
-    Column("accession_number", String(64), primary_key=True),
-    Column("study_uid", String(64), primary_key=True),
-    Column("batch", Integer, nullable=False),
-    Column("listed", Boolean, nullable=False, default=False),
-    Column("error", Text),
-)
-
-series = Table(
-    "pacsflow_series",
-    metadata,
-    Column("run_key", String(250), primary_key=True),
-    Column("study_uid", String(64), primary_key=True),
-    Column("series_uid", String(64), primary_key=True),
-    Column("accession_number", String(64), nullable=False),
-    Column("modality", String(16)),
-    Column("description", String(128)),
-    Column("body_part", String(32)),
-    Column("pacs_instance_count", Integer),
-    Column("drop_reason", String(32)),
-    Column("status", String(16), nullable=False),
-    Column("expected", Integer),
-    Column("received", Integer),
-    Column("fetched", Integer),
-    Column("bytes", Integer),
-    Column("error", Text),
-    Column("seconds", JSON),
-    Column("updated_at", DateTime(timezone=True)),
-)
-
-# One row per attempt of a stage (a task try): when it ran, how it ended and what it counted. The run's verdict
-# and the reasons of unfinished ANs are derived from these rows, so the audit needs nothing from Airflow.
-stage_attempts = Table(
-    "pacsflow_stage_attempts",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("run_key", String(250), nullable=False, index=True),
-    Column("stage", String(32), nullable=False),
-    Column("batch", Integer),
-    Column("try_number", Integer),
-    Column("started_at", DateTime(timezone=True), nullable=False),
-    Column("finished_at", DateTime(timezone=True)),
-    Column("state", String(16), nullable=False),
-    Column("error", Text),
-    Column("counts", JSON),
-)
-
-
-def accession_column_length(name: str) -> int:
-    """The longest value the accessions table stores in column ``name`` (RIS values are checked against it)."""
-    return accessions.c[name].type.length
-
-
-class Outcome(StrEnum):
-    RETRIEVED = "retrieved"
-    FILTERED = "filtered"
-    NOT_FOUND = "not_found"
-    FAILED = "failed"
-
-
-class SeriesStatus(StrEnum):
-    PENDING = "pending"
-    DROPPED = "dropped"
-    COMPLETE = "complete"
-    PARTIAL = "partial"
-    FAILED = "failed"
-
-
-class Stage(StrEnum):
-    """The stages of a run, in pipeline order."""
-
-    COHORT = "cohort"
-    RESOLVE = "resolve"
-    RETRIEVE = "retrieve"  # one attempt row per batch
-    EXPORT = "export"
-    RELEASE = "release"  # only for extractions whose release is enabled
-
-
-class AttemptState(StrEnum):
-    RUNNING = "running"  # still so after the run: the attempt's process died (killed, out of memory)
-    SUCCESS = "success"
-    FAILED = "failed"
-
-
-# Why an AN has no final outcome: the work was cut short, not a verdict on the AN (resumable).
-RESOLUTION_NEVER_RAN = "resolution never ran"
-RESOLUTION_FAILED = "resolution task failed"
-RETRIEVAL_NEVER_RAN = "retrieval never ran"
-RETRIEVAL_FAILED = "retrieval task failed"
-UNFINISHED_REASONS = (RESOLUTION_NEVER_RAN, RESOLUTION_FAILED, RETRIEVAL_NEVER_RAN, RETRIEVAL_FAILED)
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """How a run ended: ``running`` until it is settled, then ``success`` only if every stage's last attempt
-    succeeded; otherwise ``failed`` with the first stage that did not and why."""
-
-    state: str
-    failed_stage: str | None = None
-    reason: str | None = None
-
-
-@dataclass(frozen=True)
-class RunSummary:
-    run_key: str
-    cohort: int
-    outcomes: dict[str, int]
-    reasons: dict[str, int]
-    series: dict[str, int]
-    instances: int
-    bytes: int
-    verdict: Verdict
-    cohort_recorded: bool = True
-
-    @property
-    def unfinished(self) -> int:
-        """ANs whose processing was cut short (not a verdict on the AN: a resumable state)."""
-        return sum(self.reasons.get(reason, 0) for reason in UNFINISHED_REASONS)
-
-    @property
-    def reconciled(self) -> bool:
-        """Every AN of a recorded cohort has exactly one outcome (a run without its cohort never reconciles)."""
-        return self.cohort_recorded and self.cohort == sum(self.outcomes.get(o.value, 0) for o in Outcome)
-
-    @property
-    def succeeded(self) -> bool:
-        return self.verdict.state == AttemptState.SUCCESS and self.reconciled and not self.unfinished
-
-    def failure_message(self) -> str:
-        """Why the run did not succeed, for the task log and the UI (counts and stage names only)."""
-        parts = []
-        if self.verdict.failed_stage:
-            parts.append(f"the run failed at stage {self.verdict.failed_stage}: {self.verdict.reason}")
-        if self.unfinished:
-            parts.append(
-                f"{self.unfinished} of {self.cohort} ANs are unfinished; clear the failed tasks (with "
-                "their downstream tasks) to resume: nothing already on disk is fetched again"
-            )
-        if not self.reconciled and self.cohort_recorded:
-            parts.append("the audit does not reconcile: some ANs have no outcome")
-        return "; ".join(parts) or "the run did not succeed"
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "run_key": self.run_key,
-            "state": self.verdict.state,
-            "failed_stage": self.verdict.failed_stage,
-            "failure_reason": self.verdict.reason,
-            "cohort": self.cohort,
-            "outcomes": self.outcomes,
-            "reasons": self.reasons,
-            "series": self.series,
-            "instances": self.instances,
-            "bytes": self.bytes,
-            "reconciled": self.reconciled,
-            "unfinished": self.unfinished,
-        }
-
-
 class AuditStore:
-    """Reads and writes the state tables. Create with :meth:`connect`; tables are created if absent."""
+    """Reads and writes the state tables. Create with :meth:`connect`; a database whose schema is behind is
+    brought to the current one first (see :func:`~pacsflow.core.audit.migrate.ensure_current_schema`)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        if engine.url.get_backend_name() == "sqlite" and engine.url.database not in (None, "", ":memory:"):
-            Path(engine.url.database).parent.mkdir(parents=True, exist_ok=True)  # a fresh data root
-        metadata.create_all(engine)
+        ensure_current_schema(engine)
 
     @classmethod
     def connect(cls, url: str) -> AuditStore:
@@ -279,17 +66,17 @@ class AuditStore:
         triggered_by: str | None = None,
     ) -> None:
         """Record who ran what: the DAG run, how it was triggered and by whom, its params and interval."""
-        values = dict(
-            dag_id=dag_id,
-            run_id=run_id,
-            run_type=run_type,
-            triggered_by=triggered_by,
-            params=json.loads(json.dumps(params, default=str)),
-            interval_start=interval[0],
-            interval_end=interval[1],
-            started_at=utcnow(),
-            finished_at=None,
-        )
+        values = {
+            "dag_id": dag_id,
+            "run_id": run_id,
+            "run_type": run_type,
+            "triggered_by": triggered_by,
+            "params": json.loads(json.dumps(params, default=str)),
+            "interval_start": interval[0],
+            "interval_end": interval[1],
+            "started_at": utcnow(),
+            "finished_at": None,
+        }
         with self.transaction() as conn:
             if conn.execute(select(runs.c.run_key).where(runs.c.run_key == run_key)).first():
                 conn.execute(update(runs).where(runs.c.run_key == run_key).values(**values))
@@ -302,7 +89,7 @@ class AuditStore:
             run_key = conn.execute(query).scalar()
         if run_key is None:
             raise LookupError(f"no run of {dag_id} in the audit database")
-        return run_key
+        return str(run_key)
 
     def finish_run(self, run_key: str) -> None:
         with self.transaction() as conn:
@@ -325,18 +112,19 @@ class AuditStore:
                 conn.execute(
                     insert(runs).values(run_key=run_key, dag_id=dag_id or None, run_id=run_id, started_at=utcnow())
                 )
-            return int(
-                conn.execute(
-                    insert(stage_attempts).values(
-                        run_key=run_key,
-                        stage=stage.value,
-                        batch=batch,
-                        try_number=try_number,
-                        started_at=utcnow(),
-                        state=AttemptState.RUNNING.value,
-                    )
-                ).inserted_primary_key[0]
-            )
+            inserted = conn.execute(
+                insert(stage_attempts).values(
+                    run_key=run_key,
+                    stage=stage.value,
+                    batch=batch,
+                    try_number=try_number,
+                    started_at=utcnow(),
+                    state=AttemptState.RUNNING.value,
+                )
+            ).inserted_primary_key
+            if inserted is None:
+                raise RuntimeError("the database returned no id for the new stage attempt")
+            return int(inserted[0])
 
     def end_attempt(
         self, attempt_id: int, state: AttemptState, *, error: str | None = None, counts: Mapping[str, Any] | None = None
@@ -397,7 +185,7 @@ class AuditStore:
         detail: str | None,
         rules_tried: list[str],
         study_uids: Iterable[str],
-        batch_of: Any,
+        batch_of: Callable[[str], int],
     ) -> None:
         """Record how an AN resolved and register its studies, in one transaction (so a retry is clean)."""
         with self.transaction() as conn:
@@ -521,12 +309,12 @@ class AuditStore:
         with self.engine.connect() as conn:
             where = accessions.c.run_key == run_key
             cohort = conn.execute(select(func.count()).select_from(accessions).where(where)).scalar_one()
-            outcomes = dict(
+            outcomes: dict[str | None, int] = dict(
                 conn.execute(
                     select(accessions.c.outcome, func.count()).where(where).group_by(accessions.c.outcome)
                 ).all()
             )
-            reasons = dict(
+            reasons: dict[str, int] = dict(
                 conn.execute(
                     select(accessions.c.outcome_reason, func.count())
                     .where(where, accessions.c.outcome_reason.is_not(None))
@@ -534,7 +322,7 @@ class AuditStore:
                 ).all()
             )
             series_where = series.c.run_key == run_key
-            series_counts = dict(
+            series_counts: dict[str, int] = dict(
                 conn.execute(select(series.c.status, func.count()).where(series_where).group_by(series.c.status)).all()
             )
             instances, size = conn.execute(
@@ -561,74 +349,27 @@ class AuditStore:
             return {row["accession_number"]: dict(row) for row in rows}
 
 
-class StageBook:
-    """The last attempt of every stage (and retrieval batch) of a run: what ran, what failed, what never ran."""
-
-    def __init__(self, attempts: Iterable[Mapping[str, Any]], *, release_expected: bool = False) -> None:
-        self.release_expected = release_expected
-        self.last: dict[tuple[str, int | None], Mapping[str, Any]] = {}
-        for attempt in attempts:  # oldest first: a later try replaces an earlier one
-            self.last[(attempt["stage"], attempt["batch"])] = attempt
-
-    def state(self, stage: Stage, batch: int | None = None) -> str | None:
-        attempt = self.last.get((stage.value, batch))
-        return attempt["state"] if attempt else None
-
-    def succeeded(self, stage: Stage, batch: int | None = None) -> bool:
-        return self.state(stage, batch) == AttemptState.SUCCESS
-
-    def verdict(self, batches: Iterable[int]) -> Verdict:
-        expected = [
-            (Stage.COHORT, None),
-            (Stage.RESOLVE, None),
-            *((Stage.RETRIEVE, b) for b in batches),
-            (Stage.EXPORT, None),
-        ]
-        if self.release_expected:
-            expected.append((Stage.RELEASE, None))
-        problems = [(stage, batch) for stage, batch in expected if not self.succeeded(stage, batch)]
-        if not problems:
-            return Verdict(AttemptState.SUCCESS.value)
-        stage, batch = problems[0]
-        attempt = self.last.get((stage.value, batch))
-        if attempt is None:
-            why = "never ran"
-        elif attempt["state"] == AttemptState.RUNNING:
-            why = "interrupted: its process ended without reporting (killed, out of memory or timed out)"
-        else:
-            why = attempt["error"] or "failed"
-        failed_batches = sum(1 for s, _ in problems if s is Stage.RETRIEVE)
-        if stage is Stage.RETRIEVE:
-            return Verdict(
-                AttemptState.FAILED.value,
-                stage.value,
-                f"{failed_batches} retrieval batch(es) did not finish; batch {batch}: {why}",
-            )
-        return Verdict(AttemptState.FAILED.value, stage.value, why)
-
-
-def _insert_or_ignore(conn: Connection, table: Table) -> Any:
+def _insert_or_ignore(conn: Connection, table: Table) -> Insert:
     """An INSERT that skips rows whose primary key exists (SQLite and PostgreSQL; others: plain INSERT)."""
     dialect = conn.dialect.name
+    key = [c.name for c in table.primary_key]
     if dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    elif dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
-    elif dialect in ("mysql", "mariadb"):
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert(table).on_conflict_do_nothing(index_elements=key)
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+
+        return postgresql_insert(table).on_conflict_do_nothing(index_elements=key)
+    if dialect in ("mysql", "mariadb"):
         return insert(table).prefix_with("IGNORE")
-    else:
-        return insert(table)
-    return dialect_insert(table).on_conflict_do_nothing(index_elements=[c.name for c in table.primary_key])
+    return insert(table)
 
 
-def _outcome(conn: Connection, run_key: str, accession: Mapping[str, Any], book: StageBook) -> tuple[str, str | None]:
-    resolution = accession["resolution"]
-    if resolution is None:
-        return Outcome.FAILED, RESOLUTION_FAILED if book.state(Stage.RESOLVE) else RESOLUTION_NEVER_RAN
-    if resolution == "not_found":
-        return Outcome.NOT_FOUND, None
-    if resolution != "resolved":
-        return Outcome.FAILED, f"resolution {resolution}"
+def _outcome(conn: Connection, run_key: str, accession: Mapping[Any, Any], book: StageBook) -> tuple[str, str | None]:
+    """Read what the outcome rules need about one AN and apply them."""
+    if accession["resolution"] != "resolved":  # nothing retrieved: the rules need no studies
+        return accession_outcome(accession, [], [], book)
     study_rows = (
         conn.execute(
             select(studies).where(
@@ -638,40 +379,12 @@ def _outcome(conn: Connection, run_key: str, accession: Mapping[str, Any], book:
         .mappings()
         .all()
     )
-    statuses = [
-        row[0]
-        for row in conn.execute(
-            select(series.c.status).where(
-                series.c.run_key == run_key, series.c.study_uid.in_([r["study_uid"] for r in study_rows])
-            )
+    statuses = conn.execute(
+        select(series.c.status).where(
+            series.c.run_key == run_key, series.c.study_uid.in_([r["study_uid"] for r in study_rows])
         )
-    ]
-    kept = [s for s in statuses if s != SeriesStatus.DROPPED]
-    all_listed = all(row["listed"] for row in study_rows)
-    if all_listed and not kept:
-        return Outcome.FILTERED, "every series dropped by the series rules"
-    if all_listed and all(s == SeriesStatus.COMPLETE for s in kept):
-        return Outcome.RETRIEVED, None
-    if any(row["error"] for row in study_rows):
-        return Outcome.FAILED, "series listing failed"
-    if SeriesStatus.FAILED in kept:
-        return Outcome.FAILED, "series failed"
-    if SeriesStatus.PARTIAL in kept and all_listed and SeriesStatus.PENDING not in kept:
-        return Outcome.FAILED, "series partial"
-    # Work on this AN was cut short: say whether its batch never ran or its task failed.
-    batches = {row["batch"] for row in study_rows}
-    if any(book.state(Stage.RETRIEVE, b) is None for b in batches):
-        return Outcome.FAILED, RETRIEVAL_NEVER_RAN
-    return Outcome.FAILED, RETRIEVAL_FAILED
-
-
-AUDIT_TABLES = {
-    "runs": runs,
-    "accessions": accessions,
-    "studies": studies,
-    "series": series,
-    "stage_attempts": stage_attempts,
-}
+    ).scalars()
+    return accession_outcome(accession, study_rows, statuses, book)
 
 
 def export_run_audit(store: AuditStore, run_key: str, directory: Path) -> dict[str, Path]:
@@ -679,8 +392,8 @@ def export_run_audit(store: AuditStore, run_key: str, directory: Path) -> dict[s
 
     The RIS PatientID is left out: the audit export travels further than the audit database.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow as pa  # type: ignore[import-untyped]
+    import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
     directory.mkdir(parents=True, exist_ok=True)
     written = {}
