@@ -138,7 +138,7 @@ def test_retrieval_under_a_network_fault_ends_with_the_ground_truth(
             FaultProxy(
                 target=(receiver.host, receiver.port),
                 fault=fault if placement == "pacs-receiver" else Fault(),
-                port=proxy_port,
+                port=peers.proxy_port,
             )
         )
         config = replace(
