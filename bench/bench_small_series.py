@@ -109,7 +109,7 @@ def run_pacsflow(config: PacsConfig, studies: int, port: int, out: Path, backend
                 ctx,
                 batch,
                 connect,
-                rules=SeriesRules(),
+                rules=SeriesRules.parse({}),  # keep every series
                 layout=layout,
                 destination_ae=PACSFLOW_AE,
                 receiver=partial(open_receiver, receiver, layout),
