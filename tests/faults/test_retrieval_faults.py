@@ -3,7 +3,7 @@ pacsflow's client and the PACS, on Orthanc and on pynetdicom's qrscp, into both 
 
 Each case ends with exactly the ground truth on disk: in one run, or in a run whose retrieval failed with a
 transient error (Airflow's retry) followed by a second run that completes it. Which of the two happened is
-asserted to be one of them and recorded (``record_property("outcome", ...)``); either way the audit counts are
+asserted to be one of them and recorded (user property ``outcome`` in the JUnit XML); either way the audit counts are
 true and the data root holds no duplicate, temporary or extra file.
 
 Sized for CI: a hospital of 4 ANs (3 retrievable studies, 1 absent), 64x64 images; short timeouts on both
@@ -102,14 +102,25 @@ class Peers:
     """One case's hospital, PACS (which sends its C-STOREs to ``proxy_port``) and receiver settings."""
 
     hospital: Hospital
+    pacs_kind: str
     pacs: SandboxPacs
     receiver: ReceiverConfig
     proxy_port: int
 
 
 @pytest.fixture()
-def peers(hospital, pacs, receiver, proxy_port) -> Peers:
-    return Peers(hospital, pacs, receiver, proxy_port)
+def peers(request, hospital, pacs, receiver, proxy_port) -> Peers:
+    return Peers(hospital, request.node.callspec.params["pacs"], pacs, receiver, proxy_port)
+
+
+# (PACS, placement, fault) -> why the case fails today. Each is xfail(strict=True): remove it once fixed.
+KNOWN_FAILURES = {
+    ("qrscp", "pacs-receiver", "refuse"): (
+        "qrscp (pynetdicom's C-MOVE service) answers 0xA801 'move destination unknown' when the association to a "
+        "destination it knows is refused; pacsflow takes 0xA801 as a configuration error (PacsConfigurationError) "
+        "and fails the run for good, so neither a second pass nor Airflow's retry fetches the series"
+    ),
+}
 
 
 @dataclass
@@ -126,9 +137,10 @@ class Run:
 
 @pytest.mark.parametrize("placement", ["pacs-receiver", "client-pacs"])
 @pytest.mark.parametrize("fault_name", list(faults("pacs-receiver")))
-def test_retrieval_under_a_network_fault_ends_with_the_ground_truth(
-    peers, placement, fault_name, tmp_path, record_property
-):
+def test_retrieval_under_a_network_fault_ends_with_the_ground_truth(peers, placement, fault_name, tmp_path, request):
+    known = KNOWN_FAILURES.get((peers.pacs_kind, placement, fault_name))
+    if known:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=known))
     hospital, pacs, receiver = peers.hospital, peers.pacs, peers.receiver
     truth = load_ground_truth(hospital.ground_truth_path)
     fault = faults(placement)[fault_name]
@@ -164,8 +176,11 @@ def test_retrieval_under_a_network_fault_ends_with_the_ground_truth(
             run.counts = []
             assert _resolve_and_retrieve(run, config, receiver) is None, "the retry did not complete the retrieval"
         summary = settle_run(run.ctx)
-    record_property("outcome", "one run" if run.first_error is None else f"retry after {run.first_error!r}")
-    record_property("proxy", f"connections {proxy.connections}, faulted {proxy.faulted}, struck {proxy.fired}")
+    outcome = "one run" if run.first_error is None else f"retry after {run.first_error.__class__.__name__}"
+    request.node.user_properties += [
+        ("outcome", outcome),
+        ("proxy", f"connections {proxy.connections}, faulted {proxy.faulted}, struck {proxy.fired}"),
+    ]
     assert proxy.fired >= 1, "the fault never struck: the case tests nothing"
     on_disk = _assert_clean_root(layout, truth)
     assert on_disk == expected_instances(truth)  # every instance, once
