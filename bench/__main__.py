@@ -4,11 +4,27 @@ from __future__ import annotations
 
 import json
 
-from bench import bench_audit_page, bench_dag_overhead, bench_export, bench_network, bench_release, bench_scale_10k
+from bench import (
+    bench_audit_page,
+    bench_dag_overhead,
+    bench_export,
+    bench_network,
+    bench_release,
+    bench_scale_10k,
+    bench_small_series,
+)
 from bench.results import RESULTS_PATH
 
 # scale_10k last: about an hour on 2 cores (a 1,000-AN and a 10,000-AN hospital, two contenders each)
-BENCHMARKS = (bench_export, bench_release, bench_dag_overhead, bench_network, bench_audit_page, bench_scale_10k)
+BENCHMARKS = (
+    bench_export,
+    bench_release,
+    bench_dag_overhead,
+    bench_network,
+    bench_small_series,
+    bench_audit_page,
+    bench_scale_10k,
+)
 
 
 def main() -> None:

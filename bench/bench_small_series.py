@@ -1,0 +1,256 @@
+"""Retrieving many small series: pacsflow's retrieval stage against DCMTK ``movescu`` per study (issue #10).
+
+Entry ``retrieve_small_series`` in ``bench/results.json``, unit studies/s: a cohort of 300 studies of 3 series of
+6 small CT instances each (16x16 pixels, so the per-series work dominates, not the bytes), in one Orthanc.
+
+- pacsflow: the retrieval tasks of a run (``pipeline.retrieve_batch`` per batch of 50 studies, as the DAG maps
+  them, one after the other): series listing, a C-MOVE per series into the embedded receiver, verification of
+  every instance against an image-level C-FIND. The cohort and its resolution are stored before the clock starts.
+- reference: DCMTK ``movescu`` once per study (STUDY level) into one ``storescp`` (``+B``, ``-pdu 131072``).
+
+``ratio`` = pacsflow's studies/s over DCMTK's (target >= 0.8: per-series verification must not dominate). Both
+must end with every instance on disk, or the benchmark is void. Orthanc and the DCMTK tools run with
+``TCP_NODELAY=1``. Generated files and Orthanc's storage are cached under ``$TMPDIR/pacsflow-bench-small``.
+
+    PYTHONPATH=plugins:. python -m bench.bench_small_series
+    PYTHONPATH=plugins:. python -m bench.bench_small_series --studies 10 --repeat 1 --no-record
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from functools import partial
+from itertools import repeat
+from pathlib import Path
+from typing import Any
+
+import psutil
+from pacsflow.core.audit import AuditStore, SeriesStatus
+from pacsflow.core.dicom.client import PacsClient
+from pacsflow.core.dicom.config import PacsConfig, ReceiverBackend, ReceiverConfig
+from pacsflow.core.dicom.receiver import open_receiver
+from pacsflow.core.pipeline import RunContext, extract_cohort, resolve_cohort, retrieve_batch
+from pacsflow.core.privacy import Pseudonymizer
+from pacsflow.core.resolve import ResolutionSettings, Rule
+from pacsflow.core.ris import RisExam
+from pacsflow.core.series_rules import SeriesRules
+from pacsflow.core.storage import StorageLayout
+from pacsflow.demo.sandbox import SandboxPacs, free_port, orthanc
+
+from bench.bench_network import NODELAY_ENV, _orthanc_instances, _tree_size, _wait_for_port, _write_ct
+from bench.results import record
+
+UID_ROOT = "1.2.826.0.1.3680043.8.498.79."
+DATA_VERSION = "1"  # bump when the generated data changes: the cached Orthanc is rebuilt
+SERIES_PER_STUDY, INSTANCES_PER_SERIES = 3, 6
+PIXELS = 16
+BATCH_SIZE = 50  # the DAG's default retrieval batch
+PACSFLOW_AE, DCMTK_AE = "PACSFLOWRCV", "DCMTKRCV"
+STORESCP, MOVESCU = "/usr/bin/storescp", "/usr/bin/movescu"  # DCMTK's, whatever PATH finds first
+TARGET_RATIO = 0.8
+
+
+def study_uid(study: int) -> str:
+    return f"{UID_ROOT}{study}"
+
+
+def accession(study: int) -> str:
+    return f"SS{study:07d}"
+
+
+def ensure_data(root: Path, studies: int) -> list[Path]:
+    """The files of the first ``studies`` studies, generated once."""
+    root.mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for study in range(studies):
+        for series in range(1, SERIES_PER_STUDY + 1):
+            for instance in range(INSTANCES_PER_SERIES):
+                index = (study * SERIES_PER_STUDY + series - 1) * INSTANCES_PER_SERIES + instance
+                name = f"{index:07d}.dcm"
+                jobs.append((index, study_uid(study), f"{study_uid(study)}.{series}", accession(study), name))
+    missing = [job for job in jobs if not (root / job[-1]).exists()]
+    if missing:
+        chunks = [missing[start : start + 200] for start in range(0, len(missing), 200)]
+        with ProcessPoolExecutor() as pool:
+            list(pool.map(_write_ct, repeat(str(root)), chunks, repeat(PIXELS)))
+    return [root / job[-1] for job in jobs]
+
+
+def ensure_loaded(pacs: SandboxPacs, files: list[Path]) -> None:
+    if _orthanc_instances(pacs) < len(files):
+        started = time.perf_counter()
+        stored = pacs.load(files)
+        print(f"  loaded {stored} instances into Orthanc in {time.perf_counter() - started:.0f} s", flush=True)
+    if _orthanc_instances(pacs) < len(files):
+        raise SystemExit("Orthanc does not hold every generated instance")
+
+
+# -- contenders ---------------------------------------------------------------------------------------
+def run_pacsflow(config: PacsConfig, studies: int, port: int, out: Path, backend: ReceiverBackend) -> float:
+    """Seconds for the retrieval tasks of a run over the cohort (resolved before the clock starts)."""
+    layout = StorageLayout(out / "dicom")
+    receiver = ReceiverConfig(ae_title=PACSFLOW_AE, port=port, backend=backend)
+    connect = partial(PacsClient, config)
+    with AuditStore.connect(f"sqlite:///{out / 'audit.sqlite'}") as store:
+        ctx = RunContext(store, "bench/small-series", Pseudonymizer(b"bench-small-series-key"))
+        extract_cohort(ctx, lambda: [RisExam(accession_number=accession(s)) for s in range(studies)], BATCH_SIZE)
+        batches = resolve_cohort(ctx, connect, ResolutionSettings(rules=(Rule.ACCESSION_NUMBER,)), BATCH_SIZE)
+        started = time.perf_counter()
+        for batch in batches:
+            retrieve_batch(
+                ctx,
+                batch,
+                connect,
+                rules=SeriesRules.parse({}),  # keep every series
+                layout=layout,
+                destination_ae=PACSFLOW_AE,
+                receiver=partial(open_receiver, receiver, layout),
+            )
+        seconds = time.perf_counter() - started
+        series = store.series_rows(ctx.run_key, kept=True)
+    incomplete = sum(row["status"] != SeriesStatus.COMPLETE for row in series)
+    if len(series) != studies * SERIES_PER_STUDY or incomplete:
+        raise SystemExit(f"pacsflow: {len(series)} series listed, {incomplete} not complete: the benchmark is void")
+    _verify("pacsflow", layout.root, "*/*/*.dcm", studies)
+    return seconds
+
+
+def run_dcmtk(config: PacsConfig, studies: int, port: int, out: Path) -> float:
+    """Seconds for ``movescu`` once per study into one ``storescp``."""
+    out.mkdir(parents=True)
+    receiver = psutil.Popen(
+        [STORESCP, "-q", "-aet", DCMTK_AE, "-pdu", "131072", "+B", "-od", str(out), str(port)], env=NODELAY_ENV
+    )
+    try:
+        _wait_for_port(port, receiver)
+        started = time.perf_counter()
+        for study in range(studies):
+            subprocess.run(
+                [
+                    MOVESCU,
+                    "-q",
+                    "-S",
+                    "-aet",
+                    "MOVESCU",
+                    "-aec",
+                    config.called_ae,
+                    "-aem",
+                    DCMTK_AE,
+                    "-k",
+                    "QueryRetrieveLevel=STUDY",
+                    "-k",
+                    f"StudyInstanceUID={study_uid(study)}",
+                    config.host,
+                    str(config.port),
+                ],
+                env=NODELAY_ENV,
+                check=True,
+            )
+        seconds = time.perf_counter() - started
+    finally:
+        receiver.terminate()
+        receiver.wait(timeout=20)
+    _verify("dcmtk", out, "*", studies)
+    return seconds
+
+
+def _verify(name: str, root: Path, pattern: str, studies: int) -> None:
+    files, _ = _tree_size(root, pattern)
+    expected = studies * SERIES_PER_STUDY * INSTANCES_PER_SERIES
+    if files != expected:
+        raise SystemExit(f"{name}: {files} instances on disk, {expected} expected: the benchmark is void")
+
+
+# -- orchestration ----------------------------------------------------------------------------------
+def compare(
+    config: PacsConfig, studies: int, ports: dict[str, int], work: Path, *, rounds: int, backend: ReceiverBackend
+) -> dict[str, list[float]]:
+    """Interleaved rounds of both contenders, each into a fresh directory; studies/s per round."""
+    rates: dict[str, list[float]] = {"pacsflow": [], "dcmtk": []}
+    for number in range(rounds):
+        for name in ("pacsflow", "dcmtk"):
+            out = work / f"{name}-{number}"
+            out.mkdir()
+            os.sync()  # no contender pays for the write-back of the one before
+            if name == "pacsflow":
+                seconds = run_pacsflow(config, studies, ports[PACSFLOW_AE], out, backend)
+            else:
+                seconds = run_dcmtk(config, studies, ports[DCMTK_AE], out / "received")
+            shutil.rmtree(out)
+            rates[name].append(studies / seconds)
+            print(f"  round {number + 1} {name:<9} {studies / seconds:8.1f} studies/s ({seconds:.1f} s)", flush=True)
+    return rates
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--studies", type=int, default=300, help="studies in the cohort (default: %(default)s)")
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds (median; default: %(default)s)")
+    parser.add_argument(
+        "--backend", choices=("pynetdicom", "dcmtk"), default="pynetdicom", help="pacsflow's receiver backend"
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "pacsflow-bench-small",
+        help="cache of generated files and of Orthanc's storage (reused between runs)",
+    )
+    parser.add_argument("--no-record", action="store_true", help="do not write bench/results.json")
+    args = parser.parse_args(argv)
+    for tool in (STORESCP, MOVESCU):
+        if not os.access(tool, os.X_OK):
+            raise SystemExit(f"{tool} (DCMTK) is not installed: make system-deps")
+    files = ensure_data(args.data / f"data-v{DATA_VERSION}", args.studies)
+    ports = {PACSFLOW_AE: free_port(), DCMTK_AE: free_port()}
+    destinations = {ae: ("127.0.0.1", port) for ae, port in ports.items()}
+    with (
+        orthanc(args.data / f"orthanc-v{DATA_VERSION}", move_destinations=destinations) as pacs,
+        tempfile.TemporaryDirectory(prefix="pacsflow-bench-small-", dir=args.data) as temp,
+    ):
+        ensure_loaded(pacs, files)
+        config = replace(pacs.config, calling_ae="PACSFLOW")
+        rates = compare(config, args.studies, ports, Path(temp), rounds=args.repeat, backend=args.backend)
+    entry = _entry(rates, args)
+    if not args.no_record:
+        record("retrieve_small_series", **entry)
+    print(
+        f"\nretrieve_small_series: pacsflow {entry['pacsflow']} studies/s, DCMTK {entry['reference']} studies/s, "
+        f"ratio {entry['pacsflow'] / entry['reference']:.2f} (target >= {TARGET_RATIO})"
+    )
+    return 0
+
+
+def _entry(rates: dict[str, list[float]], args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "unit": "studies/s",
+        "pacsflow": round(_median(rates["pacsflow"]), 1),
+        "reference": round(_median(rates["dcmtk"]), 1),
+        "studies": args.studies,
+        "series_per_study": SERIES_PER_STUDY,
+        "instances_per_series": INSTANCES_PER_SERIES,
+        "pixels": PIXELS,
+        "batch_size": BATCH_SIZE,
+        "receiver_backend": args.backend,
+        "rounds": args.repeat,
+        "all_rounds": [round(rate, 1) for rate in rates["pacsflow"]],
+        "reference_all_rounds": [round(rate, 1) for rate in rates["dcmtk"]],
+        "reference_tool": "DCMTK movescu per study + storescp (+B, -pdu 131072), TCP_NODELAY=1",
+        "cores": os.cpu_count(),
+        "target_ratio": TARGET_RATIO,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
