@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 from dataclasses import replace
 
 import pytest
 from pacsflow.core.dicom.client import PacsClient
-from pacsflow.core.dicom.config import ReceiverConfig
+from pacsflow.core.dicom.config import PacsConfig, ReceiverConfig
 from pacsflow.core.dicom.errors import Action, PacsConfigurationError, PacsItemError, PacsTransientError
 from pacsflow.core.dicom.receiver import StoreReceiver
 from pacsflow.core.storage import StorageLayout
@@ -120,8 +121,19 @@ def test_unknown_called_ae_is_a_configuration_error(pacs):
 
 
 def test_no_pacs_listening_is_transient():
-    with PacsClient(replace_port(free_port())) as client, pytest.raises(PacsTransientError):
+    with PacsClient(replace_port(free_port())) as client, pytest.raises(PacsTransientError) as error:
         client.echo()
+    assert "acse_timeout" not in str(error.value)  # a refused connection is not blamed on a timeout
+
+
+def test_a_pacs_that_never_answers_the_association_request_names_acse_timeout():
+    """A peer that accepts the connection and stays silent: the message names the setting to raise and where."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        config = PacsConfig(host="127.0.0.1", port=silent.getsockname()[1], called_ae="ANY", acse_timeout=1)
+        with PacsClient(config) as client, pytest.raises(PacsTransientError) as error:
+            client.echo()
+    assert "acse_timeout (1 s)" in str(error.value)
+    assert "raise acse_timeout in the dicom connection's extra" in str(error.value)
 
 
 def replace_port(port: int):
