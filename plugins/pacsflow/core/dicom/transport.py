@@ -45,7 +45,8 @@ class PynetdicomVersionError(ConfigurationError):
     """pacsflow's adjustments of pynetdicom were verified against another version than the one installed."""
 
 
-def require_verified_pynetdicom(version: str = pynetdicom.__version__) -> None:
+def require_verified_pynetdicom() -> None:
+    version = pynetdicom.__version__
     if version != VERIFIED_PYNETDICOM:
         raise PynetdicomVersionError(
             f"pacsflow's DICOM networking was verified against pynetdicom {VERIFIED_PYNETDICOM}, and adjusts its "
@@ -151,7 +152,9 @@ class _PacsflowDimse(DIMSEServiceProvider):
     - On an association we requested, the reactor no longer takes responses off the queue: it can pass its pause
       checkpoint just before ``send_c_find`` (or another send) clears it, and then took the peer's response and
       dropped it as "unexpected" (pynetdicom#875, https://github.com/pydicom/pynetdicom/issues/875): a pending
-      C-FIND match lost, an existing AN reported "not found". A response belongs to the waiting ``send_*`` call.
+      C-FIND match lost, an existing AN reported "not found". A response belongs to the waiting ``send_*`` call,
+      and so does the marker pynetdicom queues when the association ends (taken by the reactor, the call waited
+      for its whole DIMSE timeout).
     - With ``stream_root`` set, a C-STORE data set is written to a file there as it arrives (``stream_to``).
     """
 
@@ -162,14 +165,15 @@ class _PacsflowDimse(DIMSEServiceProvider):
         self.streams: weakref.WeakValueDictionary[str, _StreamedDataSet] = weakref.WeakValueDictionary()
 
     def get_msg(self, block: bool = False) -> _QueueItem:
-        """``block=False`` is the reactor's call (``send_*`` calls block): leave it no response to take."""
+        """``block=False`` is the reactor's call (``send_*`` calls block): it takes requests only, and leaves
+        responses and the end-of-association marker (None) to the waiting ``send_*`` call."""
         if not block and self.assoc.is_requestor:
             waiting = self.msg_queue
             with waiting.mutex:
                 if not waiting.queue:
                     return None, None
                 _, head = waiting.queue[0]
-                if head is not None and not head.is_valid_request:
+                if head is None or not head.is_valid_request:
                     return None, None
         return super().get_msg(block)
 
