@@ -194,7 +194,7 @@ class PacsClient:
                 roles.append(build_role(sop_class, scp_role=True))
         rejection: dict[str, int] = {}
         handlers: list[EventHandlerType] = [
-            (evt.EVT_CONN_OPEN, lambda event: adjust_association(event.assoc)),
+            (evt.EVT_CONN_OPEN, _on_connection(rejection)),
             (evt.EVT_C_STORE, self._on_get_store),
             (evt.EVT_ACSE_RECV, _capture_rejection(rejection)),
             (evt.EVT_CONN_CLOSE, lambda event: discard_unfinished_stream(event.assoc)),
@@ -218,7 +218,10 @@ class PacsClient:
         if assoc.is_aborted and rejection.get("accepted") and not assoc.accepted_contexts:
             raise PacsConfigurationError("the PACS accepted none of the query/retrieve SOP classes")
         raise dimse.association_not_established(
-            aborted="aborted" in rejection, closed="closed" in rejection, acse_timeout=config.acse_timeout
+            connected="connected" in rejection,
+            aborted="aborted" in rejection,
+            closed="closed" in rejection,
+            acse_timeout=config.acse_timeout,
         )
 
     def _on_get_store(self, event: Event) -> int:
@@ -307,6 +310,14 @@ def _plain_value(value: Any) -> Any:
         if isinstance(value, number):
             return number(value)
     return str(value)  # names (PersonName) and text
+
+
+def _on_connection(into: dict[str, int]) -> Callable[[Event], None]:
+    def on_conn_open(event: Event) -> None:
+        adjust_association(event.assoc)
+        into["connected"] = 1
+
+    return on_conn_open
 
 
 def _capture_rejection(into: dict[str, int]) -> Callable[[Event], None]:

@@ -109,9 +109,16 @@ def association_lost(
     )
 
 
-def association_not_established(*, aborted: bool, closed: bool, acse_timeout: float) -> PacsTransientError:
-    """The A-ASSOCIATE-RQ was answered by an A-ABORT, the connection failed, or no answer came within the ACSE
-    timeout."""
+def association_not_established(
+    *, connected: bool, aborted: bool, closed: bool, acse_timeout: float
+) -> PacsTransientError:
+    """No connection, an A-ASSOCIATE-RQ answered by an A-ABORT or a closed connection, or no answer within the
+    ACSE timeout."""
+    if not connected:
+        return PacsTransientError(
+            "cannot connect to the PACS (refused or unreachable): check that it is up, and its host and port in the "
+            "dicom connection"
+        )
     if aborted:
         return PacsTransientError("association aborted by the PACS before it was established")
     if closed:

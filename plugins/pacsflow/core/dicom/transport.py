@@ -183,9 +183,9 @@ class _PacsflowDimse(DIMSEServiceProvider):
             return
         # One presentation data value at a time: the file must be open before the first data set fragment.
         for value in primitive.presentation_data_value_list:
-            single = P_DATA()
-            single.presentation_data_value_list = [value]
             context_id, data = value
+            single = P_DATA()
+            single.presentation_data_value_list = [[context_id, data]]
             if not data[0] & 1:  # a data set fragment
                 self._open_stream(context_id, self.stream_root)
             super().receive_primitive(single)
