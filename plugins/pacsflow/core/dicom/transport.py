@@ -185,7 +185,8 @@ class _PacsflowDimse(DIMSEServiceProvider):
         for value in primitive.presentation_data_value_list:
             context_id, data = value
             single = P_DATA()
-            single.presentation_data_value_list = [[context_id, data]]
+            # the setter checks for [ID, PDV] lists; the annotation says tuples
+            single.presentation_data_value_list = [[context_id, data]]  # type: ignore[list-item]
             if not data[0] & 1:  # a data set fragment
                 self._open_stream(context_id, self.stream_root)
             super().receive_primitive(single)
