@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 from dataclasses import replace
 
 import pytest
 from pacsflow.core.dicom.client import PacsClient
-from pacsflow.core.dicom.config import ReceiverConfig
+from pacsflow.core.dicom.config import PacsConfig, ReceiverConfig
 from pacsflow.core.dicom.errors import Action, PacsConfigurationError, PacsItemError, PacsTransientError
 from pacsflow.core.dicom.receiver import StoreReceiver
 from pacsflow.core.storage import StorageLayout
@@ -27,17 +28,19 @@ def test_echo_and_one_association_for_many_queries(pacs):
         assert client._association() is first
 
 
-def test_a_response_taken_by_the_reactor_goes_back_to_the_waiting_request(pacs):
-    """pynetdicom#875: the association's reactor thread can take a C-FIND response meant for ``send_c_find``
-    (a race no peer can be made to produce on demand, so the reactor's step is played here by hand)."""
+def test_the_reactor_leaves_responses_to_the_waiting_request(pacs):
+    """pynetdicom#875: the association's reactor thread could take a C-FIND response meant for ``send_c_find``
+    (a race no peer can be made to produce on demand, so the reactor's step is played here by hand: its
+    non-blocking ``get_msg``), and the marker of an ended association, which then waited for its DIMSE timeout."""
     with PacsClient(pacs.config) as client:
         client.echo()
         assoc = client._association()
-        taken = C_FIND()
-        taken.MessageIDBeingRespondedTo, taken.Status = 7, 0xFF00
-        assoc._serve_request(taken, 1)  # what the reactor does with a message it takes off the queue
-        context_id, message = assoc.dimse.get_msg(block=True)
-        assert (context_id, message) == (1, taken)
+        response = C_FIND()
+        response.MessageIDBeingRespondedTo, response.Status = 7, 0xFF00
+        for waiting in [(1, response), (None, None)]:
+            assoc.dimse.msg_queue.put(waiting)
+            assert assoc.dimse.get_msg(block=False) == (None, None)  # the reactor's call takes nothing
+            assert assoc.dimse.get_msg(block=True) == waiting  # the waiting request's call gets it
         assert len(client.find("STUDY", {"StudyInstanceUID": ""}).matches) > 0  # and the association still works
 
 
@@ -120,8 +123,19 @@ def test_unknown_called_ae_is_a_configuration_error(pacs):
 
 
 def test_no_pacs_listening_is_transient():
-    with PacsClient(replace_port(free_port())) as client, pytest.raises(PacsTransientError):
+    with PacsClient(replace_port(free_port())) as client, pytest.raises(PacsTransientError) as error:
         client.echo()
+    assert "cannot connect to the PACS" in str(error.value)  # a refused connection is not blamed on a timeout
+
+
+def test_a_pacs_that_never_answers_the_association_request_names_acse_timeout():
+    """A peer that accepts the connection and stays silent: the message names the setting to raise and where."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        config = PacsConfig(host="127.0.0.1", port=silent.getsockname()[1], called_ae="ANY", acse_timeout=1)
+        with PacsClient(config) as client, pytest.raises(PacsTransientError) as error:
+            client.echo()
+    assert "acse_timeout (1 s)" in str(error.value)
+    assert "raise acse_timeout in the dicom connection's extra" in str(error.value)
 
 
 def replace_port(port: int):

@@ -9,6 +9,7 @@ the receiver's stats and the absence from the layout, which is what verification
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
@@ -24,13 +25,13 @@ from pacsflow.core.dicom.config import (
 )
 from pacsflow.core.dicom.errors import PacsTransientError
 from pacsflow.core.dicom.header import is_complete
-from pacsflow.core.dicom.intake import (
+from pacsflow.core.dicom.sharing import RECEIVER_LOCK
+from pacsflow.core.dicom.status import (
     CANNOT_UNDERSTAND,
-    DATASET_MISMATCH,
     DUPLICATE_SOP_INSTANCE,
+    IDENTIFIER_MISMATCH,
     OUT_OF_RESOURCES,
 )
-from pacsflow.core.dicom.sharing import RECEIVER_LOCK
 from pacsflow.core.dicom.transport import client_tls
 from pacsflow.core.storage import TEMP_PREFIX
 from pydicom.uid import (
@@ -229,7 +230,7 @@ def _start_a_large_store(port: int, tmp_path: Path, megabytes: int = 64):
     dataset = ct_instance(pixels=megabytes * 1024 * 1024 // 2)
     assoc = sender().associate("127.0.0.1", port, ae_title=RECEIVER_AE)
     fragments = c_store_fragments(assoc, encoded(dataset), dataset.SOPClassUID, dataset.SOPInstanceUID, 16384)
-    for _, fragment in zip(range(1000), fragments):  # ~16 MB of 64
+    for fragment in itertools.islice(fragments, 1000):  # ~16 MB of 64
         assoc.dul.send_pdu(fragment)
     return assoc
 
@@ -298,7 +299,7 @@ def test_a_second_copy_never_replaces_the_first_nor_lands_under_another_study(ba
 @BACKENDS
 def test_hostile_uids_mismatches_and_damaged_bodies_are_never_filed(backend, start, tmp_path):
     receiver = start(backend)
-    expected = {"pynetdicom": (CANNOT_UNDERSTAND, DATASET_MISMATCH, CANNOT_UNDERSTAND), "dcmtk": (0, 0, 0)}[backend]
+    expected = {"pynetdicom": (CANNOT_UNDERSTAND, IDENTIFIER_MISMATCH, CANNOT_UNDERSTAND), "dcmtk": (0, 0, 0)}[backend]
     traversal = ct_instance()
     traversal.SOPInstanceUID = "1.2.3.45"  # then overwritten in the bytes, same length: pydicom refuses to encode it
     body = encoded(traversal).replace(b"1.2.3.45", b"../../xx")
@@ -338,9 +339,9 @@ def test_the_association_cap_answers_busy_and_frees_up(backend, start, tmp_path)
     receiver = start(backend)
     held = [sender().associate("127.0.0.1", receiver.port, ae_title=RECEIVER_AE) for _ in range(3)]
     assert all(assoc.is_established for assoc in held)
-    with PacsClient(PacsConfig(host="127.0.0.1", port=receiver.port, called_ae=RECEIVER_AE, acse_timeout=5)) as extra:
-        with pytest.raises(PacsTransientError, match="busy"):
-            extra.echo()
+    config = PacsConfig(host="127.0.0.1", port=receiver.port, called_ae=RECEIVER_AE, acse_timeout=5)
+    with PacsClient(config) as extra, pytest.raises(PacsTransientError, match="busy"):
+        extra.echo()
     for assoc in held:
         assoc.release()
     time.sleep(0.3)

@@ -20,9 +20,9 @@ from pacsflow.core.dicom.client import PacsClient
 from pacsflow.core.dicom.config import PacsConfig, ReceiverConfig, TlsConfig
 from pacsflow.core.dicom.dcmtk_receiver import STAGING_DIR
 from pacsflow.core.dicom.errors import PacsTransientError
-from pacsflow.core.dicom.intake import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
 from pacsflow.core.dicom.receiver import StoreReceiver, open_receiver
 from pacsflow.core.dicom.sharing import RECEIVER_LOCK
+from pacsflow.core.dicom.status import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
 from pacsflow.core.dicom.transport import client_tls
 from pacsflow.core.storage import TEMP_PREFIX, StorageLayout
 from pydicom import config as pydicom_config
@@ -206,7 +206,7 @@ def tiny_filesystem(tmp_path) -> Path:
     if (
         os.geteuid() != 0
         or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)], capture_output=True
+            ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)], check=False, capture_output=True
         ).returncode
     ):
         pytest.skip("needs root to mount a 64 KiB tmpfs (CI runs as root)")

@@ -51,6 +51,9 @@ SCRIPTED_AE = "SCRIPTED"
         (0xC000, StatusClass.UNABLE_TO_PROCESS),
         (0xCFFF, StatusClass.UNABLE_TO_PROCESS),
         (0x0122, StatusClass.REFUSED),
+        (0x0107, StatusClass.WARNING),  # pynetdicom's category: attribute list error
+        (0x0116, StatusClass.WARNING),  # attribute value out of range
+        (0x0001, StatusClass.WARNING),
     ],
 )
 def test_status_classes(status, expected):
@@ -74,9 +77,13 @@ def test_each_failure_says_what_to_do(status, error, action):
     assert f"0x{status:04X}" in str(failure) and str(action) in str(failure)
 
 
-def test_association_loss_is_transient():
-    assert isinstance(association_lost("C-MOVE", peer_aborted=True), PacsTransientError)
-    assert "DIMSE timeout" in str(association_lost("C-FIND", peer_aborted=False))
+def test_association_loss_is_transient_and_a_timeout_names_its_settings():
+    assert isinstance(
+        association_lost("C-MOVE", peer_aborted=True, dimse_timeout=300, network_timeout=300), PacsTransientError
+    )
+    message = str(association_lost("C-FIND", peer_aborted=False, dimse_timeout=2.5, network_timeout=300))
+    assert "dimse_timeout (2.5 s)" in message and "network_timeout (300 s)" in message
+    assert "dicom connection's extra" in message
 
 
 def test_a_cancelled_find_is_a_capped_answer_not_a_failure():
@@ -196,7 +203,7 @@ def test_pending_responses_that_stop_coming_time_out_and_the_client_recovers():
         yield 0x0000, None
 
     with scripted_pacs(find=stalls_once) as config, PacsClient(config) as client:
-        with pytest.raises(PacsTransientError, match="DIMSE timeout"):
+        with pytest.raises(PacsTransientError, match=r"no response within dimse_timeout \(1 s\)"):
             client.find("STUDY", {"StudyInstanceUID": ""})
         assert len(client.find("STUDY", {"StudyInstanceUID": ""}).matches) == 1  # a new association
 

@@ -14,9 +14,11 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.uid import UID
-from pydicom.valuerep import PersonName
-from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, StoragePresentationContexts, build_role, evt
-from pynetdicom.sop_class import (
+from pynetdicom import DEFAULT_TRANSFER_SYNTAXES, build_role, evt
+from pynetdicom.association import Association
+from pynetdicom.events import Event, EventHandlerType
+from pynetdicom.pdu_primitives import _UI, A_ABORT, A_P_ABORT
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # pynetdicom generates these names at import
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
@@ -24,12 +26,18 @@ from pynetdicom.sop_class import (
 )
 
 from pacsflow.core.dicom import status as dimse
-from pacsflow.core.dicom.config import PacsConfig, ReceiverConfig
+from pacsflow.core.dicom.config import STORAGE_SOP_CLASSES, PacsConfig, ReceiverConfig
 from pacsflow.core.dicom.errors import PacsConfigurationError, PacsTransientError
-from pacsflow.core.dicom.intake import OUT_OF_RESOURCES
+from pacsflow.core.dicom.header import withhold_values_from_pydicom_log
 from pacsflow.core.dicom.receiver import store_handler
 from pacsflow.core.dicom.results import FindResult, QueryLevel, ReceiverStats, RetrieveReport
-from pacsflow.core.dicom.transport import client_tls, discard_unfinished_stream, stream_to, tune_for_latency
+from pacsflow.core.dicom.transport import (
+    adjust_association,
+    application_entity,
+    client_tls,
+    discard_unfinished_stream,
+    stream_to,
+)
 from pacsflow.core.storage import StorageLayout
 from pacsflow.core.uids import is_valid_uid
 
@@ -53,7 +61,8 @@ _COUNTS = ("completed", "failed", "warning")
 
 # One response of a DIMSE exchange: (status code, status dataset, identifier or None).
 Response = tuple[int, Dataset, Dataset | None]
-Send = Callable[[Any], Iterable[tuple[Dataset | None, Dataset | None]]]
+# Sends one request on an association; yields (status, identifier), status None when the association ended.
+Send = Callable[[Association], Iterable[tuple[Dataset | None, Dataset | None]]]
 
 
 class PacsClient:
@@ -61,9 +70,9 @@ class PacsClient:
 
     def __init__(self, config: PacsConfig) -> None:
         self.config = config
-        self._assoc: Any = None
+        self._assoc: Association | None = None
         self._assoc_stores = False  # negotiated with storage SCP roles (needed by C-GET)
-        self._get_store: Callable[[Any], int] | None = None
+        self._get_store: Callable[[Event], int] | None = None
         self.get_stats = ReceiverStats()  # what C-GET stored, across this client's life
 
     def __enter__(self) -> PacsClient:
@@ -86,7 +95,10 @@ class PacsClient:
         """Study Root C-FIND; ``query`` maps keywords to values ("" asks the PACS to return the attribute)."""
         identifier = _identifier(level, query)
         matches: list[dict[str, Any]] = []
-        send: Send = lambda assoc: assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind)
+
+        def send(assoc: Association) -> Iterable[tuple[Dataset | None, Dataset | None]]:
+            return assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind)
+
         for code, _, response in self._exchange("C-FIND", send):
             if code in dimse.PENDING:
                 if response is not None:
@@ -103,17 +115,19 @@ class PacsClient:
     def move(self, level: QueryLevel, keys: Mapping[str, str], destination_ae: str) -> RetrieveReport:
         """C-MOVE to ``destination_ae`` (a node the PACS knows), by exact unique keys only."""
         identifier = _retrieve_identifier(level, keys)
-        send: Send = lambda assoc: assoc.send_c_move(
-            identifier, destination_ae, StudyRootQueryRetrieveInformationModelMove
-        )
+
+        def send(assoc: Association) -> Iterable[tuple[Dataset | None, Dataset | None]]:
+            return assoc.send_c_move(identifier, destination_ae, StudyRootQueryRetrieveInformationModelMove)
+
         return _retrieve_report(self._exchange("C-MOVE", send), "C-MOVE")
 
     def get(self, level: QueryLevel, keys: Mapping[str, str], layout: StorageLayout) -> RetrieveReport:
         """C-GET: the PACS stores back on this association, through the receiver's own store handler."""
         identifier = _retrieve_identifier(level, keys)
         layout.root.mkdir(parents=True, exist_ok=True)
+        withhold_values_from_pydicom_log()  # the stores come back through the receiver's checks
 
-        def send(assoc: Any) -> Iterable[tuple[Dataset | None, Dataset | None]]:
+        def send(assoc: Association) -> Iterable[tuple[Dataset | None, Dataset | None]]:
             stream_to(assoc, layout.root)
             return assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet)
 
@@ -144,22 +158,27 @@ class PacsClient:
                     self._drop_association()
                     if peer_aborted and reused and not answered and attempt == 1:
                         break  # the association was stale: open a new one and send again
-                    raise dimse.association_lost(operation, peer_aborted=peer_aborted)
+                    raise dimse.association_lost(
+                        operation,
+                        peer_aborted=peer_aborted,
+                        dimse_timeout=self.config.dimse_timeout,
+                        network_timeout=self.config.network_timeout,
+                    )
                 answered = True
                 yield int(status.Status), status, identifier
             else:
                 return
 
-    def _association(self, *, stores: bool = False) -> Any:
+    def _association(self, *, stores: bool = False) -> Association:
         if self._assoc is not None and self._assoc.is_established and (self._assoc_stores or not stores):
             return self._assoc
         self.close()
         self._assoc = self._associate(stores=stores or self.config.retrieve_method == "c-get")
         return self._assoc
 
-    def _associate(self, *, stores: bool) -> Any:
+    def _associate(self, *, stores: bool) -> Association:
         config = self.config
-        ae = AE(ae_title=config.calling_ae)
+        ae = application_entity(config.calling_ae)
         ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = (
             config.acse_timeout,
             config.dimse_timeout,
@@ -168,13 +187,14 @@ class PacsClient:
         ae.maximum_pdu_size = config.max_pdu
         for abstract in _QUERY_RETRIEVE_MODELS:
             ae.add_requested_context(abstract)
-        roles = []
+        roles: list[_UI] = []
         if stores:  # C-GET stores come back on this association: propose storage with us as SCP
-            for context in StoragePresentationContexts[: 128 - len(_QUERY_RETRIEVE_MODELS)]:
-                ae.add_requested_context(context.abstract_syntax, _GET_STORE_SYNTAXES)
-                roles.append(build_role(context.abstract_syntax, scp_role=True))
+            for sop_class in STORAGE_SOP_CLASSES[: 128 - len(_QUERY_RETRIEVE_MODELS)]:
+                ae.add_requested_context(sop_class, _GET_STORE_SYNTAXES)
+                roles.append(build_role(sop_class, scp_role=True))
         rejection: dict[str, int] = {}
-        handlers = [
+        handlers: list[EventHandlerType] = [
+            (evt.EVT_CONN_OPEN, _on_connection(rejection)),
             (evt.EVT_C_STORE, self._on_get_store),
             (evt.EVT_ACSE_RECV, _capture_rejection(rejection)),
             (evt.EVT_CONN_CLOSE, lambda event: discard_unfinished_stream(event.assoc)),
@@ -191,18 +211,22 @@ class PacsClient:
         except (OSError, ssl.SSLError) as error:
             raise PacsTransientError(f"cannot connect to the PACS: {error.__class__.__name__}") from None
         if assoc.is_established:
-            tune_for_latency(assoc)
             self._assoc_stores = stores
             return assoc
         if assoc.is_rejected:
             raise dimse.rejection_error(rejection.get("result"), rejection.get("source"), rejection.get("reason"))
         if assoc.is_aborted and rejection.get("accepted") and not assoc.accepted_contexts:
             raise PacsConfigurationError("the PACS accepted none of the query/retrieve SOP classes")
-        raise PacsTransientError("association aborted or timed out before it was established")
+        raise dimse.association_not_established(
+            connected="connected" in rejection,
+            aborted="aborted" in rejection,
+            closed="closed" in rejection,
+            acse_timeout=config.acse_timeout,
+        )
 
-    def _on_get_store(self, event: Any) -> int:
+    def _on_get_store(self, event: Event) -> int:
         if self._get_store is None:  # not inside get(): refuse rather than write somewhere unexpected
-            return OUT_OF_RESOURCES
+            return dimse.OUT_OF_RESOURCES
         return self._get_store(event)
 
     def _drop_association(self) -> None:
@@ -276,29 +300,39 @@ def _plain(response: Dataset) -> dict[str, Any]:
 
 
 def _plain_value(value: Any) -> Any:
-    if value is None or value == "":
-        return None
+    if value is None or value == "" or isinstance(value, bytes):
+        return None  # binary values have no place in a query answer
     if isinstance(value, Sequence):
         return [_plain(item) for item in value]
     if isinstance(value, MultiValue):
         return [_plain_value(item) for item in value]
-    if isinstance(value, PersonName):
-        return str(value)
-    if isinstance(value, int):  # IS, US, SL...: pydicom's int subclasses become plain int
-        return int(value)
-    if isinstance(value, float):
-        return float(value)
-    if isinstance(value, bytes):
-        return None  # binary values have no place in a query answer
-    return str(value)
+    for number in (int, float):  # IS, US, SL, DS...: pydicom's subclasses become plain numbers
+        if isinstance(value, number):
+            return number(value)
+    return str(value)  # names (PersonName) and text
 
 
-def _capture_rejection(into: dict[str, int]) -> Callable[[Any], None]:
-    def on_acse_recv(event: Any) -> None:
-        primitive = event.primitive
-        if getattr(primitive, "result", None) in (0x01, 0x02):
-            into.update(result=primitive.result, source=primitive.result_source, reason=primitive.diagnostic)
-        elif getattr(primitive, "result", None) == 0x00:
+def _on_connection(into: dict[str, int]) -> Callable[[Event], None]:
+    def on_conn_open(event: Event) -> None:
+        adjust_association(event.assoc)
+        into["connected"] = 1
+
+    return on_conn_open
+
+
+def _capture_rejection(into: dict[str, int]) -> Callable[[Event], None]:
+    """What the PACS answered the A-ASSOCIATE-RQ with: a rejection, an acceptance or an abort."""
+
+    def on_acse_recv(event: Event) -> None:
+        primitive = event.primitive  # type: ignore[attr-defined]  # pynetdicom sets it from the event's data
+        result = getattr(primitive, "result", None)
+        if result in (0x01, 0x02):
+            into.update(result=result, source=primitive.result_source, reason=primitive.diagnostic)
+        elif result == 0x00:
             into["accepted"] = 1
+        elif isinstance(primitive, A_ABORT):
+            into["aborted"] = 1
+        elif isinstance(primitive, A_P_ABORT):
+            into["closed"] = 1
 
     return on_acse_recv

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from pydicom.uid import UID
-from pynetdicom import ALL_TRANSFER_SYNTAXES
+from pynetdicom import ALL_TRANSFER_SYNTAXES, StoragePresentationContexts
 
 from pacsflow.core.errors import ConfigurationError
 
@@ -22,6 +22,10 @@ ReceiverMode = Literal["shared", "embedded", "service"]
 # whose memory a peer controls (1 MB on the wire became 2.1 GB), so Deflated is accepted only when listed.
 DEFAULT_RECEIVE_SYNTAXES: tuple[str, ...] = tuple(str(s) for s in ALL_TRANSFER_SYNTAXES if not UID(s).is_deflated)
 KNOWN_SYNTAXES = frozenset(str(s) for s in ALL_TRANSFER_SYNTAXES)
+# The storage SOP classes pynetdicom knows: what both receivers accept and C-GET proposes.
+STORAGE_SOP_CLASSES: tuple[UID, ...] = tuple(
+    context.abstract_syntax for context in StoragePresentationContexts if context.abstract_syntax is not None
+)
 MIN_PDU, MAX_PDU = 4096, 16 * 1024 * 1024
 DCMTK_MAX_PDU = 131072  # storescp's upper limit
 

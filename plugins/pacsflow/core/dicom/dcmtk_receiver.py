@@ -25,8 +25,12 @@ DIMSE and socket timeouts, its maximum PDU and exactly its transfer syntaxes (a 
 
 Truncation: ``storescp`` removes the file of a C-STORE that fails (peer abort, closed connection), but when it
 is killed mid-object (OOM, a signal) its partial file stays. A staged file is therefore ingested only when
-``storescp`` is alive and no longer holds it (``/proc/<pid>/fd``), or exited with status 0; files left by a ``storescp`` that died
-otherwise are discarded, and every file must also pass ``header.is_complete`` (each declared length present).
+``storescp`` is alive and no longer holds it (``/proc/<pid>/fd``), or exited with status 0; files left by a
+``storescp`` that died otherwise are discarded, and every file must also pass ``header.is_complete`` (each
+declared length present).
+
+``storescp`` is DCMTK's, by a verified absolute path (``dcmtk.dcmtk_program``): pynetdicom's own ``storescp``
+comes first on ``PATH`` in an activated virtual environment.
 
 Statuses: ``storescp`` has answered (0x0000) by the time pacsflow examines a file, so an instance refused at
 ingest (invalid UID, SOP mismatch, undecodable or incomplete body, duplicate) was answered success and is then
@@ -49,13 +53,13 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from pynetdicom import StoragePresentationContexts
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import
 
-from pacsflow.core.dicom.config import DCMTK_MAX_PDU, ReceiverConfig
+from pacsflow.core.dicom.config import DCMTK_MAX_PDU, STORAGE_SOP_CLASSES, ReceiverConfig
+from pacsflow.core.dicom.dcmtk import dcmtk_program
 from pacsflow.core.dicom.errors import PacsConfigurationError
+from pacsflow.core.dicom.header import InstanceUids, withhold_values_from_pydicom_log
 from pacsflow.core.dicom.intake import examine
 from pacsflow.core.dicom.results import ReceiverStats
 from pacsflow.core.dicom.sharing import port_unavailable, receiver_lock
@@ -97,13 +101,11 @@ class _Association:
 class DcmtkStoreReceiver:
     """Drop-in for ``StoreReceiver`` (same constructor, ``stats``, ``port``, context manager)."""
 
-    def __init__(
-        self, config: ReceiverConfig, layout: StorageLayout, *, executable: str = "storescp", poll_seconds: float = 0.01
-    ) -> None:
+    def __init__(self, config: ReceiverConfig, layout: StorageLayout, *, poll_seconds: float = 0.01) -> None:
         self.config = config
         self.layout = layout
         self.stats = ReceiverStats()
-        self._executable = executable
+        self._executable = ""  # DCMTK's storescp, resolved and checked on start
         self._poll_seconds = poll_seconds
         self._acse_timeout = config.acse_timeout
         self._opening = 0  # connections accepted and not yet handed over or refused
@@ -133,12 +135,10 @@ class DcmtkStoreReceiver:
             raise PacsConfigurationError('the DCMTK receiver backend does not offer TLS: use backend "pynetdicom"')
         if not Path("/proc/self/fd").is_dir():
             raise PacsConfigurationError('the DCMTK receiver backend needs Linux (/proc): use backend "pynetdicom"')
-        binary = shutil.which(self._executable)
-        if binary is None:
-            raise PacsConfigurationError(f"{self._executable} (DCMTK) is not installed; install dcmtk")
-        self._executable = binary
+        self._executable = dcmtk_program("storescp")
         use_private_umask()  # storescp inherits it: its files are 0600 from the first byte
         redact_uids_in_library_logs()
+        withhold_values_from_pydicom_log()
         make_private_dir(self.layout.root)
         self._root_lock.enter_context(receiver_lock(self.layout.root))  # before touching another receiver's files
         try:
@@ -358,20 +358,23 @@ class DcmtkStoreReceiver:
         accepted = [(path, uids) for path in staged if (uids := self._examine(path)) is not None]
         synced = self._pool.map(_fsync_or_error, [path for path, _ in accepted])
         touched: set[Path] = set()
-        for (path, uids), error in zip(accepted, synced):
+        for (path, uids), error in zip(accepted, synced, strict=True):
             touched.update(self._place(path, uids, error))
         for directory in touched:  # one fsync per directory and pass, after the links
             fsync_path(directory)
 
-    def _examine(self, path: Path) -> Any:
+    def _examine(self, path: Path) -> InstanceUids | None:
         """The UIDs to file a staged file under; None (file rejected) when ``intake.examine`` refuses it."""
         try:
             verdict = examine(path, None, self.config)  # storescp writes the request's UID into the file meta
         except OSError as error:
-            return self._reject(path, write_failure_reason(error))
-        return verdict.uids if verdict.uids is not None else self._reject(path, verdict.reason)
+            self._reject(path, write_failure_reason(error))
+            return None
+        if verdict.uids is None:
+            self._reject(path, verdict.reason)
+        return verdict.uids
 
-    def _place(self, path: Path, uids: Any, fsync_error: OSError | None) -> list[Path]:
+    def _place(self, path: Path, uids: InstanceUids, fsync_error: OSError | None) -> list[Path]:
         """Link a staged file that is durable into the layout; returns the directories to fsync."""
         try:
             if fsync_error is not None:
@@ -425,7 +428,7 @@ def _seconds(timeout: float) -> str:
 def _write_profile(path: Path, transfer_syntaxes: tuple[str, ...]) -> None:
     """A storescp association profile accepting the storage SOP classes pynetdicom knows (as the other backend)
     and Verification, each with exactly ``transfer_syntaxes``."""
-    sop_classes = [str(Verification)] + [str(c.abstract_syntax) for c in StoragePresentationContexts]
+    sop_classes = [str(Verification), *map(str, STORAGE_SOP_CLASSES)]
     lines = ["[[TransferSyntaxes]]", "[Accepted]"]
     lines += [f"TransferSyntax{n} = {uid}" for n, uid in enumerate(transfer_syntaxes, 1)]
     lines += ["[[PresentationContexts]]", "[Storage]"]

@@ -23,9 +23,6 @@ from pydicom.uid import UID
 
 from pacsflow.core.uids import is_valid_uid
 
-# pydicom logs the values it finds malformed (an incoming UID is patient data): only its errors get through.
-logging.getLogger("pydicom").setLevel(logging.ERROR)
-
 _SOP_INSTANCE_UID, _STUDY_INSTANCE_UID, _SERIES_INSTANCE_UID = 0x00080018, 0x0020000D, 0x0020000E
 _WANTED = {_SOP_INSTANCE_UID: "sop", _STUDY_INSTANCE_UID: "study", _SERIES_INSTANCE_UID: "series"}
 _KEYWORDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
@@ -72,6 +69,12 @@ class HeaderProblem(Enum):
     INVALID_UID = "invalid UID"
     SOP_INSTANCE_MISMATCH = "SOP Instance UID differs from the request"
     INCOMPLETE = "data set incomplete or its lengths inconsistent"
+
+
+def withhold_values_from_pydicom_log() -> None:
+    """pydicom logs the values it finds malformed (an incoming UID is patient data): only its errors get through.
+    A logger level is process-wide; the receivers apply it when they start (never at import)."""
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)
@@ -284,7 +287,7 @@ def _is_image(sop_class_uid: str) -> bool:
 def _walk_to_end(reader: _Reader, implicit_vr: bool, last: int) -> set[int]:
     """Skip every element up to the tag ``last`` (or the end), checking each length against the bytes there.
     Returns which of the image tags (Rows, pixel data) it saw at the top level."""
-    seen = set()
+    seen: set[int] = set()
     while reader.position < len(reader.data):
         tag = reader.tag()
         if tag in _ITEM_TAGS:

@@ -11,6 +11,7 @@ import os
 import tempfile
 import zlib
 from pathlib import Path
+from typing import IO, BinaryIO
 
 from pydicom.filebase import DicomFileLike
 from pydicom.filereader import read_file_meta_info
@@ -41,7 +42,10 @@ def inflate_file(path: Path, max_bytes: int) -> None:
         file_meta = read_file_meta_info(path)
         file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         source.seek(body_start)
-        handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=TEMP_PREFIX, suffix=SUFFIX, delete=False)
+        # kept (delete=False) to replace ``path``; closed by the ``with`` below, removed on failure
+        handle = tempfile.NamedTemporaryFile(  # noqa: SIM115
+            dir=path.parent, prefix=TEMP_PREFIX, suffix=SUFFIX, delete=False
+        )
         try:
             with handle:
                 handle.write(b"\x00" * 128 + b"DICM")
@@ -53,7 +57,7 @@ def inflate_file(path: Path, max_bytes: int) -> None:
             raise
 
 
-def _inflate(source, target, max_bytes: int) -> None:
+def _inflate(source: BinaryIO, target: IO[bytes], max_bytes: int) -> None:
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     total = 0
     try:

@@ -14,16 +14,18 @@ from pathlib import Path
 from pacsflow.core.dicom.config import ReceiverConfig
 from pacsflow.core.dicom.header import HeaderProblem, InstanceUids, file_uids, is_complete, is_deflated
 from pacsflow.core.dicom.inflate import InflateError, inflate_file
+from pacsflow.core.dicom.status import (
+    CANNOT_UNDERSTAND,
+    DUPLICATE_SOP_INSTANCE,
+    IDENTIFIER_MISMATCH,
+    OUT_OF_RESOURCES,
+    SUCCESS,
+)
 from pacsflow.core.storage import Placement
 
-STORED = 0x0000
-DUPLICATE_SOP_INSTANCE = 0x0111
-OUT_OF_RESOURCES = 0xA700
-DATASET_MISMATCH = 0xA900
-CANNOT_UNDERSTAND = 0xC000
 _PROBLEM_STATUS = {
     HeaderProblem.INVALID_UID: CANNOT_UNDERSTAND,
-    HeaderProblem.SOP_INSTANCE_MISMATCH: DATASET_MISMATCH,
+    HeaderProblem.SOP_INSTANCE_MISMATCH: IDENTIFIER_MISMATCH,
     HeaderProblem.INCOMPLETE: CANNOT_UNDERSTAND,
 }
 UNDECODABLE = "undecodable dataset"
@@ -35,7 +37,7 @@ class Verdict:
     """A received file examined: ``uids`` to file it under, or the failure ``status`` and ``reason``."""
 
     uids: InstanceUids | None
-    status: int = STORED
+    status: int = SUCCESS
     reason: str = ""
 
     @classmethod
@@ -69,4 +71,4 @@ def examine(path: Path, expected_sop_uid: object, config: ReceiverConfig) -> Ver
 
 def placement_status(placement: Placement) -> int:
     """The C-STORE status for what the layout did with an examined file."""
-    return DUPLICATE_SOP_INSTANCE if placement.refused else STORED
+    return DUPLICATE_SOP_INSTANCE if placement.refused else SUCCESS

@@ -15,25 +15,32 @@ timeout on its socket (``network_timeout``) and a bound on the length of every P
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
-from pynetdicom import AE, StoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import Event, EventHandlerType
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import
 from pynetdicom.transport import ThreadedAssociationServer
 
-from pacsflow.core.dicom.config import ReceiverConfig
+from pacsflow.core.dicom.config import STORAGE_SOP_CLASSES, ReceiverConfig
 from pacsflow.core.dicom.dcmtk_receiver import DcmtkStoreReceiver
-from pacsflow.core.dicom.intake import OUT_OF_RESOURCES, STORED, examine, placement_status
+from pacsflow.core.dicom.header import withhold_values_from_pydicom_log
+from pacsflow.core.dicom.intake import examine, placement_status
 from pacsflow.core.dicom.results import ReceiverStats
 from pacsflow.core.dicom.sharing import port_unavailable, receiver_lock
+from pacsflow.core.dicom.status import OUT_OF_RESOURCES, SUCCESS
 from pacsflow.core.dicom.transport import (
     MAX_ASSOCIATE_RQ,
     RefusedConnection,
+    adjust_association,
+    application_entity,
     await_associate_rq,
     bound_pdu_reads,
     claim_stream,
@@ -41,7 +48,6 @@ from pacsflow.core.dicom.transport import (
     server_tls,
     stream_to,
     tls_handshake,
-    tune_for_latency,
 )
 from pacsflow.core.privacy import make_private_dir, redact_uids_in_library_logs, use_private_umask
 from pacsflow.core.storage import StorageLayout, write_failure_reason
@@ -49,16 +55,18 @@ from pacsflow.core.storage import StorageLayout, write_failure_reason
 log = logging.getLogger("pacsflow.receiver")
 
 DRAIN_SECONDS = 10.0
+_Request = socket.socket | tuple[bytes, socket.socket]  # what socketserver hands a TCP server
+_Address = tuple[str, int] | str
 
 
-def store_handler(layout: StorageLayout, stats: ReceiverStats, config: ReceiverConfig) -> Callable[[Any], int]:
+def store_handler(layout: StorageLayout, stats: ReceiverStats, config: ReceiverConfig) -> Callable[[Event], int]:
     """The EVT_C_STORE handler for both C-MOVE (receiver) and C-GET (client) stores."""
     lock = threading.Lock()
 
-    def handle(event: Any) -> int:
+    def handle(event: Event) -> int:
         status, reason, size = _store(event, layout, config)
         with lock:
-            if status == STORED:
+            if status == SUCCESS:
                 stats.stored += 1
                 stats.bytes_stored += size
             else:
@@ -68,14 +76,16 @@ def store_handler(layout: StorageLayout, stats: ReceiverStats, config: ReceiverC
     return handle
 
 
-def _store(event: Any, layout: StorageLayout, config: ReceiverConfig) -> tuple[int, str, int]:
+def _store(event: Event, layout: StorageLayout, config: ReceiverConfig) -> tuple[int, str, int]:
     """(status, reject reason, bytes stored). Success only once the file is at its final path."""
+    request = event.request
+    assert isinstance(request, C_STORE), "bound to EVT_C_STORE only"
     streamed = Path(event.dataset_path)  # the data set as received, with file meta: no decode/re-encode
     try:
-        error = claim_stream(streamed)
+        error = claim_stream(event.assoc, streamed)
         if error is not None:
             raise error
-        verdict = examine(streamed, event.request.AffectedSOPInstanceUID, config)
+        verdict = examine(streamed, request.AffectedSOPInstanceUID, config)
         if verdict.uids is None:
             return verdict.status, verdict.reason, 0  # pynetdicom removes the streamed file
         size = streamed.stat().st_size
@@ -104,10 +114,11 @@ class _GatedServer(ThreadedAssociationServer):
     daemon_threads = True  # a connection thread waiting on a silent peer never delays shutdown
     gate: _Gate
 
-    def verify_request(self, request: Any, client_address: Any) -> bool:
-        return self.gate.admit(client_address[0], len(self.active_associations))
+    def verify_request(self, request: _Request, client_address: _Address) -> bool:
+        return self.gate.admit(str(client_address[0]), len(self.active_associations))
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
+    def process_request_thread(self, request: _Request, client_address: _Address) -> None:
+        assert isinstance(request, socket.socket), "a TCP server"
         try:
             connection = self.gate.open(request)
         except RefusedConnection:
@@ -143,7 +154,7 @@ class _Gate:
         with self._lock:
             self._opening -= 1
 
-    def open(self, connection: Any) -> Any:
+    def open(self, connection: socket.socket) -> socket.socket:
         deadline = time.monotonic() + self.config.acse_timeout
         if self._tls is not None:
             connection = tls_handshake(connection, self._tls, deadline)
@@ -162,7 +173,7 @@ class StoreReceiver:
         self.stats = ReceiverStats()
         self.drain_seconds = drain_seconds  # on stop: how long transfers in progress may finish
         self._handler = store_handler(layout, self.stats, config)
-        self._server: Any = None
+        self._server: _GatedServer | None = None
         self._lock = ExitStack()
 
     @property
@@ -175,6 +186,7 @@ class StoreReceiver:
     def __enter__(self) -> StoreReceiver:
         use_private_umask()
         redact_uids_in_library_logs()  # pynetdicom's warnings quote SOP Instance UIDs
+        withhold_values_from_pydicom_log()
         make_private_dir(self.layout.root)
         self._lock.enter_context(receiver_lock(self.layout.root))  # before touching another receiver's files
         try:
@@ -186,7 +198,7 @@ class StoreReceiver:
 
     def _start(self) -> None:
         self.layout.sweep_temp_files()
-        handlers = [
+        handlers: list[EventHandlerType] = [
             (evt.EVT_C_STORE, self._handler),
             (evt.EVT_CONN_OPEN, self._on_connection),
             (evt.EVT_CONN_CLOSE, _on_connection_closed),
@@ -199,13 +211,14 @@ class StoreReceiver:
             )
         except OSError as error:
             raise port_unavailable(self.config, error) from None
+        assert isinstance(server, _GatedServer)
         server.gate = gate
         ae._servers.append(server)  # as AE.start_server does: shutdown() removes it
         threading.Thread(target=server.serve_forever, name="pacsflow-receiver-accept", daemon=True).start()
         self._server = server
 
     def _application_entity(self) -> AE:
-        ae = AE(ae_title=self.config.ae_title)
+        ae = application_entity(self.config.ae_title)
         ae.maximum_associations = self.config.max_associations
         ae.maximum_pdu_size = self.config.max_pdu
         ae.acse_timeout = self.config.acse_timeout
@@ -214,12 +227,12 @@ class StoreReceiver:
         ae.require_called_aet = True
         ae.require_calling_aet = list(self.config.allowed_calling_aes)
         ae.add_supported_context(Verification)
-        for context in StoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, list(self.config.transfer_syntaxes))
+        for sop_class in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(sop_class, list(self.config.transfer_syntaxes))
         return ae
 
-    def _on_connection(self, event: Any) -> None:
-        tune_for_latency(event.assoc)
+    def _on_connection(self, event: Event) -> None:
+        adjust_association(event.assoc)
         bound_pdu_reads(event.assoc, max(self.config.max_pdu, MAX_ASSOCIATE_RQ))
         stream_to(event.assoc, self.layout.root)
 
@@ -236,7 +249,7 @@ class StoreReceiver:
         self._lock.close()
 
 
-def _drain(associations: list[Any], seconds: float) -> None:
+def _drain(associations: list[Association], seconds: float) -> None:
     """Let transfers in progress finish (stores may follow the final C-MOVE response), then abort the rest,
     so that no handler is still writing when the temp files are swept."""
     deadline = time.monotonic() + seconds
@@ -248,5 +261,5 @@ def _drain(associations: list[Any], seconds: float) -> None:
             assoc.join(timeout=5)
 
 
-def _on_connection_closed(event: Any) -> None:
+def _on_connection_closed(event: Event) -> None:
     discard_unfinished_stream(event.assoc)

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from pynetdicom.status import STATUS_CANCEL, STATUS_PENDING, STATUS_SUCCESS, STATUS_WARNING, code_to_category
+
 from pacsflow.core.dicom.errors import PacsConfigurationError, PacsError, PacsItemError, PacsTransientError
 
+# The codes pacsflow answers or acts on by name (pynetdicom has their categories and descriptions, not names).
 SUCCESS = 0x0000
 CANCEL = 0xFE00
-MOVE_DESTINATION_UNKNOWN = 0xA801
-IDENTIFIER_MISMATCH = 0xA900
-OUT_OF_RESOURCES = 0xA700
 PENDING = (0xFF00, 0xFF01)
+DUPLICATE_SOP_INSTANCE = 0x0111
+OUT_OF_RESOURCES = 0xA700
+MOVE_DESTINATION_UNKNOWN = 0xA801
+IDENTIFIER_MISMATCH = 0xA900  # C-STORE: "data set does not match SOP class"; Q/R: "identifier does not match"
+CANNOT_UNDERSTAND = 0xC000
 
 
 class StatusClass(StrEnum):
@@ -31,15 +36,19 @@ class StatusClass(StrEnum):
     REFUSED = "refused"
 
 
+_CATEGORIES = {
+    STATUS_SUCCESS: StatusClass.SUCCESS,
+    STATUS_PENDING: StatusClass.PENDING,
+    STATUS_CANCEL: StatusClass.CANCELLED,
+    STATUS_WARNING: StatusClass.WARNING,
+}
+
+
 def classify(status: int) -> StatusClass:
-    if status == SUCCESS:
-        return StatusClass.SUCCESS
-    if status in PENDING:
-        return StatusClass.PENDING
-    if status == CANCEL:
-        return StatusClass.CANCELLED
-    if status == 0x0001 or 0xB000 <= status <= 0xBFFF:
-        return StatusClass.WARNING
+    """pynetdicom's category of ``status``; a failure is told apart further by what the caller should do."""
+    category = _CATEGORIES.get(code_to_category(status))
+    if category is not None:
+        return category
     if status == MOVE_DESTINATION_UNKNOWN:
         return StatusClass.MOVE_DESTINATION_UNKNOWN
     if 0xA700 <= status <= 0xA7FF:
@@ -83,11 +92,41 @@ def error_for(status: int, operation: str) -> PacsError:
     return PacsItemError(f"{operation}: {kind}", status=status)
 
 
-def association_lost(operation: str, *, peer_aborted: bool) -> PacsTransientError:
-    """No (final) response: the peer aborted or closed the connection, or the DIMSE timeout expired."""
+# Where a deployment sets the client's timeouts: the ``dicom`` connection's extra fields of the same names.
+_SET_IN = "in the dicom connection's extra"
+
+
+def association_lost(
+    operation: str, *, peer_aborted: bool, dimse_timeout: float, network_timeout: float
+) -> PacsTransientError:
+    """No (final) response: the peer aborted or closed the connection, or a timeout expired."""
     if peer_aborted:
         return PacsTransientError(f"{operation}: no response, the PACS aborted the association")
-    return PacsTransientError(f"{operation}: no response within the DIMSE timeout (association aborted)")
+    return PacsTransientError(
+        f"{operation}: no response within dimse_timeout ({dimse_timeout:g} s) or the connection idle beyond "
+        f"network_timeout ({network_timeout:g} s), association aborted; for a PACS that is slow to answer, raise "
+        f"dimse_timeout (and network_timeout) {_SET_IN}"
+    )
+
+
+def association_not_established(
+    *, connected: bool, aborted: bool, closed: bool, acse_timeout: float
+) -> PacsTransientError:
+    """No connection, an A-ASSOCIATE-RQ answered by an A-ABORT or a closed connection, or no answer within the
+    ACSE timeout."""
+    if not connected:
+        return PacsTransientError(
+            "cannot connect to the PACS (refused or unreachable): check that it is up, and its host and port in the "
+            "dicom connection"
+        )
+    if aborted:
+        return PacsTransientError("association aborted by the PACS before it was established")
+    if closed:
+        return PacsTransientError("the connection to the PACS failed or closed before the association was established")
+    return PacsTransientError(
+        f"the PACS did not accept the association within acse_timeout ({acse_timeout:g} s); for a PACS that is "
+        f"slow to accept, raise acse_timeout {_SET_IN}"
+    )
 
 
 def rejection_error(result: int | None, source: int | None, reason: int | None) -> PacsError:

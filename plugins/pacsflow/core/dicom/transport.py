@@ -1,6 +1,12 @@
-"""Association settings shared by the client and the receiver: latency, TLS contexts, quiet pynetdicom, where
-received data sets stream to; and what both receivers do with an accepted socket before any association exists
-(the deadline for the A-ASSOCIATE-RQ and the TLS handshake, the bound on PDU lengths)."""
+"""Association settings shared by the client and the receiver: pacsflow's adjustments of pynetdicom (per
+application entity and association, never at import), TLS contexts; and what both receivers do with an accepted
+socket before any association exists (the deadline for the A-ASSOCIATE-RQ and the TLS handshake, the bound on
+PDU lengths).
+
+The adjustments reach into pynetdicom's internals (the DIMSE provider of an association, its DUL thread's idle
+delay), verified against pynetdicom 3.0.4 only: ``application_entity`` refuses any other version with a
+``ConfigurationError`` naming it, before an association is made.
+"""
 
 from __future__ import annotations
 
@@ -9,91 +15,220 @@ import select
 import socket
 import ssl
 import tempfile
-import threading
 import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from pynetdicom import _config, dimse_messages
+import pynetdicom
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
+from pynetdicom import AE, _config
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dsutils import create_file_meta
+from pynetdicom.pdu_primitives import P_DATA
 
 from pacsflow.core.dicom.config import TlsConfig
+from pacsflow.core.errors import ConfigurationError
 from pacsflow.core.storage import SUFFIX, TEMP_PREFIX
 
-# Query identifiers hold patient data: pynetdicom must not log them, whatever the root logger level.
-_config.LOG_REQUEST_IDENTIFIERS = False
-_config.LOG_RESPONSE_IDENTIFIERS = False
-logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+if TYPE_CHECKING:
+    from pynetdicom.dimse import _QueueItem
 
-_serve_request = Association._serve_request
+VERIFIED_PYNETDICOM = "3.0.4"
 
 
-def _serve_request_or_hand_back(assoc: Any, msg: Any, context_id: int) -> None:
-    """pynetdicom 3.0.4's reactor can pass its pause checkpoint just before ``send_c_find`` (or another send)
-    clears it, and then takes the peer's response off the DIMSE queue and drops it as "unexpected"
-    (pynetdicom#875): a pending C-FIND match lost, an existing AN reported "not found". On an association we
-    requested, a message that is not a request belongs to the waiting ``send_*`` call: put it back, in front."""
-    if not (assoc.is_requestor and not msg.is_valid_request):
-        _serve_request(assoc, msg, context_id)
-        return
-    waiting = assoc.dimse.msg_queue
-    with waiting.mutex:
-        waiting.queue.appendleft((context_id, msg))
-        waiting.unfinished_tasks += 1
-        waiting.not_empty.notify()
+class PynetdicomVersionError(ConfigurationError):
+    """pacsflow's adjustments of pynetdicom were verified against another version than the one installed."""
 
 
-Association._serve_request = _serve_request_or_hand_back  # type: ignore[method-assign]
+def require_verified_pynetdicom() -> None:
+    version = pynetdicom.__version__
+    if version != VERIFIED_PYNETDICOM:
+        raise PynetdicomVersionError(
+            f"pacsflow's DICOM networking was verified against pynetdicom {VERIFIED_PYNETDICOM}, and adjusts its "
+            f"internals; pynetdicom {version} is installed: install pynetdicom=={VERIFIED_PYNETDICOM} "
+            "(requirements.txt)"
+        )
 
 
-# Streaming receive: pynetdicom writes each incoming C-STORE data set to a file as its PDUs arrive (memory stays
-# flat whatever the size of an object), by default in the system temp directory. pacsflow's associations
-# stream into their layout's root instead: same file system as the final path (the handler's rename is atomic),
-# swept with the layout's temp files, and no patient data outside the root.
-_config.STORE_RECV_CHUNKED_DATASET = True
-_STREAM_ROOTS: weakref.WeakKeyDictionary[Any, Path] = weakref.WeakKeyDictionary()
-_STREAMS: weakref.WeakValueDictionary[str, _StreamedDataSet] = weakref.WeakValueDictionary()
-_RECEIVING: weakref.WeakKeyDictionary[Any, _StreamedDataSet] = weakref.WeakKeyDictionary()  # latest per assoc
+def application_entity(ae_title: str) -> AE:
+    """pynetdicom's AE for pacsflow's associations, once the installed pynetdicom is the verified one. Bind
+    ``adjust_association`` to ``EVT_CONN_OPEN`` of each association it makes or accepts."""
+    require_verified_pynetdicom()
+    withhold_identifiers_from_logs()
+    return AE(ae_title=ae_title)
 
 
-def stream_to(assoc: Any, root: Path) -> None:
-    """Stream the C-STORE data sets that arrive on ``assoc`` into temp files in ``root`` (which must exist)."""
-    _STREAM_ROOTS[assoc] = root
+def withhold_identifiers_from_logs() -> None:
+    """Query identifiers hold patient data: pynetdicom must not log them, whatever the root logger level.
+
+    Process-wide (pynetdicom 3.0.4 has no per-AE switch; upstream, the ask is one: "Per-AE option not to log
+    identifiers", beside ``_config.LOG_*_IDENTIFIERS``): it only ever removes patient data from pynetdicom's log,
+    for every AE in the process. Applied when pacsflow makes an AE, never at import."""
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
-def discard_unfinished_stream(assoc: Any) -> None:
+# pynetdicom's DUL thread sleeps 1 ms each time it finds nothing to do, which adds up to ~2 ms to every
+# request/response round trip; with 0.5 ms, C-FIND on one association went from 410 to 630 per second here.
+# Upstream: pynetdicom#139 (open) / #120 propose a shorter loop delay; the ask is a documented per-AE setting
+# (or an event-driven DUL), https://github.com/pydicom/pynetdicom/pull/139
+DUL_IDLE_SLEEP_SECONDS = 0.0005
+
+
+def adjust_association(assoc: Association) -> None:
+    """pacsflow's adjustments of one association, as its connection opens (bind it to ``EVT_CONN_OPEN``: it
+    runs before any PDU): its DIMSE provider becomes ``_PacsflowDimse`` (responses stay with the waiting
+    request; C-STORE data sets stream to a file once ``stream_to`` names a directory), and latency is cut."""
+    assoc.dimse = _PacsflowDimse(assoc)
+    _cut_latency(assoc)
+
+
+def tune_for_latency(assoc: Association) -> None:
+    """Cut the latency of an association made by an AE other than ``application_entity``'s."""
+    require_verified_pynetdicom()
+    _cut_latency(assoc)
+
+
+def _cut_latency(assoc: Association) -> None:
+    """Disable Nagle on the association socket (small DIMSE messages otherwise wait for ACKs) and shorten the
+    DUL thread's idle sleep."""
+    assoc.dul._run_loop_delay = DUL_IDLE_SLEEP_SECONDS
+    wrapper = assoc.dul.socket
+    sock = wrapper.socket if wrapper is not None else None
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def stream_to(assoc: Association, root: Path) -> None:
+    """Stream the C-STORE data sets that arrive on ``assoc`` into temp files in ``root`` (which must exist).
+
+    Streaming receive: the data set is written to a file as its PDUs arrive (memory stays flat whatever the size
+    of an object), in ``root``: same file system as the final path (the handler's rename is atomic), swept with
+    the layout's temp files, and no patient data outside the root. pynetdicom offers this only process-wide
+    (``_config.STORE_RECV_CHUNKED_DATASET``) and into the system temp directory; upstream, the ask is a per-AE
+    switch and directory for streamed data sets (the directory was discussed in pynetdicom#526's review,
+    https://github.com/pydicom/pynetdicom/pull/526; the issue to file: "Per-AE option and directory for
+    C-STORE data sets received in chunks")."""
+    _provider(assoc).stream_root = root
+
+
+def discard_unfinished_stream(assoc: Association) -> None:
     """Remove the data set ``assoc`` was receiving when it ended (a peer abort mid-instance): a partial file,
     patient data, must not wait for the next sweep. Call it when the connection closes."""
-    stream = _RECEIVING.pop(assoc, None)
+    dimse = assoc.dimse
+    stream = dimse.receiving if isinstance(dimse, _PacsflowDimse) else None
     if stream is not None and not stream.closed and not stream.claimed:
         stream.close()
         Path(stream.name).unlink(missing_ok=True)
 
 
-def claim_stream(path: Path) -> OSError | None:
+def claim_stream(assoc: Association, path: Path) -> OSError | None:
     """The C-STORE handler takes the data set streamed to ``path``: complete, it is no longer removed if the
     connection closes while the handler works on it. Returns the error that cut its writing short (a full
     disk), if any."""
-    stream = _STREAMS.get(str(path))
+    stream = _provider(assoc).streams.get(str(path))
     if stream is None:
         return None
     stream.claimed = True
     return stream.error
 
 
+def _provider(assoc: Association) -> _PacsflowDimse:
+    dimse = assoc.dimse
+    if not isinstance(dimse, _PacsflowDimse):
+        raise TypeError("adjust_association was not bound to EVT_CONN_OPEN of this association")
+    return dimse
+
+
+class _PacsflowDimse(DIMSEServiceProvider):
+    """pynetdicom 3.0.4's DIMSE provider with two changes, for one association.
+
+    - On an association we requested, the reactor no longer takes responses off the queue: it can pass its pause
+      checkpoint just before ``send_c_find`` (or another send) clears it, and then took the peer's response and
+      dropped it as "unexpected" (pynetdicom#875, https://github.com/pydicom/pynetdicom/issues/875): a pending
+      C-FIND match lost, an existing AN reported "not found". A response belongs to the waiting ``send_*`` call,
+      and so does the marker pynetdicom queues when the association ends (taken by the reactor, the call waited
+      for its whole DIMSE timeout).
+    - With ``stream_root`` set, a C-STORE data set is written to a file there as it arrives (``stream_to``).
+    """
+
+    def __init__(self, assoc: Association) -> None:
+        super().__init__(assoc)
+        self.stream_root: Path | None = None
+        self.receiving: _StreamedDataSet | None = None  # the latest data set streamed
+        self.streams: weakref.WeakValueDictionary[str, _StreamedDataSet] = weakref.WeakValueDictionary()
+
+    def get_msg(self, block: bool = False) -> _QueueItem:
+        """``block=False`` is the reactor's call (``send_*`` calls block): it takes requests only, and leaves
+        responses and the end-of-association marker (None) to the waiting ``send_*`` call."""
+        if not block and self.assoc.is_requestor:
+            waiting = self.msg_queue
+            with waiting.mutex:
+                if not waiting.queue:
+                    return None, None
+                _, head = waiting.queue[0]
+                if head is None or not head.is_valid_request:
+                    return None, None
+        return super().get_msg(block)
+
+    def receive_primitive(self, primitive: P_DATA) -> None:
+        if self.stream_root is None:
+            super().receive_primitive(primitive)
+            return
+        # One presentation data value at a time: the file must be open before the first data set fragment.
+        for value in primitive.presentation_data_value_list:
+            context_id, data = value
+            single = P_DATA()
+            # the setter checks for [ID, PDV] lists; the annotation says tuples
+            single.presentation_data_value_list = [[context_id, data]]  # type: ignore[list-item]
+            if not data[0] & 1:  # a data set fragment
+                self._open_stream(context_id, self.stream_root)
+            super().receive_primitive(single)
+
+    def _open_stream(self, context_id: int, root: Path) -> None:
+        """Start the file of the C-STORE data set being received, as pynetdicom does with
+        ``STORE_RECV_CHUNKED_DATASET``: preamble and file meta, then the data set fragments as they come."""
+        message = self.message
+        if not isinstance(message, C_STORE_RQ) or message._data_set_file is not None:
+            return
+        command = message.command_set
+        meta = DicomBytesIO()
+        write_file_meta_info(
+            meta,
+            create_file_meta(
+                sop_class_uid=command.AffectedSOPClassUID,
+                sop_instance_uid=command.AffectedSOPInstanceUID,
+                transfer_syntax=self.assoc._accepted_cx[context_id].transfer_syntax[0],
+            ),
+        )
+        stream = _StreamedDataSet(root)
+        stream.write(b"\x00" * 128 + b"DICM" + meta.getvalue())
+        self.receiving = self.streams[stream.name] = stream
+        # pynetdicom's NTF protocol asks for a BufferedWriter as .file; it calls only .file.flush()
+        message._data_set_file = stream  # type: ignore[assignment]
+        message._data_set_path = Path(stream.name)
+
+
 class _StreamedDataSet:
-    """The file pynetdicom streams one data set into (it writes, calls ``.file.flush()``, closes, unlinks by
+    """The file one data set streams into (pynetdicom writes, calls ``.file.flush()``, closes, unlinks by
     ``.name``). A write error is kept for the C-STORE handler, which answers it with a failure status: raised
     here, it would escape into the DUL thread and abort the whole association."""
 
     def __init__(self, root: Path) -> None:
-        self._handle = tempfile.NamedTemporaryFile(mode="wb", dir=root, prefix=TEMP_PREFIX, suffix=SUFFIX, delete=False)
+        # closed by pynetdicom after the C-STORE handler, or by discard_unfinished_stream
+        self._handle = tempfile.NamedTemporaryFile(  # noqa: SIM115
+            mode="wb", dir=root, prefix=TEMP_PREFIX, suffix=SUFFIX, delete=False
+        )
         self.name = self._handle.name
         self.file = self
         self.error: OSError | None = None
         self.claimed = False  # by the C-STORE handler: the data set is complete
-        _STREAMS[self.name] = self
 
     @property
     def closed(self) -> bool:
@@ -111,38 +246,11 @@ class _StreamedDataSet:
     def close(self) -> None:
         self._keep_error(self._handle.close)
 
-    def _keep_error(self, operation: Any, *args: Any) -> None:
+    def _keep_error(self, operation: Callable[..., object], *args: object) -> None:
         try:
             operation(*args)
         except OSError as error:
             self.error = self.error or error
-
-
-def _streamed_data_set_file(*args: Any, **kwargs: Any) -> Any:
-    """pynetdicom's ``NamedTemporaryFile`` for a data set being received, called on the association's DUL thread."""
-    assoc = getattr(threading.current_thread(), "assoc", None)
-    root = _STREAM_ROOTS.get(assoc)
-    if root is None:  # not one of pacsflow's associations: pynetdicom's own behaviour
-        return tempfile.NamedTemporaryFile(*args, **kwargs)
-    stream = _RECEIVING[assoc] = _StreamedDataSet(root)
-    return stream
-
-
-dimse_messages.NamedTemporaryFile = _streamed_data_set_file  # type: ignore[attr-defined]
-
-
-# pynetdicom's DUL thread sleeps 1 ms each time it finds nothing to do, which adds up to ~2 ms to every
-# request/response round trip; with 0.5 ms, C-FIND on one association went from 410 to 630 per second here.
-DUL_IDLE_SLEEP_SECONDS = 0.0005
-
-
-def tune_for_latency(assoc: Any) -> None:
-    """Disable Nagle on an association socket (small DIMSE messages otherwise wait for ACKs) and shorten the
-    DUL thread's idle sleep."""
-    assoc.dul._run_loop_delay = DUL_IDLE_SLEEP_SECONDS
-    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def client_tls(tls: TlsConfig | None, host: str) -> tuple[ssl.SSLContext, str] | None:
@@ -254,15 +362,17 @@ def _wait_for_data(tls: ssl.SSLSocket, deadline: float) -> None:
     _wait(tls, deadline, read=True)
 
 
-def bound_pdu_reads(assoc: Any, max_pdu_length: int) -> None:
+def bound_pdu_reads(assoc: Association, max_pdu_length: int) -> None:
     """End ``assoc`` (as a closed connection) when the peer announces a PDU longer than ``max_pdu_length``:
     pynetdicom reads each PDU whole into memory, whatever length the peer writes in its header."""
     sock = assoc.dul.socket
+    if sock is None:
+        return
     receive = sock.recv
 
-    def bounded_receive(nr_bytes: int) -> Any:
+    def bounded_receive(nr_bytes: int) -> bytearray:
         if nr_bytes > max_pdu_length:
             raise OSError("PDU longer than the receiver's maximum")
         return receive(nr_bytes)
 
-    sock.recv = bounded_receive
+    sock.recv = bounded_receive  # type: ignore[method-assign]  # this association's socket only

@@ -1,0 +1,62 @@
+"""pacsflow's adjustments of pynetdicom: applied per AE and association, never at import, and only to the
+pynetdicom version they were verified against."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pynetdicom
+import pytest
+from pacsflow.core.dicom.client import PacsClient
+from pacsflow.core.dicom.config import PacsConfig, ReceiverConfig
+from pacsflow.core.dicom.receiver import StoreReceiver
+from pacsflow.core.dicom.transport import VERIFIED_PYNETDICOM, PynetdicomVersionError
+from pacsflow.core.storage import StorageLayout
+
+from tests.conftest import free_port
+
+_STATE = """
+import logging, tempfile
+{imports}
+from pynetdicom import _config, dimse_messages
+from pynetdicom.association import Association
+print(
+    _config.LOG_REQUEST_IDENTIFIERS, _config.LOG_RESPONSE_IDENTIFIERS, _config.STORE_RECV_CHUNKED_DATASET,
+    Association._serve_request.__module__, dimse_messages.NamedTemporaryFile is tempfile.NamedTemporaryFile,
+    logging.getLogger("pynetdicom").level, logging.getLogger("pydicom").level,
+)
+"""
+_PACSFLOW = """
+import pacsflow.core.dicom.client, pacsflow.core.dicom.receiver, pacsflow.core.dicom.dcmtk_receiver
+import pacsflow.core.dicom.__main__
+"""
+
+
+def _state(imports: str) -> list[str]:
+    script = _STATE.format(imports=imports)
+    done = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True, timeout=120)
+    return done.stdout.split()
+
+
+def test_importing_pacsflow_leaves_pynetdicom_and_library_loggers_as_they_are():
+    untouched = _state("import pydicom, pynetdicom")
+    assert untouched[:5] == ["True", "True", "False", "pynetdicom.association", "True"]  # pynetdicom's defaults
+    assert _state(_PACSFLOW) == untouched
+
+
+def test_another_pynetdicom_version_is_refused_where_the_adjustments_apply(monkeypatch, tmp_path):
+    monkeypatch.setattr(pynetdicom, "__version__", "3.1.0")
+    port = free_port()
+    with (
+        pytest.raises(PynetdicomVersionError) as error,
+        StoreReceiver(ReceiverConfig(port=port), StorageLayout(tmp_path)),
+    ):
+        pass
+    assert f"verified against pynetdicom {VERIFIED_PYNETDICOM}" in str(error.value)
+    assert "pynetdicom 3.1.0 is installed" in str(error.value)
+    with (
+        PacsClient(PacsConfig(host="127.0.0.1", port=port, called_ae="ANY")) as client,
+        pytest.raises(PynetdicomVersionError),
+    ):
+        client.echo()
