@@ -119,9 +119,10 @@ def peers(request, hospital, pacs, receiver, proxy_port) -> Peers:
 
 # (PACS, placement, fault) -> why the case fails today. Each is xfail(strict=True): remove it once fixed.
 QRSCP_REFUSED_DESTINATION = (
-    "qrscp (pynetdicom's C-MOVE service) answers 0xA801 'move destination unknown' when the association to a "
-    "destination it knows is refused; pacsflow takes 0xA801 as a configuration error (PacsConfigurationError) "
-    "and fails the run for good, so neither a second pass nor Airflow's retry fetches the series"
+    "qrscp answers 0xA801 'move destination unknown' when it cannot connect to the receiver; pacsflow asks "
+    "again twice (UNKNOWN_DESTINATION_PAUSES_SECONDS) and then, the receiver never reached in this task, takes "
+    "the answer as what it also means: an unregistered move destination, a configuration error that fails once. "
+    "Three refusals at the start of a task are indistinguishable from that configuration error (by design)"
 )
 TRANSIENT_FAILURE_KEEPS_TASK_GREEN = (
     "a transient failure that outlasts the task's own retries is recorded ({}) and the task succeeds: nothing "
@@ -129,7 +130,6 @@ TRANSIENT_FAILURE_KEEPS_TASK_GREEN = (
     "fail the task after the batch)"
 )
 KNOWN_FAILURES = {
-    ("qrscp", "pacs-receiver", "refuse"): QRSCP_REFUSED_DESTINATION,
     ("qrscp", "pacs-receiver", "refuse-burst"): QRSCP_REFUSED_DESTINATION,
     ("orthanc", "pacs-receiver", "refuse-burst"): TRANSIENT_FAILURE_KEEPS_TASK_GREEN.format("the series failed"),
     ("orthanc", "client-pacs", "refuse-burst"): TRANSIENT_FAILURE_KEEPS_TASK_GREEN.format("the AN pacs_error"),

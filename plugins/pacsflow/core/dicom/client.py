@@ -7,6 +7,7 @@ algorithm (10x fewer C-FINDs per second measured here). Identifiers are never lo
 from __future__ import annotations
 
 import ssl
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -58,6 +59,10 @@ _UNIQUE_KEYS: dict[str, tuple[str, ...]] = {
 }
 _NOT_RETURNED = {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle", "InstanceAvailability"}
 _COUNTS = ("completed", "failed", "warning")
+# Some PACS (pynetdicom's qrscp) answer "move destination unknown" (0xA801) both for an AE title they do not
+# know and for a receiver they could not connect to. A destination never reached yet is asked again after
+# these pauses before the answer counts as a configuration error; one reached before is a transient failure.
+UNKNOWN_DESTINATION_PAUSES_SECONDS = (1.0, 3.0)
 
 # One response of a DIMSE exchange: (status code, status dataset, identifier or None).
 Response = tuple[int, Dataset, Dataset | None]
@@ -74,6 +79,7 @@ class PacsClient:
         self._assoc_stores = False  # negotiated with storage SCP roles (needed by C-GET)
         self._get_store: Callable[[Event], int] | None = None
         self.get_stats = ReceiverStats()  # what C-GET stored, across this client's life
+        self._reached_destinations: set[str] = set()  # move destinations the PACS has delivered to
 
     def __enter__(self) -> PacsClient:
         return self
@@ -119,7 +125,23 @@ class PacsClient:
         def send(assoc: Association) -> Iterable[tuple[Dataset | None, Dataset | None]]:
             return assoc.send_c_move(identifier, destination_ae, StudyRootQueryRetrieveInformationModelMove)
 
-        return _retrieve_report(self._exchange("C-MOVE", send), "C-MOVE")
+        pauses = iter(UNKNOWN_DESTINATION_PAUSES_SECONDS)
+        while True:
+            try:
+                report = _retrieve_report(self._exchange("C-MOVE", send), "C-MOVE")
+            except PacsConfigurationError as error:
+                if error.status != dimse.MOVE_DESTINATION_UNKNOWN:
+                    raise
+                if destination_ae in self._reached_destinations:
+                    raise _unreachable_destination(error) from error
+                pause = next(pauses, None)
+                if pause is None:
+                    raise
+                time.sleep(pause)
+                continue
+            if report.completed:
+                self._reached_destinations.add(destination_ae)
+            return report
 
     def get(self, level: QueryLevel, keys: Mapping[str, str], layout: StorageLayout) -> RetrieveReport:
         """C-GET: the PACS stores back on this association, through the receiver's own store handler."""
@@ -253,6 +275,16 @@ def _retrieve_report(responses: Iterator[Response], operation: str) -> RetrieveR
         _require_ok(code, operation)
         return RetrieveReport(status=code, failed_sop_uids=_failed_uids(identifier), **counts)
     raise PacsTransientError(f"{operation}: the PACS sent no final response")
+
+
+def _unreachable_destination(error: PacsConfigurationError) -> PacsTransientError:
+    """A "move destination unknown" for a destination this PACS has delivered to before is a connection it
+    could not open this time, not a configuration error."""
+    return PacsTransientError(
+        "C-MOVE: the PACS could not connect to pacsflow's receiver, which it reached before in this task; "
+        "check the network between the PACS and the receiver",
+        status=error.status,
+    )
 
 
 def _failed_uids(identifier: Dataset | None) -> tuple[str, ...]:
