@@ -245,7 +245,7 @@ def test_the_dcmtk_receiver_backend_retrieves_the_cohort_verified(pacs, hospital
 
 
 # -- series a retry can finish, series no retry can fix -------------------------------------------------
-CUT_AFTER = 20_000  # bytes of one PACS -> receiver association: a few 64x64 instances, then a reset
+CUT_AFTER = 60_000  # bytes of one PACS -> receiver association: a few 64x64 instances (9.6 kB each), then a reset
 KEY = b"0123456789abcdef"
 
 
@@ -314,7 +314,7 @@ def test_series_a_retry_can_finish_fail_the_task_after_the_batch_and_the_retry_c
         incomplete = [row for row in kept if row["status"] != SeriesStatus.COMPLETE]
         assert any(
             row["status"] == SeriesStatus.PARTIAL and 0 < row["received"] < row["expected"] for row in incomplete
-        )
+        ), [(r["status"], r["received"], r["expected"], r["error"]) for r in kept]
         attempt = store.attempts(ctx.run_key)[-1]
         assert attempt["state"] == AttemptState.FAILED and attempt["counts"]["retryable"] == len(incomplete)
         assert not any(identifier in str(failure.value) for identifier in _identifiers(truth))
@@ -352,7 +352,9 @@ def test_a_series_the_pacs_no_longer_holds_is_recorded_and_does_not_fail_the_tas
 ):
     chosen = _largest_retrieved(truth, 1)
     (accession,) = _truth_of(truth, chosen)["accessions"]
-    gone = next(s for st in accession["studies"] for s in st["series"] if s["kept"])
+    study_uid, gone = next(
+        (st["study_instance_uid"], s) for st in accession["studies"] for s in st["series"] if s["kept"]
+    )
     gone_files = [
         path
         for path in sorted(hospital.dicom_dir.rglob("*.dcm"))
@@ -366,7 +368,7 @@ def test_a_series_the_pacs_no_longer_holds_is_recorded_and_does_not_fail_the_tas
 
         def find(self, level, query):
             result = super().find(level, query)
-            if level == "SERIES":
+            if level == "SERIES" and query["StudyInstanceUID"] == study_uid:
                 requests.delete(f"{pacs.http_url}/series/{orthanc_id}", timeout=30).raise_for_status()
             return result
 
@@ -383,6 +385,7 @@ def test_a_series_the_pacs_no_longer_holds_is_recorded_and_does_not_fail_the_tas
                 destination_ae=receiver.ae_title,
                 receiver=partial(StoreReceiver, receiver, layout),
             )
+            export_metadata(ctx, layout, tmp_path / "metadata", "final")
             summary = settle_run(ctx)
             rows = {row["series_uid"]: row for row in store.series_rows(ctx.run_key, kept=True)}
             outcome = store.accession_outcomes(ctx.run_key)[accession["accession_number"]]
@@ -392,7 +395,8 @@ def test_a_series_the_pacs_no_longer_holds_is_recorded_and_does_not_fail_the_tas
     assert row["status"] == SeriesStatus.FAILED and row["received"] == 0 and row["error"]
     assert {r["status"] for r in rows.values()} == {SeriesStatus.COMPLETE}
     assert counts["failed"] == 1 and counts["retryable"] == 0
-    assert summary.verdict.state == AttemptState.SUCCESS and summary.reconciled and not summary.unfinished
+    assert summary.succeeded  # recorded with its reason, and the run is green: no retry could fix it
+    assert _parquet_statuses(tmp_path / "metadata") == dict.fromkeys(rows, SeriesStatus.COMPLETE.value)
     assert (outcome["outcome"], outcome["outcome_reason"]) == ("failed", "series failed")
 
 
@@ -457,4 +461,4 @@ def test_a_listing_without_the_description_costs_one_instance_per_dropped_series
         d for d in layout.root.rglob("*") if d.is_dir() and not d.relative_to(layout.root).parts[0].startswith(".")
     ]
     assert directories and all(any(d.iterdir()) for d in directories)  # no empty study or series directory
-    assert outcomes == expected_outcomes(truth) and summary.reconciled and summary.succeeded
+    assert outcomes == expected_outcomes(truth) and summary.reconciled
