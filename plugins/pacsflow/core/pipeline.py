@@ -322,17 +322,22 @@ def run_extraction(
     settings: ExtractionSettings,
     receiver: Callable[[], AbstractContextManager[Any]] = nullcontext,
 ) -> RunSummary:
-    """Every stage in one process, in the DAG's order (for scripts and for measuring Airflow's overhead)."""
+    """Every stage in one process, in the DAG's order (for scripts and for measuring Airflow's overhead). As in
+    the DAG, a batch left with series a retry could finish is recorded as failed and the other stages still run
+    (the summary then says the run failed; running it again fetches only what is missing)."""
     extract_cohort(ctx, lambda: exams, settings.batch_size)
     for batch in resolve_cohort(ctx, connect, settings.resolution, settings.batch_size):
-        retrieve_batch(
-            ctx,
-            batch,
-            connect,
-            rules=settings.rules,
-            layout=settings.layout,
-            destination_ae=settings.destination_ae,
-            receiver=receiver,
-        )
+        try:
+            retrieve_batch(
+                ctx,
+                batch,
+                connect,
+                rules=settings.rules,
+                layout=settings.layout,
+                destination_ae=settings.destination_ae,
+                receiver=receiver,
+            )
+        except RetryableSeriesError as error:
+            log.warning("%s", error)
     export_metadata(ctx, settings.layout, settings.metadata_dir, ctx.run_key)
     return settle_run(ctx)
