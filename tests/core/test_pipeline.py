@@ -1,5 +1,7 @@
 """The stages called from the library against Orthanc loaded with a demo hospital: resolution classes,
-a run killed in the middle of retrieval and resumed, and the PACS result cap."""
+a run killed in the middle of retrieval and resumed, the PACS result cap, series left incomplete for a reason a
+retry can fix (the task fails, its retry finishes) or cannot fix (recorded, the task succeeds), and a PACS
+(pynetdicom's qrscp) whose series listing lacks the SeriesDescription the rules need."""
 
 from __future__ import annotations
 
@@ -15,13 +17,16 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from pacsflow.core.audit import AuditStore
+import requests
+from pacsflow.core.audit import AttemptState, AuditStore, SeriesStatus, Stage
 from pacsflow.core.dicom.client import PacsClient
 from pacsflow.core.dicom.config import ReceiverConfig
 from pacsflow.core.dicom.errors import PacsConfigurationError
 from pacsflow.core.dicom.receiver import StoreReceiver, open_receiver
+from pacsflow.core.export import open_dataset
 from pacsflow.core.pipeline import (
     RunContext,
+    export_metadata,
     extract_cohort,
     resolve_cohort,
     retrieve_batch,
@@ -29,6 +34,7 @@ from pacsflow.core.pipeline import (
 )
 from pacsflow.core.privacy import Pseudonymizer
 from pacsflow.core.resolve import Resolution, ResolutionSettings, resolve_accession
+from pacsflow.core.retrieval import RetrievalSettings, RetryableSeriesError
 from pacsflow.core.ris import RisExam
 from pacsflow.core.settings import load_definition
 from pacsflow.core.storage import TEMP_PREFIX, StorageLayout
@@ -36,13 +42,16 @@ from pacsflow.demo.environment import DEMO_DEFINITION, demo_cohort
 from pacsflow.demo.hospital import (
     Quirk,
     build_hospital,
+    dropped_series,
     expected_instances,
     expected_outcomes,
     load_ground_truth,
 )
-from pacsflow.demo.sandbox import orthanc
+from pacsflow.demo.sandbox import orthanc, qrscp
+from pydicom import dcmread
 
 from tests.conftest import free_port
+from tests.faults.proxy import Fault, FaultProxy
 
 DEMO = load_definition(DEMO_DEFINITION)
 RUN_KEY = "library/interrupted"
@@ -64,10 +73,24 @@ def receiver() -> ReceiverConfig:
 
 
 @pytest.fixture(scope="module")
-def pacs(hospital, receiver, tmp_path_factory) -> Iterator:
-    with orthanc(
-        tmp_path_factory.mktemp("orthanc"), move_destinations={receiver.ae_title: (receiver.host, receiver.port)}
-    ) as sandbox:
+def proxied_receiver() -> ReceiverConfig:
+    """A second move destination, which Orthanc reaches through ``receiver_proxy`` (no fault until a test sets one)."""
+    return ReceiverConfig(ae_title="PROXIED", port=free_port())
+
+
+@pytest.fixture(scope="module")
+def receiver_proxy(proxied_receiver) -> Iterator[FaultProxy]:
+    with FaultProxy(target=(proxied_receiver.host, proxied_receiver.port)) as proxy:
+        yield proxy
+
+
+@pytest.fixture(scope="module")
+def pacs(hospital, receiver, proxied_receiver, receiver_proxy, tmp_path_factory) -> Iterator:
+    destinations = {
+        receiver.ae_title: (receiver.host, receiver.port),
+        proxied_receiver.ae_title: ("127.0.0.1", receiver_proxy.port),
+    }
+    with orthanc(tmp_path_factory.mktemp("orthanc"), move_destinations=destinations) as sandbox:
         sandbox.load(sorted(hospital.dicom_dir.rglob("*.dcm")))
         yield sandbox
 
@@ -218,4 +241,226 @@ def test_the_dcmtk_receiver_backend_retrieves_the_cohort_verified(pacs, hospital
     assert on_disk == expected_instances(truth)
     assert sum(c["instances_fetched"] for c in counts) == len(on_disk)  # one pass each: nothing fetched twice
     assert sum(c["partial"] + c["failed"] for c in counts) == 0
+    assert outcomes == expected_outcomes(truth) and summary.reconciled
+
+
+# -- series a retry can finish, series no retry can fix -------------------------------------------------
+CUT_AFTER = 60_000  # bytes of one PACS -> receiver association: a few 64x64 instances (9.6 kB each), then a reset
+KEY = b"0123456789abcdef"
+
+
+def _largest_retrieved(truth: dict, count: int) -> set[str]:
+    """The ``count`` in-cohort ANs with the most instances to retrieve."""
+
+    def size(accession: dict) -> int:
+        return sum(len(s["sop_instance_uids"]) for st in accession["studies"] for s in st["series"] if s["kept"])
+
+    retrieved = [a for a in truth["accessions"] if a["in_cohort"] and a["expected_outcome"] == "retrieved"]
+    return {a["accession_number"] for a in sorted(retrieved, key=size, reverse=True)[:count]}
+
+
+def _truth_of(truth: dict, accession_numbers: set[str]) -> dict:
+    return {**truth, "accessions": [a for a in truth["accessions"] if a["accession_number"] in accession_numbers]}
+
+
+def _identifiers(truth: dict) -> set[str]:
+    """Every AN, patient ID and UID of a ground truth (none may appear in an exception text)."""
+    found = set()
+    for accession in truth["accessions"]:
+        found |= {accession["accession_number"], accession["patient_id"]}
+        for study in accession["studies"]:
+            found.add(study["study_instance_uid"])
+            for series in study["series"]:
+                found |= {series["series_instance_uid"], *series["sop_instance_uids"]}
+    return found
+
+
+def _start_run(store: AuditStore, run_key: str, hospital, connect, accession_numbers: set[str] | None = None):
+    ctx = RunContext(store, run_key, Pseudonymizer(KEY))
+    exams = [e for e in demo_cohort(hospital) if accession_numbers is None or e.accession_number in accession_numbers]
+    extract_cohort(ctx, lambda: exams, batch_size=100)
+    return ctx, resolve_cohort(ctx, connect, DEMO.resolution, 100)
+
+
+def _parquet_statuses(metadata: Path) -> dict[str, str]:
+    table = open_dataset(metadata, "series").to_table(columns=["series_instance_uid", "series_status"])
+    return dict(zip(table["series_instance_uid"].to_pylist(), table["series_status"].to_pylist(), strict=True))
+
+
+def test_series_a_retry_can_finish_fail_the_task_after_the_batch_and_the_retry_completes_them(
+    pacs, hospital, proxied_receiver, receiver_proxy, tmp_path
+):
+    truth = load_ground_truth(hospital.ground_truth_path)
+    chosen = _largest_retrieved(truth, 2)
+    wanted = expected_instances(_truth_of(truth, chosen))
+    layout, metadata = StorageLayout(tmp_path / "dicom"), tmp_path / "metadata"
+    connect = partial(PacsClient, pacs.config)
+    retrieve = partial(
+        retrieve_batch,
+        rules=DEMO.series_rules,
+        layout=layout,
+        destination_ae=proxied_receiver.ae_title,
+        receiver=partial(StoreReceiver, proxied_receiver, layout),
+        settings=RetrievalSettings(pass_pauses=(0.0,)),  # one pass: the cut cannot be healed within the task
+    )
+    receiver_proxy.fault, receiver_proxy.faulted = Fault(cut_after=CUT_AFTER, times=1), 0
+    with AuditStore.connect(f"sqlite:///{tmp_path / 'audit.sqlite'}") as store:
+        ctx, batches = _start_run(store, "library/retryable", hospital, connect, chosen)
+        assert len(batches) == 1
+        with pytest.raises(RetryableSeriesError) as failure:
+            retrieve(ctx, batches[0], connect)
+        assert receiver_proxy.faulted == 1
+        kept = store.series_rows(ctx.run_key, kept=True)
+        incomplete = [row for row in kept if row["status"] != SeriesStatus.COMPLETE]
+        assert any(
+            row["status"] == SeriesStatus.PARTIAL and 0 < row["received"] < row["expected"] for row in incomplete
+        ), [(r["status"], r["received"], r["expected"], r["error"]) for r in kept]
+        attempt = store.attempts(ctx.run_key)[-1]
+        assert attempt["state"] == AttemptState.FAILED and attempt["counts"]["retryable"] == len(incomplete)
+        assert not any(identifier in str(failure.value) for identifier in _identifiers(truth))
+        after_first_try = len(_stored_files(layout))
+
+        # The last try, as far as this run knows: audit, summary and Parquet agree on what stayed incomplete.
+        export_metadata(ctx, layout, metadata, "retryable")
+        summary = settle_run(ctx)
+        assert not summary.succeeded and summary.verdict.failed_stage == Stage.RETRIEVE
+        assert summary.series.get(SeriesStatus.PARTIAL, 0) + summary.series.get(SeriesStatus.FAILED, 0) == len(
+            incomplete
+        )
+        assert _parquet_statuses(metadata) == {row["series_uid"]: row["status"] for row in kept if row["received"]}
+
+        # Airflow's retry of the task: fetches only what is missing.
+        counts = retrieve(ctx, batches[0], connect)
+        export_metadata(ctx, layout, metadata, "retryable")
+        summary = settle_run(ctx)
+        outcomes = {an: row["outcome"] for an, row in store.accession_outcomes(ctx.run_key).items()}
+    on_disk = {(p.parent.parent.name, p.parent.name, p.stem) for p in _stored_files(layout)}
+    assert on_disk == wanted
+    assert counts["instances_fetched"] == len(wanted) - after_first_try and counts["retryable"] == 0
+    assert summary.succeeded and outcomes == expected_outcomes(_truth_of(truth, chosen))
+    assert _parquet_statuses(metadata) == {row["series_uid"]: SeriesStatus.COMPLETE.value for row in kept}
+
+
+def _orthanc_series_id(pacs, series_uid: str) -> str:
+    answer = requests.post(f"{pacs.http_url}/tools/lookup", data=series_uid, timeout=30)
+    answer.raise_for_status()
+    return next(item["ID"] for item in answer.json() if item["Type"] == "Series")
+
+
+def test_a_series_the_pacs_no_longer_holds_is_recorded_and_does_not_fail_the_task(
+    pacs, hospital, truth, receiver, tmp_path
+):
+    chosen = _largest_retrieved(truth, 1)
+    (accession,) = _truth_of(truth, chosen)["accessions"]
+    study_uid, gone = next(
+        (st["study_instance_uid"], s) for st in accession["studies"] for s in st["series"] if s["kept"]
+    )
+    gone_files = [
+        path
+        for path in sorted(hospital.dicom_dir.rglob("*.dcm"))
+        if dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]).SeriesInstanceUID
+        == gone["series_instance_uid"]
+    ]
+    orthanc_id = _orthanc_series_id(pacs, gone["series_instance_uid"])
+
+    class SeriesDeletedAfterListing(PacsClient):
+        """Another user deletes the series on the PACS (Orthanc's REST API) between its listing and retrieval."""
+
+        def find(self, level, query):
+            result = super().find(level, query)
+            if level == "SERIES" and query["StudyInstanceUID"] == study_uid:
+                requests.delete(f"{pacs.http_url}/series/{orthanc_id}", timeout=30).raise_for_status()
+            return result
+
+    layout = StorageLayout(tmp_path / "dicom")
+    try:
+        with AuditStore.connect(f"sqlite:///{tmp_path / 'audit.sqlite'}") as store:
+            ctx, batches = _start_run(store, "library/final", hospital, partial(PacsClient, pacs.config), chosen)
+            counts = retrieve_batch(
+                ctx,
+                batches[0],
+                partial(SeriesDeletedAfterListing, pacs.config),
+                rules=DEMO.series_rules,
+                layout=layout,
+                destination_ae=receiver.ae_title,
+                receiver=partial(StoreReceiver, receiver, layout),
+            )
+            export_metadata(ctx, layout, tmp_path / "metadata", "final")
+            summary = settle_run(ctx)
+            rows = {row["series_uid"]: row for row in store.series_rows(ctx.run_key, kept=True)}
+            outcome = store.accession_outcomes(ctx.run_key)[accession["accession_number"]]
+    finally:
+        assert pacs.load(gone_files) == len(gone_files)  # the other tests' PACS holds the hospital again
+    row = rows.pop(gone["series_instance_uid"])
+    assert row["status"] == SeriesStatus.FAILED and row["received"] == 0 and row["error"]
+    assert {r["status"] for r in rows.values()} == {SeriesStatus.COMPLETE}, [
+        (r["received"], r["error"]) for r in rows.values()
+    ]
+    assert counts["failed"] == 1 and counts["retryable"] == 0
+    assert summary.succeeded  # recorded with its reason, and the run is green: no retry could fix it
+    assert _parquet_statuses(tmp_path / "metadata") == dict.fromkeys(rows, SeriesStatus.COMPLETE.value)
+    assert (outcome["outcome"], outcome["outcome_reason"]) == ("failed", "series failed")
+
+
+# -- a PACS whose series listing lacks what the rules need ------------------------------------------------
+@pytest.fixture(scope="module")
+def qr_pacs(hospital, receiver, tmp_path_factory) -> Iterator:
+    """pynetdicom's qrscp holding the hospital: it answers series-level C-FIND without SeriesDescription."""
+    with qrscp(
+        tmp_path_factory.mktemp("qrscp"), move_destinations={receiver.ae_title: (receiver.host, receiver.port)}
+    ) as sandbox:
+        sandbox.load(sorted(hospital.dicom_dir.rglob("*.dcm")))
+        yield sandbox
+
+
+def test_a_listing_without_the_description_costs_one_instance_per_dropped_series(
+    pacs, qr_pacs, hospital, receiver, tmp_path
+):
+    truth = load_ground_truth(hospital.ground_truth_path)
+    layout = StorageLayout(tmp_path / "dicom")
+    receivers: list[StoreReceiver] = []
+
+    def incoming() -> StoreReceiver:
+        receivers.append(StoreReceiver(receiver, layout))
+        return receivers[-1]
+
+    with AuditStore.connect(f"sqlite:///{tmp_path / 'audit.sqlite'}") as store:
+        # ANs are resolved on Orthanc (the same files); series are listed and retrieved from qrscp.
+        ctx, batches = _start_run(store, "library/qrscp-probe", hospital, partial(PacsClient, pacs.config))
+        counts = [
+            retrieve_batch(
+                ctx,
+                batch,
+                partial(PacsClient, qr_pacs.config),
+                rules=DEMO.series_rules,
+                layout=layout,
+                destination_ae=receiver.ae_title,
+                receiver=incoming,
+            )
+            for batch in batches
+        ]
+        summary = settle_run(ctx)
+        rows = {row["series_uid"]: row for row in store.series_rows(ctx.run_key)}
+        outcomes = {an: row["outcome"] for an, row in store.accession_outcomes(ctx.run_key).items()}
+    wanted = expected_instances(truth)
+    probed = {uid for uid, reason in dropped_series(truth).items() if reason == "description"}
+    assert probed, "the hospital has no series that only its description drops"
+    assert all(rows[uid]["description"] is None for uid in probed)  # qrscp did leave the key out
+
+    files = _stored_files(layout)
+    assert {(p.parent.parent.name, p.parent.name, p.stem) for p in files} == wanted
+    transferred = sum(r.stats.stored for r in receivers)
+    assert transferred == len(wanted) + len(probed)  # one instance per series dropped on its header
+    assert sum(c["instances_fetched"] for c in counts) == len(wanted)
+    assert sum(c["instances_discarded"] for c in counts) == len(probed)
+    for uid in probed:
+        row = rows[uid]
+        assert (row["status"], row["drop_reason"], row["fetched"], row["received"]) == ("dropped", "description", 1, 0)
+    discarded_bytes = sum(rows[uid]["bytes"] for uid in probed)
+    assert discarded_bytes == sum(c["bytes_discarded"] for c in counts) > 0
+    assert sum(r.stats.bytes_stored for r in receivers) == sum(p.stat().st_size for p in files) + discarded_bytes
+    directories = [
+        d for d in layout.root.rglob("*") if d.is_dir() and not d.relative_to(layout.root).parts[0].startswith(".")
+    ]
+    assert directories and all(any(d.iterdir()) for d in directories)  # no empty study or series directory
     assert outcomes == expected_outcomes(truth) and summary.reconciled

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,12 +70,14 @@ def export_instances(
     workers: int | None = None,
     row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
     include_private: bool = False,
+    series_status: Mapping[str, str] | None = None,
 ) -> ExportReport:
     """Export the headers of ``files`` under the dataset root ``out_dir`` as the rows of run ``run_id``.
 
     ``files`` is consumed lazily (it may be a generator of 100k paths). ``workers`` processes read the
     headers (default: one per core, or 1 inside a daemonic process; 1 reads in this process). With ``include_private`` the
-    ``private_tags`` column holds the text-valued private elements; otherwise it is null.
+    ``private_tags`` column holds the text-valued private elements; otherwise it is null. ``series_status`` maps
+    SeriesInstanceUID to the series' retrieval status in the audit (the series table's ``series_status``).
     """
     report = ExportReport(run_id)
     aggregate = RunAggregate()
@@ -88,7 +90,7 @@ def export_instances(
                 instances.add(chunk.batch)
         report.instances = instances.rows
         report.input_bytes = sum(state.total_bytes for state in aggregate.series.values())
-        report.series = _write_aggregate(output, "series", aggregate.series_rows(run_id), row_group_size)
+        report.series = _write_aggregate(output, "series", aggregate.series_rows(run_id, series_status), row_group_size)
         report.studies = _write_aggregate(output, "studies", aggregate.study_rows(run_id), row_group_size)
         report.paths = output.commit()
     report.bytes_written = sum(path.stat().st_size for path in report.paths)

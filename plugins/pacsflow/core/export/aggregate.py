@@ -7,7 +7,7 @@ parent merges the partial states in input order, and the study rows are derived 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,10 +96,13 @@ class RunAggregate:
             grouped.setdefault(state.first["study_instance_uid"], []).append(state)
         return grouped
 
-    def series_rows(self, run_id: str) -> Iterable[tuple[dt.date | None, dict[str, Any]]]:
-        """(partition, row) for each series."""
-        for state in self.series.values():
-            row = _row(SERIES_COLUMNS, run_id, state.first, vars(state))
+    def series_rows(
+        self, run_id: str, statuses: Mapping[str, str] | None = None
+    ) -> Iterable[tuple[dt.date | None, dict[str, Any]]]:
+        """(partition, row) for each series; ``statuses`` maps a SeriesInstanceUID to its retrieval status."""
+        for series_uid, state in self.series.items():
+            status = (statuses or {}).get(series_uid)
+            row = _row(SERIES_COLUMNS, run_id, state.first, vars(state) | {"series_status": status})
             yield state.study_date, row
 
     def study_rows(self, run_id: str) -> Iterable[tuple[dt.date | None, dict[str, Any]]]:

@@ -217,6 +217,13 @@ SERIES_COLUMNS: tuple[Column, ...] = (
     *_COUNTS,
     _derived("min_instance_number", Kind.INT, "instances.instance_number", "Smallest instance number"),
     _derived("max_instance_number", Kind.INT, "instances.instance_number", "Largest instance number"),
+    _derived(
+        "series_status",
+        Kind.TEXT,
+        "audit",
+        "Retrieval status of the series in the run's audit: complete, partial or failed (instances missing: the "
+        "audit's series row says how many and why); null for files exported outside a pacsflow run",
+    ),
 )
 STUDY_COLUMNS: tuple[Column, ...] = (
     RUN_ID,
