@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Select, and_, case, func, literal, or_, select
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, RowMapping
 
 from pacsflow.core.audit import (
     AuditStore,
@@ -550,7 +550,7 @@ def layout_of(data_root: Path) -> StorageLayout:
     return StorageLayout(data_root / "dicom")
 
 
-def _run_row(row: Mapping[str, Any]) -> RunRow:
+def _run_row(row: RowMapping) -> RunRow:
     return RunRow(
         dag_id=row["dag_id"],
         run_id=row["run_id"],
