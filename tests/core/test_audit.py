@@ -80,9 +80,12 @@ def test_every_accession_ends_in_exactly_one_outcome(store):
         interval=(datetime(2021, 1, 1, tzinfo=UTC), datetime(2022, 1, 1, tzinfo=UTC)),
     )
     store.replace_cohort(RUN, [cohort_row(an) for an in ("A1", "A2", "A3", "A4", "A5", "A6")])
-    resolve = dict(
-        resolved_by="accession_number", detail=None, rules_tried=["accession_number"], batch_of=lambda uid: 0
-    )
+    resolve = {
+        "resolved_by": "accession_number",
+        "detail": None,
+        "rules_tried": ["accession_number"],
+        "batch_of": lambda uid: 0,
+    }
     store.record_resolution(RUN, "A1", resolution="resolved", study_uids=["1.1"], **resolve)
     store.record_resolution(RUN, "A2", resolution="resolved", study_uids=["1.2"], **resolve)
     store.record_resolution(RUN, "A3", resolution="not_found", study_uids=[], **resolve)

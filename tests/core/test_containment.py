@@ -39,18 +39,21 @@ def test_a_locked_audit_database_shows_no_identifier(tmp_path, caplog):
     locker = sqlite3.connect(path)
     locker.execute("BEGIN IMMEDIATE")  # another process is writing: reads work, writes wait and time out
     try:
-        with caplog.at_level(logging.DEBUG), AuditStore.connect(f"sqlite:///{path}?timeout=0.2") as store:
-            with pytest.raises(OperationalError) as raised:
-                store.record_resolution(
-                    RUN_KEY,
-                    AN,
-                    resolution="resolved",
-                    resolved_by="accession_number",
-                    detail=None,
-                    rules_tried=[],
-                    study_uids=[STUDY_UID],
-                    batch_of=lambda _: 0,
-                )
+        with (
+            caplog.at_level(logging.DEBUG),
+            AuditStore.connect(f"sqlite:///{path}?timeout=0.2") as store,
+            pytest.raises(OperationalError) as raised,
+        ):
+            store.record_resolution(
+                RUN_KEY,
+                AN,
+                resolution="resolved",
+                resolved_by="accession_number",
+                detail=None,
+                rules_tried=[],
+                study_uids=[STUDY_UID],
+                batch_of=lambda _: 0,
+            )
     finally:
         locker.rollback()
         locker.close()

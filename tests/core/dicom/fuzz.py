@@ -96,7 +96,7 @@ def make_case(rng: random.Random, number: int) -> Case:
         data = data[: rng.randrange(len(data))]
     elif mutation == "data set padded":
         data += bytes(rng.randrange(256) for _ in range(rng.choice([2, 8, 100])))
-    pdus = [associate_rq(RECEIVER_AE, "FUZZER")] + c_store_pdus(bytes(data), dataset.SOPInstanceUID) + [RELEASE_RQ]
+    pdus = [associate_rq(RECEIVER_AE, "FUZZER"), *c_store_pdus(bytes(data), dataset.SOPInstanceUID), RELEASE_RQ]
     target = rng.randrange(len(pdus))
     pdu = bytearray(pdus[target])
     if mutation == "PDU cut":

@@ -229,7 +229,7 @@ def _start_a_large_store(port: int, tmp_path: Path, megabytes: int = 64):
     dataset = ct_instance(pixels=megabytes * 1024 * 1024 // 2)
     assoc = sender().associate("127.0.0.1", port, ae_title=RECEIVER_AE)
     fragments = c_store_fragments(assoc, encoded(dataset), dataset.SOPClassUID, dataset.SOPInstanceUID, 16384)
-    for _, fragment in zip(range(1000), fragments):  # ~16 MB of 64
+    for _, fragment in zip(range(1000), fragments, strict=False):  # ~16 MB of 64
         assoc.dul.send_pdu(fragment)
     return assoc
 
@@ -338,9 +338,11 @@ def test_the_association_cap_answers_busy_and_frees_up(backend, start, tmp_path)
     receiver = start(backend)
     held = [sender().associate("127.0.0.1", receiver.port, ae_title=RECEIVER_AE) for _ in range(3)]
     assert all(assoc.is_established for assoc in held)
-    with PacsClient(PacsConfig(host="127.0.0.1", port=receiver.port, called_ae=RECEIVER_AE, acse_timeout=5)) as extra:
-        with pytest.raises(PacsTransientError, match="busy"):
-            extra.echo()
+    with (
+        PacsClient(PacsConfig(host="127.0.0.1", port=receiver.port, called_ae=RECEIVER_AE, acse_timeout=5)) as extra,
+        pytest.raises(PacsTransientError, match="busy"),
+    ):
+        extra.echo()
     for assoc in held:
         assoc.release()
     time.sleep(0.3)

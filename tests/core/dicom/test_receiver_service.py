@@ -20,7 +20,7 @@ PACSFLOW = str(Path(sys.executable).with_name("pacsflow"))
 
 def echo(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [PACSFLOW, "echo", "--timeout", "5", *args], env=env, capture_output=True, text=True, timeout=60
+        [PACSFLOW, "echo", "--timeout", "5", *args], env=env, capture_output=True, text=True, timeout=60, check=False
     )
 
 

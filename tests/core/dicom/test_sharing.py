@@ -23,7 +23,9 @@ BACKENDS = ["pynetdicom", "dcmtk"]
 
 
 def receiver_processes(root: Path) -> list[int]:
-    found = subprocess.run(["pgrep", "-f", f"pacsflow.core.dicom --root {root} "], capture_output=True, text=True)
+    found = subprocess.run(  # exit status 1: none found
+        ["pgrep", "-f", f"pacsflow.core.dicom --root {root} "], capture_output=True, text=True, check=False
+    )
     return [int(pid) for pid in found.stdout.split()]
 
 
@@ -43,9 +45,11 @@ def test_a_second_receiver_on_one_data_root_refuses_and_touches_nothing(tmp_path
     with open_receiver(first, layout):
         in_flight = layout.root / f"{TEMP_PREFIX}in-flight.dcm"  # an instance the first receiver is writing
         in_flight.write_bytes(b"partial")
-        with pytest.raises(ReceiverUnavailable, match="receiver_mode"):
-            with open_receiver(ReceiverConfig(port=free_port(), backend=backend), layout):
-                pass
+        with (
+            pytest.raises(ReceiverUnavailable, match="receiver_mode"),
+            open_receiver(ReceiverConfig(port=free_port(), backend=backend), layout),
+        ):
+            pass
         assert in_flight.read_bytes() == b"partial"
 
 
@@ -54,9 +58,11 @@ def test_a_receiver_that_cannot_listen_names_the_port_setting_and_releases_the_r
     layout = StorageLayout(tmp_path / "dicom")
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        with pytest.raises(ReceiverUnavailable, match=f"receiver_port {port}"):
-            with open_receiver(ReceiverConfig(port=port, backend=backend), layout):
-                pass
+        with (
+            pytest.raises(ReceiverUnavailable, match=f"receiver_port {port}"),
+            open_receiver(ReceiverConfig(port=port, backend=backend), layout),
+        ):
+            pass
     assert not receiver_running(layout.root)  # the failed start left no lock behind
 
 
