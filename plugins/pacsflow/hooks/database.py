@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from airflow.providers.common.sql.hooks.sql import DbApiHook
 from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowException
 from sqlalchemy.engine import URL, Engine, make_url
@@ -50,6 +49,8 @@ def connection_url(conn: Connection | StoredConnection) -> URL:
     explicit = conn.extra_dejson.get("sqlalchemy_url")
     if explicit:
         return make_url(explicit)
+    from airflow.providers.common.sql.hooks.sql import DbApiHook  # not at import: DAG parsing stays light
+
     try:
         hook = conn.get_hook()
     except (AirflowException, ImportError, AttributeError) as error:
