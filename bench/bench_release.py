@@ -19,6 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -61,15 +62,15 @@ def compare_rates(paths: list[Path], work: Path, workers: int | None, repeat: in
         path.read_bytes()  # warm page cache for both
     rates: dict[str, list[float]] = {"naive": [], "pacsflow": []}
     for round_ in range(repeat):
-        for name in rates:
+        for name, round_rates in rates.items():
             out = work / f"{name}-{round_}"
             run = (
-                (lambda: naive_release(paths, out))
+                partial(naive_release, paths, out)
                 if name == "naive"
-                else (lambda: pacsflow_release(paths, out, workers))
+                else partial(pacsflow_release, paths, out, workers)
             )
             seconds, _ = timed(run)
-            rates[name].append(len(paths) / seconds)
+            round_rates.append(len(paths) / seconds)
             shutil.rmtree(out, ignore_errors=True)
     return {name: statistics.median(values) for name, values in rates.items()}
 

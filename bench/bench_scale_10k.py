@@ -93,7 +93,7 @@ class RssSampler:
                 sizes = _tree_rss(pid)
                 if sizes:
                     self.peak_tree[name] = max(self.peak_tree[name], sum(sizes))
-                    self.peak_process[name] = max(self.peak_process[name], max(sizes))
+                    self.peak_process[name] = max(self.peak_process[name], *sizes)
             self._stop.wait(SAMPLE_SECONDS)
 
     def report(self) -> dict[str, dict[str, float]]:
@@ -142,6 +142,7 @@ def _library_run(
     pacs: PacsConfig,
     receiver: ReceiverConfig,
     demo: ExtractionDefinition,
+    *,
     data_root: Path,
     audit_url: str,
     elapsed: Any,
@@ -172,7 +173,13 @@ def _library_run(
 
 
 def run_library(
-    hospital: Hospital, pacs: PacsConfig, receiver: ReceiverConfig, demo: ExtractionDefinition, work: Path, truth: dict
+    hospital: Hospital,
+    pacs: PacsConfig,
+    receiver: ReceiverConfig,
+    demo: ExtractionDefinition,
+    *,
+    work: Path,
+    truth: dict,
 ) -> dict[str, Any]:
     data_root = work / "library"
     data_root.mkdir(parents=True)
@@ -181,7 +188,8 @@ def run_library(
     elapsed = context.Value("d", 0.0)
     process = context.Process(
         target=_library_run,
-        args=(hospital, pacs, replace(receiver, mode="embedded"), demo, data_root, audit_url, elapsed),
+        args=(hospital, pacs, replace(receiver, mode="embedded"), demo),
+        kwargs={"data_root": data_root, "audit_url": audit_url, "elapsed": elapsed},
     )
     load_before = os.getloadavg()[0]
     process.start()
@@ -206,6 +214,7 @@ def run_deployment(
     pacs: PacsConfig,
     receiver: ReceiverConfig,
     demo: ExtractionDefinition,
+    *,
     work: Path,
     truth: dict,
     server_url: str,
@@ -290,9 +299,11 @@ def measure(accessions: int, work: Path, server_url: str, args: argparse.Namespa
     )
     demo = definition(args.batch_size)
     with loaded_pacs(hospital, receiver, work) as pacs:
-        library = run_library(hospital, pacs, receiver, demo, work, truth)
+        library = run_library(hospital, pacs, receiver, demo, work=work, truth=truth)
         print(f"  library     {library['seconds']:8.1f} s  {library['studies_per_hour']:8d} studies/h", flush=True)
-        deployment = run_deployment(hospital, pacs, receiver, demo, work, truth, server_url, args)
+        deployment = run_deployment(
+            hospital, pacs, receiver, demo, work=work, truth=truth, server_url=server_url, args=args
+        )
         print(
             f"  deployment  {deployment['seconds']:8.1f} s  {deployment['studies_per_hour']:8d} studies/h", flush=True
         )

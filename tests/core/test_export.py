@@ -194,7 +194,7 @@ def test_round_trip_with_duckdb_has_the_documented_types(tmp_path: Path, out: Pa
             relation = db.sql(f"SELECT * FROM read_parquet('{out / table}/**/*.parquet', hive_partitioning=true)")
             expected = {column["name"]: DUCKDB_TYPES[column["type"]] for column in spec["columns"]}
             expected["study_date"] = "DATE"
-            assert dict(zip(relation.columns, map(str, relation.types))) == expected
+            assert dict(zip(relation.columns, map(str, relation.types), strict=True)) == expected
         dates = db.sql(
             f"SELECT study_date, count(*) FROM read_parquet('{out}/instances/**/*.parquet', "
             "hive_partitioning=true) GROUP BY ALL ORDER BY 1 NULLS LAST"
@@ -446,7 +446,9 @@ def test_temp_files_of_a_crashed_attempt_are_swept(tmp_path: Path, out: Path) ->
 def test_rows_are_written_in_row_groups_across_many_partitions(tmp_path: Path, out: Path) -> None:
     dates = [f"202401{day:02d}" for day in range(1, MAX_OPEN_WRITERS + 4)]
     by_study = cohort(tmp_path / "in", dates, per_series=2)
-    interleaved = [path for group in zip(*[by_study[i :: len(dates)] for i in range(len(dates))]) for path in group]
+    interleaved = [
+        path for group in zip(*[by_study[i :: len(dates)] for i in range(len(dates))], strict=True) for path in group
+    ]
     report = export(iter(interleaved), out, row_group_size=3)
     rows = instances(out)
     assert report.instances == len(rows) == len(by_study)
@@ -462,7 +464,7 @@ def test_rows_are_written_in_row_groups_across_many_partitions(tmp_path: Path, o
 def test_worker_processes_give_the_same_rows_as_one_process(tmp_path: Path) -> None:
     files = cohort(tmp_path / "in", ["20240102", "20240103", None], per_series=30)
     export(files, tmp_path / "one", workers=1)
-    export(files + [tmp_path / "missing.dcm"], tmp_path / "two", workers=2)
+    export([*files, tmp_path / "missing.dcm"], tmp_path / "two", workers=2)
     assert instances(tmp_path / "one") == instances(tmp_path / "two")
 
 

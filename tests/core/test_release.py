@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 from collections import defaultdict
+from itertools import pairwise
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -207,7 +208,7 @@ def test_released_files_hold_no_source_identifier(hospital, released):
         for identifier in identifiers | own_dates:
             if any(identifier in text for text in texts) or any(code in raw for code in _encodings(identifier)):
                 hits.append((path.name, identifier))
-        if any(tag.is_private for tag in ds.keys()):
+        if any(element.tag.is_private for element in ds):
             hits.append((path.name, "private tag"))
     assert hits == []
 
@@ -298,13 +299,15 @@ def test_released_series_loads_as_one_volume(released):
         assert len({(h.StudyInstanceUID, h.SeriesInstanceUID, h.FrameOfReferenceUID) for h in headers}) == 1
         assert len({tuple(h.ImageOrientationPatient) for h in headers}) == 1
         positions = sorted(float(h.ImagePositionPatient[2]) for h in headers)
-        steps = {round(b - a, 3) for a, b in zip(positions, positions[1:])}
+        steps = {round(b - a, 3) for a, b in pairwise(positions)}
         assert len(steps) == 1 and steps != {0.0}
         assert len({h.SOPInstanceUID for h in headers}) == len(headers)
 
 
 def _dciodvfy_errors(path: Path) -> set[str]:
-    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, errors="replace", timeout=60)
+    result = subprocess.run(  # its exit status does not tell errors from warnings: the output is read
+        ["dciodvfy", str(path)], capture_output=True, text=True, errors="replace", timeout=60, check=False
+    )
     return {
         re.sub(r"\d+", "N", line.strip())
         for line in (result.stdout + result.stderr).splitlines()

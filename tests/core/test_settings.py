@@ -62,5 +62,5 @@ def test_a_bad_value_is_refused_at_load_naming_the_file_and_key(tmp_path, change
 def test_the_id_must_be_the_file_name(tmp_path):
     path = write(tmp_path)
     path.rename(tmp_path / "other.yaml")
-    with pytest.raises(DefinitionError, match="other.yaml: id 'demo' must equal the file name"):
+    with pytest.raises(DefinitionError, match=r"other\.yaml: id 'demo' must equal the file name"):
         load_definition(tmp_path / "other.yaml")

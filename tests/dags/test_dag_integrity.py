@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from itertools import pairwise
 
 import pytest
 from airflow.dag_processing.dagbag import DagBag
@@ -59,7 +60,7 @@ def test_pacs_facing_tasks_take_a_pacs_pool_slot(dagbag):
 def test_the_summary_is_the_only_leaf_and_waits_for_every_stage(dagbag):
     dag = dagbag.dags[DEMO_DAG_ID]
     order = ["ris_cohort", "resolve_accessions", "retrieve_batch", "export_metadata", "release", "audit_summary"]
-    for upstream, downstream in zip(order, order[1:]):
+    for upstream, downstream in pairwise(order):
         assert downstream in dag.get_task(upstream).downstream_task_ids
     assert [task.task_id for task in dag.leaves] == ["audit_summary"]
     summary = dag.get_task("audit_summary")
@@ -86,7 +87,7 @@ def test_a_broken_definition_is_named_and_leaves_the_others_importable(tmp_path,
         bag = DagBag(dag_folder=str(REPO_ROOT / "dags"))
     problem = "broken.yaml: retrieval.batch_size: Input should be greater than or equal to 1"
     assert bag.import_errors == {} and problem in caplog.text
-    assert [task.task_id for task in bag.dags[DEMO_DAG_ID].tasks][0] == "ris_cohort"  # the others are whole
+    assert bag.dags[DEMO_DAG_ID].tasks[0].task_id == "ris_cohort"  # the others are whole
     broken = bag.dags["pacsflow__broken"]
     assert "invalid-definition" in broken.tags and problem in broken.doc_md
     assert broken.timetable.can_be_scheduled is False and [t.task_id for t in broken.tasks] == ["invalid_definition"]

@@ -1,7 +1,7 @@
 """The DAG run the production way, with the topology of docker-compose.yaml: api-server, scheduler,
 dag-processor, triggerer, TWO Celery workers and the standalone receiver service
-(``receiver_mode: service``) as separate processes, a PostgreSQL metadata database, a PostgreSQL audit database and a Redis
-broker, against Orthanc loaded with a demo hospital.
+(``receiver_mode: service``) as separate processes, a PostgreSQL metadata database, a PostgreSQL audit database and
+a Redis broker, against Orthanc loaded with a demo hospital.
 
 Besides the ground truth (every SOP Instance UID on disk once), it checks what only a distributed executor
 can break: the ``pacs`` pool of 4 caps the retrieval tasks holding the PACS at once although the two workers

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections import Counter, defaultdict
 from datetime import datetime, timedelta
+from itertools import pairwise
 from pathlib import Path
 
 import pydicom
@@ -195,7 +196,7 @@ def test_returning_patients_are_never_seen_twice_within_three_days():
     assert any(len(moments) > 1 for moments in exams.values())
     for moments in exams.values():
         moments.sort()
-        assert all(b - a > timedelta(days=3) for a, b in zip(moments, moments[1:]))
+        assert all(b - a > timedelta(days=3) for a, b in pairwise(moments))
 
 
 # -- ground truth against the files -------------------------------------------------------------------------

@@ -36,6 +36,7 @@ def test_the_loader_fills_the_pacs_and_leaves_the_ris_and_the_truth(tmp_path):
             capture_output=True,
             text=True,
             timeout=300,
+            check=False,
         )
         assert done.returncode == 0, done.stdout + done.stderr
         truth = load_ground_truth(out / "ground_truth.json")
@@ -73,6 +74,7 @@ def test_the_loader_names_the_pacs_it_waited_for(tmp_path):
         capture_output=True,
         text=True,
         timeout=120,
+        check=False,
     )
     assert done.returncode != 0
     assert "NOBODY@127.0.0.1:9 did not answer C-ECHO" in done.stderr

@@ -6,9 +6,10 @@ import json
 
 import pytest
 from pacsflow.core.dicom.config import PacsConfig, ReceiverConfig, ReceiverConfigError, TlsConfig
+from pacsflow.core.errors import ConfigurationError
 from pacsflow.hooks.database import DatabaseHook
 from pacsflow.hooks.dicom import DicomHook
-from sqlalchemy import text
+from sqlalchemy import make_url, text
 
 
 def set_connection(monkeypatch, conn_id: str, connection: dict) -> None:
@@ -130,7 +131,7 @@ def test_an_unknown_receiver_backend_is_refused_with_the_choices(monkeypatch):
             "extra": {"receiver_backend": "storescp"},
         },
     )
-    with pytest.raises(ValueError, match="pynetdicom.*dcmtk"):
+    with pytest.raises(ValueError, match=r"pynetdicom.*dcmtk"):
         DicomHook("pacs_test").receiver_config()
 
 
@@ -155,17 +156,43 @@ def test_database_connection_from_url_or_fields(monkeypatch, tmp_path):
         "ris_fields",
         {"conn_type": "postgres", "host": "db", "port": 5432, "login": "reader", "password": "s3cret", "schema": "ris"},
     )
-    url = DatabaseHook("ris_fields").sqlalchemy_url()
-    assert (url.drivername, url.host, url.port, url.username, url.database) == (
-        "postgresql+psycopg2",
+    url = DatabaseHook("ris_fields").sqlalchemy_url()  # built by the postgres provider's hook
+    assert (url.get_backend_name(), url.host, url.port, url.username, url.password, url.database) == (
+        "postgresql",
         "db",
         5432,
         "reader",
+        "s3cret",
         "ris",
     )
-    set_connection(monkeypatch, "ris_unknown", {"conn_type": "ftp", "host": "x"})
-    with pytest.raises(ValueError, match="sqlalchemy_url"):
-        DatabaseHook("ris_unknown").sqlalchemy_url()
+    for conn_type in ("ftp", "generic"):  # no provider; a type without any hook
+        set_connection(monkeypatch, "ris_unknown", {"conn_type": conn_type, "host": "x"})
+        with pytest.raises(ConfigurationError, match=r"'ris_unknown': set extra\.sqlalchemy_url.*SQL hook"):
+            DatabaseHook("ris_unknown").sqlalchemy_url()
+
+
+@pytest.mark.postgres
+def test_a_postgres_connection_given_by_fields_reaches_the_database(monkeypatch, postgres_url):
+    server = make_url(postgres_url)
+    set_connection(
+        monkeypatch,
+        "ris_pg",
+        {
+            "conn_type": "postgres",
+            "host": server.host,
+            "port": server.port,
+            "login": server.username,
+            "password": server.password,
+            "schema": server.database,
+        },
+    )
+    engine = DatabaseHook("ris_pg").get_conn()
+    try:
+        assert engine.hide_parameters
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT current_database()")).scalar() == server.database
+    finally:
+        engine.dispose()
 
 
 def test_the_provider_registers_the_dicom_connection_type():

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
@@ -79,7 +80,7 @@ def definition(folder: Path, id: str, **changes) -> None:
 
 
 class _AlertSink(BaseHTTPRequestHandler):
-    received: list[dict] = []
+    received: ClassVar[list[dict]] = []  # one list for every handler instance (one per request)
 
     def do_POST(self) -> None:
         self.received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
@@ -386,6 +387,7 @@ def test_each_run_exports_its_metadata_and_its_audit_as_parquet(site):
             table["study_instance_uid"].to_pylist(),
             table["series_instance_uid"].to_pylist(),
             table["sop_instance_uid"].to_pylist(),
+            strict=True,
         )
     )
     assert rows == expected_instances(site.truth())

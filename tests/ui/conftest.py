@@ -84,7 +84,7 @@ def demo_audit(tmp_path_factory) -> DemoAudit:
     with orthanc(work / "orthanc", move_destinations={receiver.ae_title: (receiver.host, receiver.port)}) as pacs:
         pacs.load(sorted(hospital.dicom_dir.rglob("*.dcm")))
         config = replace(pacs.config, calling_ae="PACSFLOW")
-        for run_id, cohort in zip(RUN_IDS, (exams[: len(exams) // 2], exams)):
+        for run_id, cohort in zip(RUN_IDS, (exams[: len(exams) // 2], exams), strict=True):
             with AuditStore.connect(audit_url) as store:
                 ctx = RunContext(
                     store, f"{DAG_ID}/{run_id}", Pseudonymizer.from_environment(data_root / ".pacsflow-key")

@@ -102,7 +102,7 @@ def test_an_auditor_follows_a_run_down_to_the_images(browser, api_server, demo_a
     pages.visit("/pacsflow-audit/runs", "runs")
     rows = browser.find_elements(By.CSS_SELECTOR, "#runs tbody tr")
     assert [row.get_attribute("data-run-id") for row in rows] == [RUN_IDS[1], RUN_IDS[0]]
-    for row, summary in zip(rows, reversed(summaries)):
+    for row, summary in zip(rows, reversed(summaries), strict=True):
         assert int(row.find_element(By.CSS_SELECTOR, "[data-k=cohort]").text) == summary.cohort
         for outcome in Outcome:
             cell = row.find_element(By.CSS_SELECTOR, f"[data-k={outcome.value}]")

@@ -11,7 +11,7 @@ import re
 import secrets
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 KEY_ENV = "PACSFLOW_LOG_KEY"
@@ -72,10 +72,8 @@ def load_or_create_key(path: Path) -> bytes:
             handle.write(secrets.token_bytes(KEY_BYTES))
             handle.flush()
             os.fsync(handle.fileno())
-        try:
+        with suppress(FileExistsError):  # another process got there first: its key wins
             os.link(temp, path)
-        except FileExistsError:
-            pass
     finally:
         Path(temp).unlink(missing_ok=True)
     dir_fd = os.open(path.parent, os.O_RDONLY)

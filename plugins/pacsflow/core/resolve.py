@@ -69,7 +69,7 @@ class ResolutionSettings(BaseModel):
 
     strip_leading_zeros: StrictBool = True
     site_prefixes: tuple[StrictStr, ...] = ()  # tried both added to and removed from the AN
-    patient_date_window_days: StrictInt = Field(1, ge=0, le=366)
+    patient_date_window_days: StrictInt = Field(default=1, ge=0, le=366)
     patient_date_match_modality: StrictBool = True
     rules: tuple[Rule, ...] = tuple(Rule)
 
@@ -77,7 +77,8 @@ class ResolutionSettings(BaseModel):
     @classmethod
     def _a_list(cls, value: Any) -> Any:
         if isinstance(value, str):
-            raise ValueError("must be a list of prefixes, not one text")
+            # a ValueError is what pydantic reports as a validation error naming the key (a TypeError escapes)
+            raise ValueError("must be a list of prefixes, not one text")  # noqa: TRY004
         return value
 
     @field_validator("site_prefixes")

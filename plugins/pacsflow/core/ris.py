@@ -14,8 +14,8 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import DateTime, bindparam, text
-from sqlalchemy.engine import Engine
+from sqlalchemy import BindParameter, DateTime, TextClause, bindparam, text
+from sqlalchemy.engine import Engine, RowMapping
 
 from pacsflow.core.errors import ConfigurationError
 
@@ -83,13 +83,13 @@ def query_cohort(
             yield _exam(row)
 
 
-def _bind(sql: str, values: Mapping[str, Any]):
+def _bind(sql: str, values: Mapping[str, Any]) -> TextClause:
     statement = text(sql)
     wanted = set(statement._bindparams)  # names the template actually uses
     missing = wanted - set(values)
     if missing:
         raise CohortQueryError(f"cohort SQL needs parameters that were not given: {sorted(missing)}")
-    binds = []
+    binds: list[BindParameter[Any]] = []
     for name in sorted(wanted):
         if not _PARAM_NAME.fullmatch(name):
             raise CohortQueryError(f"parameter name {name!r} must be lower_snake_case")
@@ -108,7 +108,7 @@ def _bind(sql: str, values: Mapping[str, Any]):
     return statement.bindparams(*binds)
 
 
-def _exam(row: Mapping[str, Any]) -> RisExam:
+def _exam(row: RowMapping) -> RisExam:
     an = row["accession_number"]
     exam_datetime, problem = row.get("exam_datetime"), None
     if isinstance(exam_datetime, str):

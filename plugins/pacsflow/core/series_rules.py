@@ -46,7 +46,7 @@ class SeriesRules(BaseModel):
     include_descriptions: tuple[StrictStr, ...] = ()  # empty: any description
     exclude_descriptions: tuple[StrictStr, ...] = ()
     include_body_parts: tuple[StrictStr, ...] = ()  # empty: any body part
-    min_instances: StrictInt = Field(1, ge=0)
+    min_instances: StrictInt = Field(default=1, ge=0)
     _included: tuple[Any, ...] = PrivateAttr(())
     _excluded: tuple[Any, ...] = PrivateAttr(())
 
@@ -61,7 +61,8 @@ class SeriesRules(BaseModel):
     @classmethod
     def _a_list(cls, value: Any) -> Any:
         if isinstance(value, str):
-            raise ValueError("must be a list of strings, not one text")
+            # a ValueError is what pydantic reports as a validation error naming the key (a TypeError escapes)
+            raise ValueError("must be a list of strings, not one text")  # noqa: TRY004
         return value
 
     @field_validator("include_modalities", "exclude_modalities", "include_body_parts")

@@ -43,7 +43,7 @@ class CohortSettings(_Model):
         default_factory=dict, description="Values bound by name to the template (lists: IN lists)"
     )
     max_size: int = Field(
-        10_000,
+        default=10_000,
         ge=1,
         le=1_000_000,
         description="A cohort larger than this fails the run (an interval typo, not a cohort)",
@@ -61,8 +61,10 @@ class CohortSettings(_Model):
 
 
 class RetrievalSettings(_Model):
-    batch_size: int = Field(50, ge=1, le=10_000, description="ANs per retrieval task")
-    pool: str = Field("pacs", pattern=r"^[A-Za-z0-9_.-]+$", description="Airflow pool capping PACS associations")
+    batch_size: int = Field(default=50, ge=1, le=10_000, description="ANs per retrieval task")
+    pool: str = Field(
+        default="pacs", pattern=r"^[A-Za-z0-9_.-]+$", description="Airflow pool capping PACS associations"
+    )
 
 
 class ConnectionIds(_Model):
@@ -72,19 +74,21 @@ class ConnectionIds(_Model):
 
 
 class RunSettings(_Model):
-    retries: int = Field(3, ge=0, le=20)
-    retry_delay_seconds: float = Field(60, gt=0)
-    max_retry_delay_seconds: float = Field(1800, gt=0)
-    run_timeout_hours: float = Field(72, gt=0, description="A run still going after this is failed")
-    task_timeout_hours: float = Field(12, gt=0, description="One task attempt still going after this is failed")
-    alert_conn_id: str | None = Field(None, description="HTTP connection that receives a POST when a run fails")
+    retries: int = Field(default=3, ge=0, le=20)
+    retry_delay_seconds: float = Field(default=60, gt=0)
+    max_retry_delay_seconds: float = Field(default=1800, gt=0)
+    run_timeout_hours: float = Field(default=72, gt=0, description="A run still going after this is failed")
+    task_timeout_hours: float = Field(default=12, gt=0, description="One task attempt still going after this is failed")
+    alert_conn_id: str | None = Field(default=None, description="HTTP connection that receives a POST when a run fails")
 
 
 class ExtractionDefinition(_Model):
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9_]{0,62}$")
     description: str = Field(min_length=1)
     owner: str = "pacsflow"
-    schedule: str | None = Field(None, description="cron expression or preset (@daily, @weekly...); none: on demand")
+    schedule: str | None = Field(
+        default=None, description="cron expression or preset (@daily, @weekly...); none: on demand"
+    )
     start_date: datetime
     catchup: bool = False
     tags: tuple[str, ...] = ()

@@ -6,6 +6,7 @@ Incoming UIDs become path components and ANs become query keys: both are checked
 from __future__ import annotations
 
 import re
+from typing import TypeGuard
 
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 UID_MAX_LENGTH = 64
@@ -18,7 +19,7 @@ class InvalidIdentifierError(ValueError):
     """An identifier failed validation. The message never contains the identifier itself."""
 
 
-def is_valid_uid(value: object) -> bool:
+def is_valid_uid(value: object) -> TypeGuard[str]:
     return isinstance(value, str) and len(value) <= UID_MAX_LENGTH and _UID.fullmatch(value) is not None
 
 
@@ -26,7 +27,7 @@ def require_uid(value: object, what: str = "UID") -> str:
     """Return ``value`` if it is a well-formed DICOM UID, else raise (safe to use as a path component)."""
     if not is_valid_uid(value):
         raise InvalidIdentifierError(f"{what} is not a valid DICOM UID (digits and dots, at most 64 characters)")
-    return value  # type: ignore[return-value]
+    return value
 
 
 def accession_problem(value: object) -> str | None:

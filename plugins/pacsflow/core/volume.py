@@ -19,12 +19,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import SupportsFloat
 
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.pixels import pixel_array
+from pydicom.pixels.utils import pixel_array  # pydicom.pixels re-exports it without __all__
 
 from pacsflow.core.storage import SUFFIX, TEMP_PREFIX
 
@@ -145,11 +146,11 @@ def scan_series(paths: Sequence[Path]) -> SeriesGeometry:
     slice_spacing = _slice_spacing(positions, normal, row_cosine, column_cosine, planes[0].thickness)
     direction = np.column_stack([row_cosine, column_cosine, normal])
     return SeriesGeometry(
-        frames=tuple(Frame(p.path, p.frame, tuple(map(float, p.position)), p.slope, p.intercept) for p in planes),
+        frames=tuple(Frame(p.path, p.frame, p.position, p.slope, p.intercept) for p in planes),
         rows=rows,
         columns=columns,
         spacing=(float(pixel_spacing[1]), float(pixel_spacing[0]), slice_spacing),
-        origin=tuple(float(v) for v in positions[0]),  # type: ignore[arg-type]
+        origin=planes[0].position,
         direction=tuple(float(v) for v in direction.flatten()),
         window=header_window(first),
         inverted=str(first.get("PhotometricInterpretation", "")) == "MONOCHROME1",
@@ -160,7 +161,7 @@ def scan_series(paths: Sequence[Path]) -> SeriesGeometry:
 class _Plane:
     path: Path
     frame: int | None
-    position: tuple[float, ...]
+    position: tuple[float, float, float]
     orientation: tuple[float, ...]
     pixel_spacing: tuple[float, ...]
     thickness: float | None
@@ -169,7 +170,7 @@ class _Plane:
 
 
 def _single_frame_planes(paths: Sequence[Path], headers: Sequence[Dataset]) -> Iterable[_Plane]:
-    for path, header in zip(paths, headers):
+    for path, header in zip(paths, headers, strict=True):
         if "ImagePositionPatient" not in header or "ImageOrientationPatient" not in header:
             raise NotAVolume(
                 "an image has no ImagePositionPatient/ImageOrientationPatient "
@@ -178,7 +179,7 @@ def _single_frame_planes(paths: Sequence[Path], headers: Sequence[Dataset]) -> I
         yield _Plane(
             path,
             None,
-            _floats(header.ImagePositionPatient, 3, "ImagePositionPatient"),
+            _point(header.ImagePositionPatient, "ImagePositionPatient"),
             _floats(header.ImageOrientationPatient, 6, "ImageOrientationPatient"),
             _floats(header.get("PixelSpacing") or (1.0, 1.0), 2, "PixelSpacing"),
             _optional_float(header.get("SliceThickness")),
@@ -198,8 +199,9 @@ def _multi_frame_planes(path: Path, header: Dataset) -> Iterable[_Plane]:
 
         def item(sequence: str, groups: Dataset = groups) -> Dataset | None:
             for source in (groups, shared):
-                if sequence in source and source[sequence].value:
-                    return source[sequence].value[0]
+                items = source[sequence].value if sequence in source else None
+                if items and isinstance(items[0], Dataset):
+                    return items[0]
             return None
 
         position, orientation = item("PlanePositionSequence"), item("PlaneOrientationSequence")
@@ -210,7 +212,7 @@ def _multi_frame_planes(path: Path, header: Dataset) -> Iterable[_Plane]:
         yield _Plane(
             path,
             index,
-            _floats(position.ImagePositionPatient, 3, "ImagePositionPatient"),
+            _point(position.ImagePositionPatient, "ImagePositionPatient"),
             _floats(orientation.ImageOrientationPatient, 6, "ImageOrientationPatient"),
             _floats(measures.get("PixelSpacing") or (1.0, 1.0), 2, "PixelSpacing"),
             _optional_float(measures.get("SliceThickness")),
@@ -219,9 +221,15 @@ def _multi_frame_planes(path: Path, header: Dataset) -> Iterable[_Plane]:
         )
 
 
-def _floats(values: object, count: int, name: str) -> tuple[float, ...]:
+def _point(values: Iterable[SupportsFloat | str], name: str) -> tuple[float, float, float]:
+    x, y, z = _floats(values, 3, name)
+    return x, y, z
+
+
+def _floats(values: Iterable[SupportsFloat | str], count: int, name: str) -> tuple[float, ...]:
+    """The numbers of a header value (pydicom's values are untyped: a wrong one is a TypeError, caught)."""
     try:
-        result = tuple(float(v) for v in values)  # type: ignore[union-attr]
+        result = tuple(float(v) for v in values)
     except (TypeError, ValueError):
         raise NotAVolume(f"{name} is not numeric") from None
     if len(result) != count:
@@ -229,17 +237,20 @@ def _floats(values: object, count: int, name: str) -> tuple[float, ...]:
     return result
 
 
-def _optional_float(value: object) -> float | None:
+def _optional_float(value: SupportsFloat | str | None) -> float | None:
+    if value is None or value == "":
+        return None
     try:
-        return float(value) if value not in (None, "") else None  # type: ignore[arg-type]
+        return float(value)
     except (TypeError, ValueError):
         return None
 
 
 def _common(values: np.ndarray, tolerance: float, reason: str) -> np.ndarray:
-    if np.abs(values - values[0]).max(initial=0.0) > tolerance:
+    first: np.ndarray = values[0]
+    if np.abs(values - first).max(initial=0.0) > tolerance:
         raise NotAVolume(reason)
-    return values[0]
+    return first
 
 
 def _slice_spacing(
@@ -272,7 +283,7 @@ def header_window(header: Dataset) -> tuple[float, float] | None:
         if isinstance(value, MultiValue):
             value = value[0] if value else None
         try:
-            values.append(float(value))  # type: ignore[arg-type]
+            values.append(float(value))
         except (TypeError, ValueError):
             return None
     center, width = values

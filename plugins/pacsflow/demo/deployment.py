@@ -25,7 +25,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -88,10 +88,8 @@ def stop_process_group(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             continue
         # The leader is gone; make sure no child of the group outlives it.
-        try:
+        with suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         break
     process.wait()
 
@@ -138,7 +136,7 @@ class Deployment:
     def run(self, *command: str) -> str:
         """Run a topology command (``airflow ...``, ``pacsflow ...``) in the deployment's environment; its
         output, or an error with it."""
-        done = subprocess.run(native_command(command), env=self.env, capture_output=True, text=True)
+        done = subprocess.run(native_command(command), env=self.env, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(
                 f"{' '.join(command[:3])} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"

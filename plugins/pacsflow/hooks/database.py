@@ -1,27 +1,31 @@
-"""A SQLAlchemy engine from an Airflow connection: the RIS to query and the audit store to write."""
+"""A SQLAlchemy engine from an Airflow connection: the RIS to query and the audit store to write.
+
+A connection names its database either as ``extra.sqlalchemy_url`` or by its fields, with a connection type whose
+provider has a SQL hook (``postgres`` from apache-airflow-providers-postgres, ``mysql``, ``mssql``, ...): that
+hook builds the URL, with its driver and options (``sqlalchemy_scheme``, ``sqlalchemy_query`` of the postgres
+connection), so pacsflow keeps no table of dialects of its own. The engine is always
+:func:`pacsflow.core.db.make_engine`'s: bound values hidden from errors, SQLite set up for concurrent tasks.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from airflow.sdk import BaseHook
+from airflow.sdk.exceptions import AirflowException
 from sqlalchemy.engine import URL, Engine, make_url
 
 from pacsflow.core.db import make_engine
+from pacsflow.core.errors import ConfigurationError
 
-# Airflow connection types -> SQLAlchemy dialects for connections given as fields, not as a URL.
-_DIALECTS = {
-    "postgres": "postgresql+psycopg2",
-    "postgresql": "postgresql+psycopg2",
-    "mysql": "mysql+pymysql",
-    "mssql": "mssql+pymssql",
-    "oracle": "oracle+oracledb",
-}
+if TYPE_CHECKING:
+    from airflow.models.connection import Connection as StoredConnection
+    from airflow.sdk import Connection
 
 
 class DatabaseHook(BaseHook):
     """Any SQLAlchemy database. Either ``extra.sqlalchemy_url`` (e.g. ``sqlite:////data/ris.sqlite``) or the
-    connection's host/port/login/password/schema with a known ``conn_type`` (postgres, mysql, mssql, oracle)."""
+    connection's host/port/login/password/schema with a connection type that has a SQL hook (postgres, ...)."""
 
     conn_name_attr = "database_conn_id"
     default_conn_name = "pacsflow_ris"
@@ -39,22 +43,29 @@ class DatabaseHook(BaseHook):
         return make_engine(self.sqlalchemy_url())
 
 
-def connection_url(conn: Any) -> URL:
-    """The SQLAlchemy URL of an Airflow connection (task SDK or core model): ``extra.sqlalchemy_url``, else its
-    fields with a known ``conn_type``."""
+def connection_url(conn: Connection | StoredConnection) -> URL:
+    """The SQLAlchemy URL of an Airflow connection (task SDK or core model): ``extra.sqlalchemy_url``, else the
+    URL that the SQL hook of its connection type builds from its fields."""
     explicit = conn.extra_dejson.get("sqlalchemy_url")
     if explicit:
         return make_url(explicit)
-    dialect = _DIALECTS.get(conn.conn_type or "")
-    if dialect is None:
-        raise ValueError(
-            f"connection {conn.conn_id!r}: set extra.sqlalchemy_url, or use one of the conn types {sorted(_DIALECTS)}"
-        )
-    return URL.create(
-        dialect,
-        username=conn.login or None,
-        password=conn.password or None,
-        host=conn.host or None,
-        port=conn.port or None,
-        database=conn.schema or None,
+    from airflow.providers.common.sql.hooks.sql import DbApiHook  # not at import: DAG parsing stays light
+
+    try:
+        hook = conn.get_hook()
+    except (AirflowException, ImportError, AttributeError) as error:
+        # No provider for the type; Airflow registers "generic" without a hook class (get_hook fails on it).
+        raise _no_sql_hook(conn) from error
+    if not isinstance(hook, DbApiHook):
+        raise _no_sql_hook(conn)
+    try:
+        return hook.sqlalchemy_url
+    except NotImplementedError:  # a SQL hook that only builds a URI string
+        return make_url(hook.get_uri())
+
+
+def _no_sql_hook(conn: Connection | StoredConnection) -> ConfigurationError:
+    return ConfigurationError(
+        f"connection {conn.conn_id!r}: set extra.sqlalchemy_url, or use a connection type with a SQL hook "
+        f"(postgres, mysql, ...: its Airflow provider installed); {conn.conn_type!r} has none"
     )

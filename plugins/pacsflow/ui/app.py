@@ -151,15 +151,18 @@ def render(request: Request, template: str, status_code: int = 200, **context: A
     return response
 
 
+MISSING = "\N{EN DASH}"  # what a page shows for a value that is not there
+
+
 def _moment(value: datetime | None) -> str:
     if value is None:
-        return "–"
+        return MISSING
     return value.strftime("%Y-%m-%d %H:%M") + ("" if value.tzinfo is None or value.utcoffset() else " UTC")
 
 
 def _duration(value: timedelta | None) -> str:
     if value is None:
-        return "–"
+        return MISSING
     seconds = int(value.total_seconds())
     if seconds >= 3600:
         return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
@@ -169,14 +172,14 @@ def _duration(value: timedelta | None) -> str:
 templates.env.filters.update(
     moment=_moment,
     duration=_duration,
-    day=lambda value: value.strftime("%Y-%m-%d") if value else "–",
+    day=lambda value: value.strftime("%Y-%m-%d") if value else MISSING,
     mb=lambda size: f"{(size or 0) / 1e6:,.1f}",
-    num=lambda n: "–" if n is None else f"{n:,}" if isinstance(n, int) else f"{n:,.1f}",
+    num=lambda n: MISSING if n is None else f"{n:,}" if isinstance(n, int) else f"{n:,.1f}",
 )
 
 
 # -- pages --------------------------------------------------------------------------------------------------
-def create_app() -> FastAPI:
+def create_app() -> FastAPI:  # noqa: PLR0915  the routes, nested so Airflow's API imports stay lazy
     app = FastAPI(title="pacsflow extraction audit", docs_url=None, redoc_url=None, openapi_url=None)
     pages = APIRouter(dependencies=[_user_dependency()])
     run_pages = APIRouter(dependencies=[_user_dependency(), _run_access()])
@@ -197,7 +200,8 @@ def create_app() -> FastAPI:
     def runs_page(
         request: Request,
         review: ReviewDep,
-        user: Any = _user_dependency(),
+        *,
+        user: Annotated[Any, _user_dependency()],
         dag_id: str | None = None,
         state: str | None = None,
         date_from: date | None = None,
@@ -224,6 +228,7 @@ def create_app() -> FastAPI:
     def run_page(
         request: Request,
         review: ReviewDep,
+        *,
         dag_id: str,
         run_id: str,
         outcome: str | None = None,
@@ -358,8 +363,8 @@ def create_app() -> FastAPI:
         def lines() -> Iterator[str]:
             buffer = io.StringIO()
             writer = None
-            for row in review.export_rows(run.run_key):
-                row = _flat(row)
+            for exported in review.export_rows(run.run_key):
+                row = _flat(exported)
                 if writer is None:
                     writer = csv.DictWriter(buffer, fieldnames=list(row))
                     writer.writeheader()

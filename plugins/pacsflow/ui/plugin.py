@@ -19,7 +19,7 @@ URL_PREFIX = "/pacsflow-audit"
 
 class PacsflowAuditPlugin(AirflowPlugin):
     name = "pacsflow_audit"
-    external_views = [
+    external_views = [  # noqa: RUF012  AirflowPlugin's API is mutable class attributes (typed list[Any] there)
         {
             "name": "Extraction audit",
             "href": f"{URL_PREFIX}/runs",

@@ -14,12 +14,13 @@ import os
 import struct
 import tempfile
 import zlib
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from pydicom import dcmread
-from pydicom.pixels import pixel_array
+from pydicom.pixels.utils import pixel_array  # pydicom.pixels re-exports it without __all__
 
 from pacsflow.core.volume import NotAVolume, header_window, read_slice, scan_series, series_files
 
@@ -50,10 +51,8 @@ def preview_png(series_dir: Path, modality: str | None) -> bytes:
     if cache.exists() and cache.stat().st_mtime_ns >= newest:
         return cache.read_bytes()
     png = render_preview(files, modality).png
-    try:
+    with suppress(OSError):  # a read-only data root: serve without caching
         _write_private(cache, png)
-    except OSError:  # a read-only data root: serve without caching
-        pass
     return png
 
 

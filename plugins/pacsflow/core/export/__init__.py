@@ -10,12 +10,14 @@ streamed into row groups with bounded memory, and a re-run of the same ``run_id`
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -30,8 +32,9 @@ from pacsflow.core.export.schema import (
     dataset_schema,
     schema_document,
 )
-from pacsflow.core.export.writer import PartitionedWriter, RunOutput, run_token
+from pacsflow.core.export.writer import PartitionedWriter, RunOutput
 from pacsflow.core.processes import default_workers, worker_context
+from pacsflow.core.storage import run_token
 
 __all__ = [
     "DEFAULT_ROW_GROUP_SIZE",
@@ -75,9 +78,10 @@ def export_instances(
     """Export the headers of ``files`` under the dataset root ``out_dir`` as the rows of run ``run_id``.
 
     ``files`` is consumed lazily (it may be a generator of 100k paths). ``workers`` processes read the
-    headers (default: one per core, or 1 inside a daemonic process; 1 reads in this process). With ``include_private`` the
-    ``private_tags`` column holds the text-valued private elements; otherwise it is null. ``series_status`` maps
-    SeriesInstanceUID to the series' retrieval status in the audit (the series table's ``series_status``).
+    headers (default: one per core, or 1 inside a daemonic process; 1 reads in this process). With
+    ``include_private`` the ``private_tags`` column holds the text-valued private elements; otherwise it is null.
+    ``series_status`` maps SeriesInstanceUID to the series' retrieval status in the audit (the series table's
+    ``series_status``).
     """
     report = ExportReport(run_id)
     aggregate = RunAggregate()
@@ -106,13 +110,15 @@ def export_instances(
     return report
 
 
-def _write_aggregate(output: RunOutput, table: str, rows: Iterable[tuple[object, dict]], row_group_size: int) -> int:
-    by_partition: dict[object, list[dict]] = {}
+def _write_aggregate(
+    output: RunOutput, table: str, rows: Iterable[tuple[dt.date | None, dict[str, Any]]], row_group_size: int
+) -> int:
+    by_partition: dict[dt.date | None, list[dict[str, Any]]] = {}
     for study_date, row in rows:
         by_partition.setdefault(study_date, []).append(row)
     with PartitionedWriter(output, table, row_group_size) as writer:
         for study_date, partition_rows in by_partition.items():
-            writer.add_rows(study_date, partition_rows)  # type: ignore[arg-type]
+            writer.add_rows(study_date, partition_rows)
     return writer.rows
 
 

@@ -119,7 +119,7 @@ class RunAggregate:
 
 
 def _row(columns: Iterable[Column], run_id: str, first: dict[str, Any], counts: dict[str, Any]) -> dict[str, Any]:
-    values = {RUN_ID.name: run_id}
+    values: dict[str, Any] = {RUN_ID.name: run_id}
     for column in columns:
         if column.name != RUN_ID.name:
             values[column.name] = first.get(column.name) if column.name in _FIRST else counts[column.name]

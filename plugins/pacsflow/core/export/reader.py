@@ -12,22 +12,25 @@ import errno
 import hashlib
 import math
 import os
+import re
 import struct
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import pyarrow as pa
 import pydicom
+from pydicom import config as pydicom_config
 from pydicom.charset import decode_bytes
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
+from pydicom.valuerep import DA, DT, TM, validate_value
 
 from pacsflow.core.export.aggregate import SeriesState
 from pacsflow.core.export.schema import (
@@ -60,6 +63,9 @@ _NOT_TEXT_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN", "SQ", "AT"}
 _INT32 = (-(2**31), 2**31 - 1)
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _ITEM, _SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE0DD
+
+
+_Number = TypeVar("_Number", int, float)
 
 
 class Rejected(Exception):
@@ -108,7 +114,9 @@ def read_instance(path: str, include_private: bool = False) -> dict[str, Any]:
                 handle.seek(0)
                 row = _parse(handle, size, include_private)
     except OSError as error:
-        raise Rejected(f"cannot read the file ({errno.errorcode.get(error.errno or 0, type(error).__name__)})")
+        raise Rejected(
+            f"cannot read the file ({errno.errorcode.get(error.errno or 0, type(error).__name__)})"
+        ) from None
     row.update(file_path=str(path), file_size=size, file_sha256=digest)
     return row
 
@@ -177,6 +185,7 @@ def _pixel_data_complete(fp: BinaryIO, size: int, implicit: bool, little: bool) 
     header = fp.read(8)
     if len(header) < 8:
         return False
+    length: int
     if implicit:
         length = struct.unpack(f"{endian}L", header[4:])[0]
     elif header[4:6] in (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN"):
@@ -237,8 +246,9 @@ class _Elements:
         vr = _vr(element, tag)
         if vr in _BINARY_FORMATS:
             return _unpack(raw, _BINARY_FORMATS[vr], element.is_little_endian)
-        if vr in _NOT_TEXT_VRS:
-            return None
+        return None if vr in _NOT_TEXT_VRS else self._text_values(raw, vr)
+
+    def _text_values(self, raw: bytes, vr: str) -> list[str] | None:
         if vr in _CHARSET_VRS:
             text = decode_bytes(raw, self._charset, _PN_DELIMITERS if vr == "PN" else _TEXT_DELIMITERS)
         else:
@@ -318,14 +328,16 @@ def _float(values: list[Any]) -> float | None:
 
 def _floats(values: list[Any]) -> list[float] | None:
     numbers = [_number(value, float) for value in values]
-    return None if any(number is None for number in numbers) else numbers  # type: ignore[return-value]
+    floats = [number for number in numbers if number is not None]
+    return floats if len(floats) == len(numbers) else None
 
 
 def _texts(values: list[Any]) -> list[str]:
     return [str(value) for value in values]
 
 
-def _number(value: Any, kind: Callable[[Any], Any]) -> Any:
+def _number(value: Any, kind: type[_Number]) -> _Number | None:
+    number: int | float
     if isinstance(value, (int, float)):
         number = value
     else:
@@ -339,39 +351,49 @@ def _number(value: Any, kind: Callable[[Any], Any]) -> Any:
 
 
 def parse_date(text: str) -> dt.date | None:
-    """DA ``YYYYMMDD`` (or the ACR-NEMA ``YYYY.MM.DD``); None when not a real date."""
-    digits = text.strip().replace(".", "")
-    if len(digits) != 8 or not digits.isdigit():
+    """DA ``YYYYMMDD`` (or the ACR-NEMA ``YYYY.MM.DD``) read by pydicom; None when not a real date."""
+    value = text.strip()
+    if not value.replace(".", "").isdigit():  # pydicom's int() would also take signs, blanks and "_"
         return None
-    try:
-        return dt.date(int(digits[:4]), int(digits[4:6]), int(digits[6:]))
-    except ValueError:
-        return None
+    day = _pydicom_value(DA, value)
+    return None if day is None else dt.date(day.year, day.month, day.day)
 
 
 def parse_time(text: str) -> dt.time | None:
-    """TM ``HH[MM[SS[.FFFFFF]]]`` (or the ACR-NEMA ``HH:MM:SS``); None when not a real time."""
-    main, _, fraction = text.strip().replace(":", "").partition(".")
-    if len(main) not in (2, 4, 6) or not main.isdigit() or (fraction and not fraction.isdigit()):
-        return None
-    hour, minute, second = int(main[:2]), int(main[2:4] or 0), int(main[4:6] or 0)
-    micro = int(fraction[:6].ljust(6, "0")) if fraction else 0
-    try:
-        return dt.time(hour, minute, min(second, 59), micro)  # TM allows a leap second (60)
-    except ValueError:
-        return None
+    """TM ``HH[MM[SS[.FFFFFF]]]`` read by pydicom, also in the ACR-NEMA ``HH:MM:SS`` form and with a stray
+    trailing ``.``; None when not a real time. A leap second (60) reads as 59."""
+    clock = _pydicom_value(TM, text.strip().replace(":", "").removesuffix("."))
+    return None if clock is None else dt.time(clock.hour, clock.minute, clock.second, clock.microsecond)
 
 
 def parse_datetime(text: str) -> dt.datetime | None:
-    """DT ``YYYYMMDD[HH[MM[SS[.F]]]][&ZZXX]`` as naive local time (a UTC offset suffix is dropped)."""
+    """DT ``YYYYMMDD[HH[MM[SS[.F]]]][&ZZXX]`` read by pydicom, as naive local time (a UTC offset is dropped).
+
+    None when not a real date and time, or less precise than a day: ``YYYY`` or ``YYYYMM`` is valid DICOM but
+    would become a timestamp at a precision the acquisition never had. pydicom's parser accepts a conformant
+    prefix followed by anything, so the whole value is first checked by pydicom's DT validator (which also
+    accepts query ranges: refused by the shape check)."""
     value = text.strip()
-    if len(value) > 5 and value[-5] in "+-" and value[-4:].isdigit():
-        value = value[:-5]
-    day = parse_date(value[:8])
-    if day is None:
+    if not _DATETIME_SHAPE.fullmatch(value):
         return None
-    clock = parse_time(value[8:]) if value[8:] else dt.time()
-    return None if clock is None else dt.datetime.combine(day, clock)
+    try:
+        validate_value("DT", value, pydicom_config.RAISE)
+    except ValueError:  # the message quotes the value: not kept
+        return None
+    moment = _pydicom_value(DT, value)
+    return None if moment is None else dt.datetime.combine(moment.date(), moment.time())
+
+
+_DATETIME_SHAPE = re.compile(r"\d{8}[\d.]*(?:[+-]\d{4})?")  # a full date, then time and offset; no range
+_DateOrTime = TypeVar("_DateOrTime", DA, TM, DT)
+
+
+def _pydicom_value(vr: type[_DateOrTime], text: str) -> _DateOrTime | None:
+    """pydicom's value of ``text`` for the VR, or None when it is empty or not valid."""
+    try:
+        return vr(text)
+    except (ValueError, OverflowError):  # the message quotes the value: not kept
+        return None
 
 
 _CONVERTERS: dict[Kind, Callable[[list[Any]], Any]] = {

@@ -52,7 +52,7 @@ class Column:
         return pa.field(self.name, self.kind.arrow_type, nullable=self.nullable)
 
 
-def _dicom(name: str, kind: Kind, tag: int, keyword: str, description: str, nullable: bool = True) -> Column:
+def _dicom(name: str, kind: Kind, tag: int, keyword: str, description: str, *, nullable: bool = True) -> Column:
     return Column(name, kind, f"({tag >> 16:04X},{tag & 0xFFFF:04X}) {keyword}", description, nullable, (tag,))
 
 
@@ -69,9 +69,11 @@ STUDY_DATE = _dicom(
     "StudyDate",
     "Hive partition key (directory study_date=YYYY-MM-DD), not stored inside the files",
 )
-STUDY_UID = _dicom("study_instance_uid", Kind.UID, 0x0020000D, "StudyInstanceUID", "Study Instance UID", False)
-SERIES_UID = _dicom("series_instance_uid", Kind.UID, 0x0020000E, "SeriesInstanceUID", "Series Instance UID", False)
-SOP_UID = _dicom("sop_instance_uid", Kind.UID, 0x00080018, "SOPInstanceUID", "SOP Instance UID", False)
+STUDY_UID = _dicom("study_instance_uid", Kind.UID, 0x0020000D, "StudyInstanceUID", "Study Instance UID", nullable=False)
+SERIES_UID = _dicom(
+    "series_instance_uid", Kind.UID, 0x0020000E, "SeriesInstanceUID", "Series Instance UID", nullable=False
+)
+SOP_UID = _dicom("sop_instance_uid", Kind.UID, 0x00080018, "SOPInstanceUID", "SOP Instance UID", nullable=False)
 
 ACQUISITION_DATETIME = _timestamp(
     "acquisition_datetime",

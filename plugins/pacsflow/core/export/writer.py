@@ -16,6 +16,7 @@ import re
 from collections import OrderedDict
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -69,7 +70,7 @@ class RunOutput:
             _fsync(path)
         self._remove(self._files(staged=False))
         final = [path.with_name(path.name[1 : -len(_STAGED_SUFFIX)]) for path in self._staged]
-        for staged, path in zip(self._staged, final):
+        for staged, path in zip(self._staged, final, strict=True):
             os.replace(staged, path)
         for directory in {path.parent for path in final}:
             fsync_path(directory)
@@ -77,7 +78,7 @@ class RunOutput:
         return final
 
     def _files(self, *, staged: bool) -> list[Path]:
-        found = []
+        found: list[Path] = []
         for table in TABLES:
             table_dir = self.root / table
             if not table_dir.is_dir():
@@ -150,7 +151,7 @@ class PartitionedWriter:
         while sum(self._buffered.values()) >= self.row_group_size:
             self._flush(max(self._buffered, key=self._buffered.__getitem__))
 
-    def add_rows(self, study_date: dt.date | None, rows: list[dict]) -> None:
+    def add_rows(self, study_date: dt.date | None, rows: list[dict[str, Any]]) -> None:
         """Add already aggregated rows (series, studies) to one partition."""
         self._buffer(study_date, pa.RecordBatch.from_pylist(rows, schema=self.schema))
 

@@ -275,20 +275,22 @@ class _Profile:
         if vr == "SQ":
             return _Action.DESCEND
         if vr == "UI":
-            if keyword.endswith("ClassUID") or keyword == "TransferSyntaxUID":
-                return _Action.KEEP
-            if keyword in DEVICE_IDENTITY and self.settings.retain_device_identity:
-                return _Action.KEEP
+            keep = keyword.endswith("ClassUID") or keyword == "TransferSyntaxUID" or self._device_kept(keyword)
+            return _Action.KEEP if keep else _Action.CHANGE
+        return self._value_action(vr, keyword)
+
+    def _value_action(self, vr: str, keyword: str) -> _Action:
+        """The action for an element that is neither private, nor a sequence, nor a UID."""
+        if vr in ("DA", "DT") or keyword in (PATIENT_ID, "PatientName") or keyword in KEYED_IDS:
             return _Action.CHANGE
-        if vr in ("DA", "DT") or keyword == PATIENT_ID or keyword == "PatientName" or keyword in KEYED_IDS:
-            return _Action.CHANGE
-        if vr not in TEXT_VRS or keyword in SAFE_TEXT:
+        if vr not in TEXT_VRS or keyword in SAFE_TEXT or self._device_kept(keyword):
             return _Action.KEEP  # CS, TM, numbers, binary (pixel data): kept
-        if keyword in DEVICE_IDENTITY and self.settings.retain_device_identity:
-            return _Action.KEEP
         if (keyword in DESCRIPTORS and self.settings.clean_descriptors) or keyword in EMPTIED:
             return _Action.CHANGE
         return _Action.REMOVE
+
+    def _device_kept(self, keyword: str) -> bool:
+        return keyword in DEVICE_IDENTITY and self.settings.retain_device_identity
 
     def _change(self, ds: Dataset, element: DataElement, vr: str, keyword: str) -> None:
         if vr == "UI":

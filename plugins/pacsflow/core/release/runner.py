@@ -7,6 +7,7 @@ so memory stays flat whatever the number of files. Outcomes come back as small r
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import tempfile
 import warnings
@@ -58,17 +59,17 @@ class ReleaseJob:
     out_root: Path  # released files go to <out_root>/<StudyUID>/<SeriesUID>/<SOPUID>.dcm (new UIDs)
 
 
-_worker: tuple[ReleaseJob, Deidentifier] | None = None
+@functools.lru_cache(maxsize=1)
+def _deidentifier(job: ReleaseJob) -> Deidentifier:
+    """The worker's de-identifier for ``job``, built once per process (and again only for another job)."""
+    return Deidentifier(job.settings, ReleaseKeys(job.secret))
 
 
 def release_chunk(job: ReleaseJob, paths: list[str]) -> list[FileResult]:
     """Release every file of ``paths`` (runs in a worker; the de-identifier is built once per process).
     Files appear by atomic rename; the caller makes them durable once at the end (:func:`release_files`)."""
-    global _worker
     use_private_umask()  # a forkserver worker keeps the umask its server started with
-    if _worker is None or _worker[0] != job:
-        _worker = (job, Deidentifier(job.settings, ReleaseKeys(job.secret)))
-    deidentifier = _worker[1]
+    deidentifier = _deidentifier(job)
     layout = StorageLayout(job.out_root)
     results: list[FileResult] = []
     staged: list[tuple[Path, str, str, str]] = []

@@ -47,22 +47,24 @@ class ReleaseSettings(BaseModel):
 
     enabled: bool = True
     project: str | None = Field(
-        None,
+        default=None,
         pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$",
         description="names the pseudonym key: same project, same pseudonyms; others "
         "unlinkable (default: the extraction's id)",
     )
     retain_longitudinal_dates: bool = Field(
-        True,
+        default=True,
         description="shift every date of a patient by one keyed offset (intervals kept); "
         "off: dates replaced by a dummy date",
     )
-    retain_device_identity: bool = Field(False, description="keep StationName, DeviceSerialNumber, ...")
+    retain_device_identity: bool = Field(default=False, description="keep StationName, DeviceSerialNumber, ...")
     clean_descriptors: bool = Field(
-        True,
+        default=True,
         description="keep study/series descriptions and protocol names, with identifiers removed; off: remove them",
     )
-    allow_ultrasound: bool = Field(False, description="release ultrasound (held back by default: burned-in text)")
+    allow_ultrasound: bool = Field(
+        default=False, description="release ultrasound (held back by default: burned-in text)"
+    )
     private_tag_allowlist: tuple[PrivateTag, ...] = ()
 
     @field_validator("private_tag_allowlist", mode="before")

@@ -127,6 +127,7 @@ def release_run(
             ctx,
             layout,
             settings,
+            project=settings.project,
             release_root=release_root,
             key_dir=key_dir,
             run_id=run_id,
@@ -150,15 +151,14 @@ def _release(
     layout: StorageLayout,
     settings: ReleaseSettings,
     *,
+    project: str,
     release_root: Path,
     key_dir: Path,
     run_id: str,
     secret: str | bytes | None,
     workers: int | None,
 ) -> ReleaseReport:
-    job = ReleaseJob(
-        settings, project_secret(settings.project, key_dir, secret), make_private_dir(release_root) / "dicom"
-    )
+    job = ReleaseJob(settings, project_secret(project, key_dir, secret), make_private_dir(release_root) / "dicom")
     tallies: dict[tuple[str, str], _SeriesTally] = {}
     report = ReleaseReport()
     for result in release_files(retrieved_files(ctx, layout), job, workers=workers):
@@ -168,7 +168,7 @@ def _release(
             report.reasons[result.reason] += 1
     for tally in tallies.values():
         report.series[tally.status] += 1
-    _record(ctx.store.engine, ctx.run_key, settings.project, tallies)
+    _record(ctx.store.engine, ctx.run_key, project, tallies)
     # The Airflow run id names the data interval (real dates): the release gets a keyed label instead.
     release_label = "release-" + ReleaseKeys(job.secret).identifier("run", run_id).lower()
     report.metadata = export_instances(

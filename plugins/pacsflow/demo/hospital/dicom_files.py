@@ -13,7 +13,14 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    CTImageStorage,
+    DigitalMammographyXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+    MRImageStorage,
+    UltrasoundImageStorage,
+)
 
 from pacsflow.core.storage import StorageLayout
 from pacsflow.demo.hospital.plan import (
@@ -27,12 +34,12 @@ from pacsflow.demo.hospital.plan import (
 )
 
 SOP_CLASSES = {
-    "CT": "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
-    "MG": "1.2.840.10008.5.1.4.1.1.1.2",  # Digital Mammography X-Ray Image Storage - For Presentation
-    "US": "1.2.840.10008.5.1.4.1.1.6.1",  # US Image Storage
-    "MR": "1.2.840.10008.5.1.4.1.1.4",  # MR Image Storage
+    "CT": CTImageStorage,
+    "MG": DigitalMammographyXRayImageStorageForPresentation,
+    "US": UltrasoundImageStorage,
+    "MR": MRImageStorage,
 }
-IMPLEMENTATION_CLASS_UID = UID_ROOT + "0.1"
+IMPLEMENTATION_CLASS_UID = UID(UID_ROOT + "0.1")
 IMPLEMENTATION_VERSION = "PACSFLOW_DEMO_1"
 BITS_STORED = 12
 SLICE_MM = 2.0
@@ -75,7 +82,7 @@ def _write_series(
     layout.series_dir(study.uid, series.uid).mkdir(parents=True, exist_ok=True)
     for number, sop_uid in enumerate(series.sop_uids, start=1):
         acquired = study.study_datetime + timedelta(minutes=2 * series.number, seconds=number)
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
         ds.InstanceNumber = number
         ds.AcquisitionDate = ds.ContentDate = _da(acquired)
         ds.AcquisitionTime = ds.ContentTime = _tm(acquired)

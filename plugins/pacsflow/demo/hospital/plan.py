@@ -231,7 +231,9 @@ class _Planner:
         self.rng.shuffle(quirks)
         moments = sorted(self._exam_datetime() for _ in range(accessions))
         # ANs grow with time, as RIS counters do; 8 digits, so a stripped "000..." variant never collides.
-        return [self._exam(index, quirk, moment) for index, (quirk, moment) in enumerate(zip(quirks, moments))]
+        return [
+            self._exam(index, quirk, moment) for index, (quirk, moment) in enumerate(zip(quirks, moments, strict=True))
+        ]
 
     def _exam_datetime(self) -> datetime:
         day = self.first_day + timedelta(days=self.rng.randrange((self.last_day - self.first_day).days + 1))
@@ -241,10 +243,8 @@ class _Planner:
     def _exam(self, index: int, quirk: Quirk, moment: datetime) -> PlannedExam:
         exam_type = self._exam_type(quirk)
         patient = self._patient(exam_type, moment)
-        if quirk is Quirk.AN_LEADING_ZEROS:
-            accession_number = str(10_000 + index).zfill(8)
-        else:
-            accession_number = str(10_000_001 + index)
+        leading_zeros = quirk is Quirk.AN_LEADING_ZEROS
+        accession_number = str(10_000 + index).zfill(8) if leading_zeros else str(10_000_001 + index)
         ris_uid, studies = _STUDIES[quirk](self, exam_type, accession_number, moment)
         return PlannedExam(accession_number, quirk, exam_type, patient, moment, ris_uid, tuple(studies))
 
@@ -313,6 +313,7 @@ class _Planner:
         description: str,
         modality: str,
         instances: int,
+        *,
         drop_reason: str | None = None,
         localizer: bool = False,
     ) -> Callable[[int], PlannedSeries]:
