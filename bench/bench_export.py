@@ -61,7 +61,7 @@ def _uid(*parts: int) -> str:
     return UID_ROOT + ".".join(str(part) for part in parts)
 
 
-def ct_dataset(index: int, pixels: int = 64) -> Dataset:
+def ct_dataset(index: int, pixels: int = 64) -> Dataset:  # noqa: PLR0915  one statement per element, as a scanner writes
     """A CT image header like a scanner writes (~300 elements with sequences and private groups)."""
     study, rest = divmod(index, INSTANCES_PER_SERIES * SERIES_PER_STUDY)
     series, instance = divmod(rest, INSTANCES_PER_SERIES)

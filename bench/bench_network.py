@@ -30,7 +30,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, replace
 from itertools import repeat
 from pathlib import Path
@@ -39,6 +39,7 @@ from typing import Any
 import psutil
 from pacsflow.core.dicom.client import PacsClient
 from pacsflow.core.dicom.config import PacsConfig, ReceiverConfig
+from pacsflow.core.dicom.dcmtk import dcmtk_program
 from pacsflow.core.dicom.dcmtk_receiver import DcmtkStoreReceiver
 from pacsflow.core.dicom.receiver import StoreReceiver, open_receiver
 from pacsflow.core.resolve import Resolution, ResolutionSettings, Rule, resolve_accession
@@ -180,7 +181,7 @@ def resolve_pacsflow(config: PacsConfig, ans: Sequence[str], expected: dict[str,
     elapsed = time.perf_counter() - started
     wrong = [
         f"{result.resolution.value}: {result.detail}"
-        for an, result in zip(ans, results)
+        for an, result in zip(ans, results, strict=True)
         if result.resolution is not Resolution.RESOLVED or result.study_uids != (expected[an],)
     ]
     return len(ans) / elapsed, wrong
@@ -193,7 +194,7 @@ def resolve_findscu(config: PacsConfig, ans: Sequence[str], expected: dict[str, 
     for an in ans:
         completed = subprocess.run(
             [
-                "findscu",
+                dcmtk_program("findscu"),
                 "-v",
                 "-S",
                 "-aet",
@@ -212,6 +213,7 @@ def resolve_findscu(config: PacsConfig, ans: Sequence[str], expected: dict[str, 
             env=NODELAY_ENV,
             capture_output=True,
             text=True,
+            check=False,  # a miss is counted from the output, not raised
         )
         answered = _findscu_study_uids(completed.stdout + completed.stderr)
         wrong += completed.returncode != 0 or expected[an] not in answered
@@ -259,7 +261,7 @@ def _peak_rss_sampler(pid: int) -> Any:
 
 
 def _verified(
-    name: str, root: Path, pattern: str, studies: list[Study], seconds: float, peak: int, detail: dict[str, Any]
+    name: str, root: Path, *, pattern: str, studies: list[Study], seconds: float, peak: int, detail: dict[str, Any]
 ) -> Run:
     files, size = _tree_size(root, pattern)
     expected = sum(study.instances for study in studies)
@@ -272,7 +274,8 @@ def run_dcmtk(config: PacsConfig, studies: list[Study], port: int, out: Path) ->
     """``storescp`` (bit-preserving, max PDU) receiving what ``movescu`` asks Orthanc to send, study by study."""
     out.mkdir(parents=True)
     receiver = psutil.Popen(
-        ["storescp", "-q", "-aet", DCMTK_AE, "-pdu", "131072", "+B", "-od", str(out), str(port)], env=NODELAY_ENV
+        [dcmtk_program("storescp"), "-q", "-aet", DCMTK_AE, "-pdu", "131072", "+B", "-od", str(out), str(port)],
+        env=NODELAY_ENV,
     )
     try:
         _wait_for_port(port, receiver)
@@ -281,7 +284,7 @@ def run_dcmtk(config: PacsConfig, studies: list[Study], port: int, out: Path) ->
             for study in studies:
                 subprocess.run(
                     [
-                        "movescu",
+                        dcmtk_program("movescu"),
                         "-q",
                         "-S",
                         "-aet",
@@ -304,7 +307,9 @@ def run_dcmtk(config: PacsConfig, studies: list[Study], port: int, out: Path) ->
     finally:
         receiver.terminate()
         receiver.wait(timeout=20)
-    return _verified("dcmtk movescu+storescp", out, "*", studies, seconds, peak.peak_total, {})
+    return _verified(
+        "dcmtk movescu+storescp", out, pattern="*", studies=studies, seconds=seconds, peak=peak.peak_total, detail={}
+    )
 
 
 def _wait_for_port(port: int, process: psutil.Popen) -> None:
@@ -339,7 +344,15 @@ def run_pacsflow(method: str, config: PacsConfig, studies: list[Study], port: in
     if child.returncode:
         raise SystemExit(f"pacsflow {method} failed (exit {child.returncode})")
     result = json.loads(stdout)
-    return _verified(f"pacsflow {method}", out, "*/*/*.dcm", studies, result.pop("seconds"), peak.peak_total, result)
+    return _verified(
+        f"pacsflow {method}",
+        out,
+        pattern="*/*/*.dcm",
+        studies=studies,
+        seconds=result.pop("seconds"),
+        peak=peak.peak_total,
+        detail=result,
+    )
 
 
 def _child(job: dict[str, Any]) -> dict[str, Any]:
@@ -401,10 +414,8 @@ def _stored_count(layout: StorageLayout, study_uid: str) -> int:
 
 def _reset_peak_rss() -> None:
     """Reset the kernel's RSS high-water mark of this process (Linux >= 4.0), so each study has its own peak."""
-    try:
+    with suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 def _peak_rss() -> int:
@@ -481,8 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_child(json.loads(args.child))))
         return 0
     for tool in ("findscu", "movescu", "storescp"):
-        if shutil.which(tool) is None:
-            raise SystemExit(f"{tool} (DCMTK) is not installed: make system-deps")
+        dcmtk_program(tool)  # DCMTK's by absolute path (a venv's pynetdicom shadows storescp), or a clear error
     big, small = ensure_data(args.data / f"data-v{DATA_VERSION}", args.accessions)
     studies = retrieval_studies()
     ports = {PACSFLOW_AE: free_port(), DCMTK_AE: free_port()}
