@@ -7,7 +7,6 @@ imports it.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,21 +19,6 @@ from pacsflow.demo.environment import airflow_environment
 AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="pacsflow-test-airflow-"))
 os.environ.update(airflow_environment(AIRFLOW_HOME))
 os.environ.setdefault("PACSFLOW_LOG_KEY", "test-key-not-secret-0123456789")
-
-
-def fits_latin1(text: str) -> bool:
-    """Whether a name survives a PACS that answers in ISO_IR 100."""
-    try:
-        text.encode("latin-1")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -42,7 +42,7 @@ from pacsflow.demo.hospital import (
 )
 from pacsflow.demo.sandbox import orthanc
 
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 DEMO = load_definition(DEMO_DEFINITION)
 RUN_KEY = "library/interrupted"

@@ -32,8 +32,8 @@ from pacsflow.demo.hospital import (
 )
 from pacsflow.demo.sandbox import orthanc
 
-from tests.conftest import free_port
 from tests.faults.proxy import Fault, FaultProxy
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.orthanc
 DEMO = load_definition(DEMO_DEFINITION)

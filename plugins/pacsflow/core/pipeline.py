@@ -43,7 +43,7 @@ SERIES_RETURN_KEYS = (
 MAX_BATCHES = 500  # Airflow's max_map_length is 1024; stay well below it
 # Consecutive items failing with transient errors that mean "the PACS is down": stop and let Airflow retry.
 PACS_DOWN_AFTER = 5
-# Late C-STOREs may arrive after the final C-MOVE response (FIELD_NOTES §6).
+# Some PACS send the final C-MOVE response before their sub-association's last C-STOREs have reached the receiver.
 LATE_ARRIVAL_GRACE_SECONDS = 2.0
 FETCH_PASSES = 5  # later passes re-fetch only what earlier ones lost
 # Before each pass: a PACS that just lost its stream to the receiver may keep failing on the dead association

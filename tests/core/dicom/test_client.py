@@ -14,8 +14,8 @@ from pacsflow.demo.sandbox import orthanc
 from pydicom import dcmread
 from pynetdicom.dimse_primitives import C_FIND
 
-from tests.conftest import fits_latin1, free_port
 from tests.core.dicom.conftest import RECEIVER_AE, UNWELCOMING_AE
+from tests.helpers import fits_latin1, free_port
 
 
 def test_echo_and_one_association_for_many_queries(pacs):

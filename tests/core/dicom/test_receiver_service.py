@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from pacsflow.core.dicom.__main__ import parse_args
 
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 PACSFLOW = str(Path(sys.executable).with_name("pacsflow"))
 
