@@ -160,6 +160,7 @@ def test_a_destination_that_refuses_the_pacs_gets_nothing(pacs, receiver_ports, 
     assert receiver.stats.stored == 0 and not list(tmp_path.rglob("*.dcm"))
 
 
+@pytest.mark.orthanc
 def test_orthanc_stopping_at_its_result_limit_is_capped_not_complete(files, tmp_path):
     with (
         orthanc(tmp_path / "orthanc", move_destinations={}, result_cap=3) as limited,
@@ -171,6 +172,7 @@ def test_orthanc_stopping_at_its_result_limit_is_capped_not_complete(files, tmp_
     assert (len(result.matches), result.status, result.capped) == (3, 0xFE00, True)
 
 
+@pytest.mark.orthanc
 def test_latin1_answers_are_decoded(files, headers, tmp_path):
     """Orthanc configured for Latin-1 answers in ISO_IR 100 whatever we ask."""
     expected = {h.PatientID: str(h.PatientName) for h in headers}
