@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             airflow.unpause(DEMO_DAG_ID)
             runs = airflow.wait_for_runs(DEMO_DAG_ID, years, RUN_TIMEOUT_SECONDS)
 
-    succeeded, totals = True, Counter()
+    succeeded, totals = True, Counter[str]()
     with AuditStore.connect(audit_url) as store:
         for run in runs:
             summary = store.summary(f"{DEMO_DAG_ID}/{run['dag_run_id']}")

@@ -38,8 +38,7 @@ class SandboxPacs:
     def load(self, files: Iterable[Path]) -> int:
         """C-STORE the files into the PACS over one association; returns how many it accepted."""
         ae = AE(ae_title="LOADER")
-        for context in StoragePresentationContexts:
-            ae.add_requested_context(context.abstract_syntax)
+        ae.requested_contexts = StoragePresentationContexts
         assoc = ae.associate(self.config.host, self.config.port, ae_title=self.config.called_ae)
         if not assoc.is_established:
             raise RuntimeError("the sandbox PACS refused the loader's association")

@@ -107,12 +107,12 @@ def timeline(stages: Sequence[Mapping[str, Any]], *, title: str) -> Markup:
                 x=left,
                 y=y,
                 wd=max(right - left, 1.5),
-                c=STATE_COLOURS.get(stage.get("state"), DEFAULT_COLOUR),
+                c=STATE_COLOURS.get(stage.get("state", ""), DEFAULT_COLOUR),
                 state=stage.get("state"),
                 s=seconds,
             )
         )
-    rates = [(stage, _rate(stage)) for stage in stages if _rate(stage) is not None]
+    rates = [(stage, rate) for stage in stages if (rate := _rate(stage)) is not None]
     base = gantt_height + rate_height
     top_rate = max((r for _, r in rates), default=0) or 1
     parts.append(

@@ -9,14 +9,14 @@ reference computed with the same deployment key.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Select, and_, case, func, literal, or_, select
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, RowMapping
 
 from pacsflow.core.audit import (
     AuditStore,
@@ -550,7 +550,7 @@ def layout_of(data_root: Path) -> StorageLayout:
     return StorageLayout(data_root / "dicom")
 
 
-def _run_row(row: Mapping[str, Any]) -> RunRow:
+def _run_row(row: RowMapping) -> RunRow:
     return RunRow(
         dag_id=row["dag_id"],
         run_id=row["run_id"],

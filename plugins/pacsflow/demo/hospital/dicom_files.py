@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from pacsflow.core.storage import StorageLayout
 from pacsflow.demo.hospital.plan import (
@@ -75,7 +75,7 @@ def _write_series(
     layout.series_dir(study.uid, series.uid).mkdir(parents=True, exist_ok=True)
     for number, sop_uid in enumerate(series.sop_uids, start=1):
         acquired = study.study_datetime + timedelta(minutes=2 * series.number, seconds=number)
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
         ds.InstanceNumber = number
         ds.AcquisitionDate = ds.ContentDate = _da(acquired)
         ds.AcquisitionTime = ds.ContentTime = _tm(acquired)
@@ -89,9 +89,9 @@ def _series_dataset(exam: PlannedExam, study: PlannedStudy, series: PlannedSerie
     patient = exam.patient
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = SOP_CLASSES[series.modality]
+    ds.file_meta.MediaStorageSOPClassUID = UID(SOP_CLASSES[series.modality])
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    ds.file_meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
     ds.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION
     if patient.charset:  # absent: the default repertoire (plain ASCII names)
         ds.SpecificCharacterSet = patient.charset
