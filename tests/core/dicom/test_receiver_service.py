@@ -15,6 +15,9 @@ from pacsflow.core.dicom.__main__ import parse_args
 
 from tests.helpers import free_port
 
+# the receiver service runs as its own process: the slow tier (`orthanc`: a DICOM server process)
+pytestmark = pytest.mark.orthanc
+
 PACSFLOW = str(Path(sys.executable).with_name("pacsflow"))
 
 

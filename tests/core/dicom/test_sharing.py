@@ -19,6 +19,9 @@ from pacsflow.core.storage import TEMP_PREFIX, StorageLayout
 
 from tests.helpers import free_port
 
+# tasks in child processes share a receiver server: the slow tier (`orthanc`: a DICOM server process)
+pytestmark = pytest.mark.orthanc
+
 BACKENDS = ["pynetdicom", "dcmtk"]
 
 
