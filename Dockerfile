@@ -19,8 +19,9 @@ COPY --chown=50000:0 requirements.txt /opt/pacsflow/requirements.txt
 RUN pip install --no-cache-dir -r /opt/pacsflow/requirements.txt
 COPY --chown=50000:0 pyproject.toml /opt/pacsflow/pyproject.toml
 COPY --chown=50000:0 plugins /opt/pacsflow/plugins
-# Installed as a distribution: the api-server lists the `dicom` connection type only then.
-RUN pip install --no-cache-dir --no-deps /opt/pacsflow
+# Installed as a distribution (the api-server lists the `dicom` connection type only then), its declared
+# dependencies held to the pins installed above.
+RUN pip install --no-cache-dir --constraint /opt/pacsflow/requirements.txt /opt/pacsflow
 COPY --chown=50000:0 dags /opt/airflow/dags
 COPY --chown=50000:0 include /opt/airflow/include
 ENV PACSFLOW_DATA_ROOT=/var/lib/pacsflow

@@ -33,7 +33,7 @@ from urllib.parse import quote
 from pacsflow.core.audit import AuditStore, accessions, series, stage_attempts, studies
 from pacsflow.core.privacy import Pseudonymizer
 from pacsflow.demo.environment import airflow_environment
-from pacsflow.demo.run import free_port
+from pacsflow.demo.sandbox import free_port
 from sqlalchemy import insert
 
 from bench.results import record

@@ -26,10 +26,10 @@ from pacsflow.core.privacy import Pseudonymizer
 from pacsflow.core.ris import load_template, query_cohort
 from pacsflow.core.settings import ExtractionDefinition, load_definition
 from pacsflow.core.storage import StorageLayout
-from pacsflow.demo.deployment import free_port, local_deployment
+from pacsflow.demo.deployment import local_deployment
 from pacsflow.demo.environment import DEMO_DAG_ID, DEMO_DEFINITION, REPO_ROOT, connection_environment
 from pacsflow.demo.hospital import build_hospital
-from pacsflow.demo.sandbox import orthanc
+from pacsflow.demo.sandbox import free_port, orthanc
 from sqlalchemy import create_engine
 
 from bench.results import record

@@ -7,7 +7,6 @@ imports it.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,20 +20,26 @@ AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="pacsflow-test-airflow-"))
 os.environ.update(airflow_environment(AIRFLOW_HOME))
 os.environ.setdefault("PACSFLOW_LOG_KEY", "test-key-not-secret-0123456789")
 
+# Test tiers. A test that uses one of these fixtures, directly or through another fixture, gets the marker, so
+# the quick tier `pytest -m "not orthanc and not postgres and not airflow"` starts none of these servers; tests
+# that start such a peer themselves carry the marker explicitly (pyproject.toml describes each marker).
+SERVER_FIXTURES = {
+    "orthanc": {"pacs", "qr_pacs"},  # Orthanc or pynetdicom's qrscp holding a demo hospital
+    "postgres": {"postgres_url"},
+    "airflow": {"airflow_db"},
+}
+POSTGRES_BACKENDS = {"postgres", "postgresql"}  # a parameter that picks the PostgreSQL case of a backend matrix
 
-def fits_latin1(text: str) -> bool:
-    """Whether a name survives a PACS that answers in ISO_IR 100."""
-    try:
-        text.encode("latin-1")
-    except UnicodeEncodeError:
-        return False
-    return True
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        for marker, fixtures in SERVER_FIXTURES.items():
+            if used & fixtures:
+                item.add_marker(marker)
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and POSTGRES_BACKENDS & {v for v in callspec.params.values() if isinstance(v, str)}:
+            item.add_marker("postgres")
 
 
 @pytest.fixture(scope="session")

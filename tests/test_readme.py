@@ -26,7 +26,7 @@ from pacsflow.demo.environment import DEMO_DAG_ID, REPO_ROOT, connection_environ
 from pacsflow.demo.hospital import build_hospital, expected_instances, expected_outcomes, load_ground_truth, within
 from pacsflow.demo.sandbox import orthanc
 
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 README = REPO_ROOT / "README.md"
 MARKED_BLOCK = re.compile(r"<!-- readme-test: (?P<name>[a-z-]+) -->\n```bash\n(?P<body>.*?)\n```", re.DOTALL)
@@ -134,3 +134,33 @@ def test_the_compose_commands_name_services_and_profiles_that_exist():
             assert next(word for word in words[3:] if not word.startswith("-")) in services, words
     scripts = [shlex.split(line) for line in lines if line.startswith("bash ")]
     assert all((REPO_ROOT / words[1]).is_file() for words in scripts)
+
+
+def layout_table() -> list[tuple[str, str]]:
+    """The rows (path column, description) of the README's Layout table."""
+    section = README.read_text().split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:3] for line in section.splitlines() if line.startswith("| `")]
+    return [(path.strip(), what.strip()) for path, what in rows]
+
+
+def test_every_path_in_the_layout_table_exists():
+    package = REPO_ROOT / "plugins" / "pacsflow"
+    named = [path for column, _ in layout_table() for path in re.findall(r"`([^`]+)`", column)]
+    assert named
+    missing = [path for path in named if not (REPO_ROOT / path).exists() and not (package / path).exists()]
+    assert not missing, f"README's Layout table names paths that are not in the tree: {missing}"
+
+
+def test_the_layout_table_names_every_module_of_the_package():
+    table = "\n".join(f"{column} {what}" for column, what in layout_table())
+    package = REPO_ROOT / "plugins" / "pacsflow"
+    modules = [
+        entry
+        for folder in (package, package / "core")
+        for entry in folder.iterdir()
+        if (entry.suffix == ".py" and entry.name != "__init__.py") or (entry / "__init__.py").exists()
+    ]
+    unnamed = [
+        str(entry.relative_to(package)) for entry in modules if not re.search(rf"[`/]{re.escape(entry.name)}/?`", table)
+    ]
+    assert not unnamed, f"README's Layout table does not describe: {unnamed}"

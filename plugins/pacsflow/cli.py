@@ -1,8 +1,10 @@
-"""``pacsflow`` command line: run summaries, a dry run of a definition's cohort, the audit store's schema
-(``pacsflow db upgrade``), and a C-ECHO health check.
+"""``pacsflow`` command line: ``summary`` (a run's reconciled summary), ``cohort`` (a dry run of a definition's
+cohort), ``db upgrade`` (the audit store's schema; ``init-audit`` is its older name) and ``echo`` (a C-ECHO
+health check).
 
 Exit codes of ``pacsflow summary``: 0 the run succeeded, 1 it failed (the state line says at which stage and
-why), 2 no such run, 3 the run is still in progress. The receiver service is ``python -m pacsflow.core.dicom``.
+why), 2 no such run, 3 the run is still in progress. The receiver is not a ``pacsflow`` command: its service
+runs as ``python -m pacsflow.core.dicom``.
 """
 
 from __future__ import annotations

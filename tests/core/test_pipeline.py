@@ -50,8 +50,8 @@ from pacsflow.demo.hospital import (
 from pacsflow.demo.sandbox import orthanc, qrscp
 from pydicom import dcmread
 
-from tests.conftest import free_port
 from tests.faults.proxy import Fault, FaultProxy
+from tests.helpers import free_port
 
 DEMO = load_definition(DEMO_DEFINITION)
 RUN_KEY = "library/interrupted"

@@ -30,7 +30,6 @@ from pacsflow.demo.deployment import (
     Process,
     base_environment,
     deployment,
-    free_port,
     native_command,
     service,
     wait_until,
@@ -38,6 +37,8 @@ from pacsflow.demo.deployment import (
 from pacsflow.deployment import SERVICES, ServiceSpec
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+
+from tests.helpers import free_port
 
 REDIS_SERVER = "/usr/bin/redis-server"
 CeleryDeployment = Deployment

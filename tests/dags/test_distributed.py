@@ -25,8 +25,8 @@ from pacsflow.demo.hospital import build_hospital, expected_instances, expected_
 from pacsflow.demo.sandbox import orthanc
 from pacsflow.deployment import DATA_ROOT_ENV, SERVICES
 
-from tests.conftest import free_port
 from tests.dags.celery_deployment import CeleryDeployment, celery_deployment, postgres_database, redis_server
+from tests.helpers import free_port
 
 pytestmark = [pytest.mark.airflow, pytest.mark.postgres, pytest.mark.orthanc]
 

@@ -29,7 +29,7 @@ from pacsflow.demo.hospital import (
 )
 from sqlalchemy import create_engine, inspect, select
 
-from tests.conftest import fits_latin1
+from tests.helpers import fits_latin1
 
 SEED = 5
 SIZE = 40

@@ -36,8 +36,8 @@ from pacsflow.demo.environment import DEMO_DEFINITION, demo_cohort
 from pacsflow.demo.hospital import Hospital, build_hospital, expected_instances, expected_outcomes, load_ground_truth
 from pacsflow.demo.sandbox import SandboxPacs, orthanc, qrscp
 
-from tests.conftest import free_port
 from tests.faults.proxy import Fault, FaultProxy
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.orthanc
 DEMO = load_definition(DEMO_DEFINITION)

@@ -26,7 +26,7 @@ from pacsflow.core.audit import RETRIEVAL_FAILED, AuditStore, Stage
 from pacsflow.core.dicom.config import ReceiverConfig
 from pacsflow.core.pipeline import PACS_DOWN_AFTER
 from pacsflow.core.storage import StorageLayout, run_token
-from pacsflow.demo.deployment import Deployment, free_port, local_deployment, wait_until
+from pacsflow.demo.deployment import Deployment, local_deployment, wait_until
 from pacsflow.demo.environment import DEMO_DEFINITION, connection_environment
 from pacsflow.demo.hospital import (
     Hospital,
@@ -39,6 +39,8 @@ from pacsflow.demo.hospital import (
 from pacsflow.demo.hospital.plan import INSTITUTIONS, OPERATORS, REFERRING_PHYSICIANS
 from pacsflow.demo.sandbox import orthanc
 from sqlalchemy import create_engine, text
+
+from tests.helpers import free_port
 
 pytestmark = [pytest.mark.airflow, pytest.mark.orthanc]
 

@@ -42,7 +42,7 @@ from pacsflow.demo.hospital import build_hospital, load_ground_truth
 from pacsflow.demo.sandbox import orthanc
 from pydicom import dcmread
 
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 DEMO = load_definition(DEMO_DEFINITION)
 DAG_ID = DEMO_DAG_ID

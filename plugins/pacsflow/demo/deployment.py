@@ -18,7 +18,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from typing import Any
 from cryptography.fernet import Fernet
 
 from pacsflow.demo.environment import airflow_environment
+from pacsflow.demo.sandbox import free_port
 from pacsflow.deployment import DATA_ROOT_ENV, SERVICES, init_steps
 
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))
@@ -115,12 +115,6 @@ def native_command(command: tuple[str, ...] | list[str]) -> list[str]:
     """A topology command with its program taken from this virtual environment."""
     program, *args = command
     return [PROGRAMS[program], *args]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from pacsflow.core.audit import AuditStore
 from pacsflow.core.dicom.config import ReceiverConfig
-from pacsflow.demo.deployment import free_port, local_deployment
+from pacsflow.demo.deployment import local_deployment
 from pacsflow.demo.environment import DEMO_DAG_ID, REPO_ROOT, connection_environment
 from pacsflow.demo.hospital import build_hospital
-from pacsflow.demo.sandbox import qrscp
+from pacsflow.demo.sandbox import free_port, qrscp
 
 RECEIVER_AE = "PACSFLOW"
 PACS_AE = "QRSCP"

@@ -54,9 +54,10 @@ class SandboxPacs:
 
 
 def free_port() -> int:
+    """A loopback TCP port free right now (the demo's and the tests' one way to pick a port)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+        return int(probe.getsockname()[1])
 
 
 @contextmanager

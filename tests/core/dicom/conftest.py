@@ -13,7 +13,7 @@ from pacsflow.demo.sandbox import SandboxPacs, orthanc, qrscp
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 RECEIVER_AE = "PACSFLOW"
 UNWELCOMING_AE = "UNWELCOMING"  # a destination whose receiver refuses Orthanc

@@ -15,8 +15,8 @@ from pacsflow.demo.sandbox import orthanc
 from pydicom import dcmread
 from pynetdicom.dimse_primitives import C_FIND
 
-from tests.conftest import fits_latin1, free_port
 from tests.core.dicom.conftest import RECEIVER_AE, UNWELCOMING_AE
+from tests.helpers import fits_latin1, free_port
 
 
 def test_echo_and_one_association_for_many_queries(pacs):
@@ -174,6 +174,7 @@ def test_a_destination_that_refuses_the_pacs_gets_nothing(pacs, receiver_ports, 
     assert receiver.stats.stored == 0 and not list(tmp_path.rglob("*.dcm"))
 
 
+@pytest.mark.orthanc
 def test_orthanc_stopping_at_its_result_limit_is_capped_not_complete(files, tmp_path):
     with (
         orthanc(tmp_path / "orthanc", move_destinations={}, result_cap=3) as limited,
@@ -185,6 +186,7 @@ def test_orthanc_stopping_at_its_result_limit_is_capped_not_complete(files, tmp_
     assert (len(result.matches), result.status, result.capped) == (3, 0xFE00, True)
 
 
+@pytest.mark.orthanc
 def test_latin1_answers_are_decoded(files, headers, tmp_path):
     """Orthanc configured for Latin-1 answers in ISO_IR 100 whatever we ask."""
     expected = {h.PatientID: str(h.PatientName) for h in headers}

@@ -22,6 +22,9 @@ from pydicom import dcmread
 from tests.core.dicom.fuzz import make_case, run_case
 from tests.core.dicom.peers import RECEIVER_AE, ReceiverProcess, legitimate_store_succeeds, stored_files
 
+# Each attack runs against a receiver server in a child process: the slow tier (`orthanc`: a DICOM server process).
+pytestmark = pytest.mark.orthanc
+
 SEED = 20261202
 CASES = int(os.environ.get("PACSFLOW_FUZZ_CASES", "40"))
 RSS_LIMIT_MB = 250

@@ -58,6 +58,9 @@ from tests.core.dicom.peers import (
     stored_files,
 )
 
+# Each attack runs against a receiver server in a child process: the slow tier (`orthanc`: a DICOM server process).
+pytestmark = pytest.mark.orthanc
+
 BACKENDS = pytest.mark.parametrize("backend", ["pynetdicom", "dcmtk"])
 ACSE_TIMEOUT = 3.0
 # A receiver process idles at ~70 MB; the attacks below took the old receiver past 1.5 GB.

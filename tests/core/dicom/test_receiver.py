@@ -32,8 +32,8 @@ from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 
-from tests.conftest import free_port
 from tests.core.dicom.conftest import RECEIVER_AE
+from tests.helpers import free_port
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 

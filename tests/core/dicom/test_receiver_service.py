@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 from pacsflow.core.dicom.__main__ import parse_args
 
-from tests.conftest import free_port
+from tests.helpers import free_port
+
+# the receiver service runs as its own process: the slow tier (`orthanc`: a DICOM server process)
+pytestmark = pytest.mark.orthanc
 
 PACSFLOW = str(Path(sys.executable).with_name("pacsflow"))
 

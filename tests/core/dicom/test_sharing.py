@@ -17,7 +17,10 @@ from pacsflow.core.dicom.receiver import open_receiver
 from pacsflow.core.dicom.sharing import ReceiverUnavailable, receiver_running, shared_receiver
 from pacsflow.core.storage import TEMP_PREFIX, StorageLayout
 
-from tests.conftest import free_port
+from tests.helpers import free_port
+
+# tasks in child processes share a receiver server: the slow tier (`orthanc`: a DICOM server process)
+pytestmark = pytest.mark.orthanc
 
 BACKENDS = ["pynetdicom", "dcmtk"]
 

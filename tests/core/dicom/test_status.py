@@ -30,7 +30,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 SCRIPTED_AE = "SCRIPTED"
 

@@ -14,7 +14,7 @@ from pacsflow.core.dicom.receiver import StoreReceiver
 from pacsflow.core.dicom.transport import VERIFIED_PYNETDICOM, PynetdicomVersionError
 from pacsflow.core.storage import StorageLayout
 
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 _STATE = """
 import logging, tempfile
