@@ -86,7 +86,7 @@ SERVICES: tuple[ServiceSpec, ...] = (
 INIT_STEPS: tuple[tuple[str, ...], ...] = (
     ("airflow", "db", "migrate"),
     ("airflow", "pools", "set", PACS_POOL, "{pool_slots}", "Concurrent associations to the PACS"),
-    ("pacsflow", "init-audit"),
+    ("pacsflow", "db", "upgrade"),
 )
 
 

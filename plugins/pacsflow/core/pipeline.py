@@ -174,9 +174,11 @@ def resolve_cohort(ctx: RunContext, connect: ClientFactory, settings: Resolution
         with connect() as client:
             for row in pending:
                 values = _resolve_one(ctx, client, _exam_from_row(row), settings, health)
-                batch = batch_of_an[row["accession_number"]]
                 ctx.store.record_resolution(
-                    ctx.run_key, row["accession_number"], batch_of=lambda _uid, batch=batch: batch, **values
+                    ctx.run_key,
+                    row["accession_number"],
+                    batch_of=_constant(batch_of_an[row["accession_number"]]),
+                    **values,
                 )
                 key = values["resolution"] + (f" by {values['resolved_by']}" if values["resolved_by"] else "")
                 counts[key] = counts.get(key, 0) + 1
@@ -213,6 +215,11 @@ def _resolve_one(
 
 def _readable(counts: dict[str, Any]) -> str:
     return ", ".join(f"{key} {value}" for key, value in sorted(counts.items()) if value) or "nothing to do"
+
+
+def _constant(batch: int) -> Callable[[str], int]:
+    """Every study of one AN goes to the AN's batch."""
+    return lambda _study_uid: batch
 
 
 def _exam_from_row(row: dict[str, Any]) -> RisExam:

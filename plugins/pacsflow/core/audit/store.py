@@ -392,8 +392,8 @@ def export_run_audit(store: AuditStore, run_key: str, directory: Path) -> dict[s
 
     The RIS PatientID is left out: the audit export travels further than the audit database.
     """
-    import pyarrow as pa  # type: ignore[import-untyped]
-    import pyarrow.parquet as pq  # type: ignore[import-untyped]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     directory.mkdir(parents=True, exist_ok=True)
     written = {}
