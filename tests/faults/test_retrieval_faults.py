@@ -118,22 +118,18 @@ def peers(request, hospital, pacs, receiver, proxy_port) -> Peers:
 
 
 # (PACS, placement, fault) -> why the case fails today. Each is xfail(strict=True): remove it once fixed.
-QRSCP_REFUSED_DESTINATION = (
-    "qrscp answers 0xA801 'move destination unknown' when it cannot connect to the receiver; pacsflow asks "
-    "again twice (UNKNOWN_DESTINATION_PAUSES_SECONDS) and then, the receiver never reached in this task, takes "
-    "the answer as what it also means: an unregistered move destination, a configuration error that fails once. "
-    "Three refusals at the start of a task are indistinguishable from that configuration error (by design)"
-)
-TRANSIENT_FAILURE_KEEPS_TASK_GREEN = (
-    "a transient failure that outlasts the task's own retries is recorded ({}) and the task succeeds: nothing "
-    "fails, so Airflow never retries and the run ends short of the ground truth (issue #10: such failures must "
-    "fail the task after the batch)"
+# Both are one limit: the PACS cannot reach the receiver for the first three C-MOVEs of a task. The PACS answers
+# "move destination unknown" (0xA801) or a bare failure with nothing delivered, which is also what an unregistered
+# or refusing destination answers; pacsflow takes it as final (a configuration error, or the series failed) until
+# the receiver has been reached once in the task. Telling the two apart needs the receiver to report whether the
+# PACS tried to connect at all during the C-MOVE (not built).
+REFUSED_FROM_THE_START = (
+    "three refused PACS->receiver connections at the start of a task look like an unregistered or refusing move "
+    "destination ({}): final, so neither the task's passes nor Airflow's retry fetch the series"
 )
 KNOWN_FAILURES = {
-    ("qrscp", "pacs-receiver", "refuse-burst"): QRSCP_REFUSED_DESTINATION,
-    ("orthanc", "pacs-receiver", "refuse-burst"): TRANSIENT_FAILURE_KEEPS_TASK_GREEN.format("the series failed"),
-    ("orthanc", "client-pacs", "refuse-burst"): TRANSIENT_FAILURE_KEEPS_TASK_GREEN.format("the AN pacs_error"),
-    ("qrscp", "client-pacs", "refuse-burst"): TRANSIENT_FAILURE_KEEPS_TASK_GREEN.format("the AN pacs_error"),
+    ("qrscp", "pacs-receiver", "refuse-burst"): REFUSED_FROM_THE_START.format("0xA801, a configuration error"),
+    ("orthanc", "pacs-receiver", "refuse-burst"): REFUSED_FROM_THE_START.format("0xA801 or a bare failure"),
 }
 
 

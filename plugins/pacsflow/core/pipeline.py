@@ -40,6 +40,7 @@ __all__ = [
     "ClientFactory",
     "ExtractionSettings",
     "PacsClientLike",
+    "RetryableResolutionError",
     "RunContext",
     "effective_batch_size",
     "export_metadata",
@@ -185,8 +186,21 @@ def resolve_cohort(ctx: RunContext, connect: ClientFactory, settings: Resolution
                 log.debug("resolved %s: %s", row["an_ref"], key)
                 progress.advance(detail=counts)
         counts["already resolved"] = len(cohort) - len(pending)
-    log.info("resolution of %d ANs done: %s", len(cohort), _readable(counts))
+        log.info("resolution of %d ANs done: %s", len(cohort), _readable(counts))
+        if counts.get(Resolution.PACS_ERROR.value):
+            raise RetryableResolutionError(counts[Resolution.PACS_ERROR.value], len(pending))
     return ctx.store.study_batches(ctx.run_key)
+
+
+class RetryableResolutionError(PacsTransientError):
+    """ANs whose C-FIND failed on a transient PACS error; raised once every other AN is resolved, so that
+    Airflow's retry asks the PACS again for those only (they stay ``pacs_error`` in the audit until then)."""
+
+    def __init__(self, failed: int, asked: int) -> None:
+        super().__init__(
+            f"{failed} of {asked} ANs could not be resolved because of a transient PACS error (association "
+            "failed or timed out); the task fails so that its retry asks again for those ANs only"
+        )
 
 
 def _resolve_one(
@@ -333,7 +347,12 @@ def run_extraction(
     the DAG, a batch left with series a retry could finish is recorded as failed and the other stages still run
     (the summary then says the run failed; running it again fetches only what is missing)."""
     extract_cohort(ctx, lambda: exams, settings.batch_size)
-    for batch in resolve_cohort(ctx, connect, settings.resolution, settings.batch_size):
+    try:
+        batches = resolve_cohort(ctx, connect, settings.resolution, settings.batch_size)
+    except RetryableResolutionError as error:  # no task retry here: go on with what resolved
+        log.warning("%s", error)
+        batches = ctx.store.study_batches(ctx.run_key)
+    for batch in batches:
         try:
             retrieve_batch(
                 ctx,
