@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from sqlalchemy import create_engine, event
@@ -18,14 +19,16 @@ def make_engine(url: str | URL) -> Engine:
     url = make_url(url)
     if url.get_backend_name() != "sqlite":
         return create_engine(url, hide_parameters=True, pool_pre_ping=True)
-    engine = create_engine(url, hide_parameters=True, connect_args={"timeout": SQLITE_BUSY_SECONDS})
+    timeout = url.query.get("timeout")  # a URL's own ?timeout= wins
+    busy_seconds = float(timeout) if isinstance(timeout, str) else SQLITE_BUSY_SECONDS
+    engine = create_engine(url, hide_parameters=True, connect_args={"timeout": busy_seconds})
     if url.database not in (None, "", ":memory:"):
-        event.listen(engine, "connect", _sqlite_wal)
+        event.listen(engine, "connect", partial(_sqlite_wal, busy_ms=int(busy_seconds * 1000)))
     return engine
 
 
-def _sqlite_wal(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_wal(dbapi_connection: Any, _record: Any, *, busy_ms: int) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_SECONDS * 1000}")
+    cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
     cursor.close()
