@@ -51,7 +51,9 @@ PEER_TIMEOUT = 4.0
 PEER_TIMEOUTS = {"acse_timeout": PEER_TIMEOUT, "dimse_timeout": PEER_TIMEOUT, "network_timeout": PEER_TIMEOUT}
 STALL_SECONDS = PEER_TIMEOUT + 3.0  # outlasts the side that waits, as a long stall outlasts real timeouts
 FAULT_BYTES = {  # where a cut or a stall strikes, per placement: mid-stream, after some of it went through
-    "pacs-receiver": 20_000,  # a few 64x64 instances of one C-MOVE's C-STORE stream
+    # Inside the first 64x64 instance (~10 kB) of a C-STORE stream: qrscp's series listing lacks the description
+    # the rules need, so its series are fetched one instance per C-MOVE (header first), never 20 kB at once.
+    "pacs-receiver": 6_000,
     "client-pacs": 1_500,  # the association, then a C-FIND or C-MOVE exchange or two
 }
 
