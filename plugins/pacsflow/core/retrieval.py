@@ -219,6 +219,13 @@ class _Series:
         return {"StudyInstanceUID": self.study_uid, "SeriesInstanceUID": self.series_uid}
 
 
+@dataclass(frozen=True)
+class _HeadStart:
+    """A series' first pass, made by one retrieve with the other series of its study: what went wrong with it."""
+
+    problem: PacsTransientError | PacsItemError | None
+
+
 @dataclass
 class _Fetch:
     """What the passes of one series brought: the instances on disk, the last failure, and its class."""
@@ -241,6 +248,8 @@ class SeriesRetrieval:
     destination: Destination
     settings: RetrievalSettings = field(default_factory=RetrievalSettings)
     health: PacsHealth = field(default_factory=PacsHealth)
+    move_together: bool = True  # one retrieve for the series of a study (until a PACS brings nothing that way)
+    delivered: bool = False  # a retrieve of this task brought an instance
     counts: BatchCounts = field(default_factory=BatchCounts)
 
     # -- studies and listing --------------------------------------------------------------------------
@@ -248,6 +257,7 @@ class SeriesRetrieval:
         self.counts.studies += 1
         if not study["listed"]:
             self._list_series(study)
+        pending = []
         for row in self.store.series_of_study(self.run_key, study["study_uid"]):
             if row["status"] == SeriesStatus.DROPPED:
                 self.counts.series_dropped += 1
@@ -255,10 +265,16 @@ class SeriesRetrieval:
                 self.counts.series_kept += 1
                 self.counts.complete += 1
             else:
-                # Runs that overlap on one data root take turns per series, so none deletes what another counted.
-                with self.layout.series_lock(row["series_uid"]):
-                    outcome = self.series(row)
-                self.counts.add(outcome)
+                pending.append(row)
+        # Runs that overlap on one data root take turns per series, so none deletes what another counted.
+        with self.layout.series_lock(*(row["series_uid"] for row in pending)):
+            on_disk = {
+                row["series_uid"]: self.layout.stored_sop_uids(study["study_uid"], row["series_uid"]) for row in pending
+            }
+            moved = self._move_together(study["study_uid"], [row for row in pending if not on_disk[row["series_uid"]]])
+            for row in pending:
+                uid = row["series_uid"]
+                self.counts.add(self.series(row, before=on_disk[uid], head_start=moved.get(uid)))
 
     def _list_series(self, study: dict[str, Any]) -> None:
         query = dict.fromkeys(SERIES_RETURN_KEYS, "") | {"StudyInstanceUID": study["study_uid"]}
@@ -311,17 +327,47 @@ class SeriesRetrieval:
         }
         return any(used[key] and row[column] is None for key, column in LISTING_COLUMNS.items())
 
+    def _move_together(self, study_uid: str, rows: list[dict[str, Any]]) -> dict[str, _HeadStart]:
+        """One retrieve for the study's kept series that have nothing on disk (``rows``), by their list of Series
+        Instance UIDs: the PACS opens one association to the receiver instead of one per series. It is the first
+        pass of each series moved (returned by Series Instance UID): each is then verified instance by instance
+        and its later passes fetch what is missing, series by series. A PACS that brings nothing this way (list
+        matching unsupported: qrscp answers 0xA801 to a C-MOVE, 0xC413 to a C-GET) is asked series by series for
+        the rest of the batch. Only once a retrieve of this task delivered: a "move destination unknown" then is no
+        configuration error (nor worth the client's pauses)."""
+        together = [row for row in rows if self._movable_together(row)]
+        if not (self.move_together and self.delivered and self.settings.pass_pauses) or len(together) < 2:
+            return {}
+        keys = {"StudyInstanceUID": study_uid, "SeriesInstanceUID": "\\".join(row["series_uid"] for row in together)}
+        problem: PacsTransientError | PacsItemError | None = None
+        try:
+            self.client.retrieve("SERIES", keys, destination_ae=self.destination.ae_title, layout=self.layout)
+        except (PacsTransientError, PacsItemError) as error:
+            problem = error
+        except PacsError:  # a list the PACS does not understand: the series passes ask and say what is wrong
+            pass
+        self.destination.settle()
+        self.move_together = any(self.layout.stored_sop_uids(study_uid, row["series_uid"]) for row in together)
+        if not self.move_together:  # nothing came: no pass of any series
+            return {}
+        return {row["series_uid"]: _HeadStart(problem) for row in together}
+
+    def _movable_together(self, row: dict[str, Any]) -> bool:
+        """Every instance is wanted: no header to read first, no instance count to check against the PACS's
+        instance list first (that drop would come after the fetch)."""
+        return not self._needs_probe(row) and (row["pacs_instance_count"] is not None or self.rules.min_instances <= 1)
+
     # -- one series -----------------------------------------------------------------------------------
-    def series(self, row: dict[str, Any]) -> SeriesOutcome:
-        """Retrieve what is missing of one series and record its outcome in the audit."""
+    def series(self, row: dict[str, Any], *, before: set[str], head_start: _HeadStart | None = None) -> SeriesOutcome:
+        """Retrieve what is missing of one series and record its outcome in the audit. ``before``: what was on
+        disk before this task fetched anything for it; ``head_start``: its first pass, made with its study's."""
         series = _Series(row["study_uid"], row["series_uid"], row)
-        outcome = self._retrieve(series)
+        outcome = self._retrieve(series, before, head_start)
         self.store.update_series(self.run_key, series.study_uid, series.series_uid, **outcome.values())
         return outcome
 
-    def _retrieve(self, series: _Series) -> SeriesOutcome:
+    def _retrieve(self, series: _Series, before: set[str], head_start: _HeadStart | None) -> SeriesOutcome:
         timings: dict[str, float] = {}
-        before = self.layout.stored_sop_uids(series.study_uid, series.series_uid)
         try:
             clock = time.perf_counter()
             expected = self.retry.call(lambda: self._expected_instances(series))
@@ -345,9 +391,10 @@ class SeriesRetrieval:
             dropped = self._decide_on_header(series, expected, before, timings)
             if dropped is not None:
                 return dropped
-        fetch = self._fetch_missing(series, expected, target)
+        fetch = self._fetch_missing(series, expected, target, head_start)
         timings["retrieve"] = time.perf_counter() - clock
         self._tell_health(fetch, before)
+        self.delivered = self.delivered or bool(fetch.present - before)
         received = fetch.present & expected if expected else fetch.present
         if not received and fetch.problem is not None:
             return SeriesOutcome(
@@ -453,7 +500,9 @@ class SeriesRetrieval:
         return {m["SOPInstanceUID"] for m in result.matches if is_valid_uid(m.get("SOPInstanceUID"))}
 
     # -- passes ---------------------------------------------------------------------------------------
-    def _fetch_missing(self, series: _Series, expected: set[str], target: int | None) -> _Fetch:
+    def _fetch_missing(
+        self, series: _Series, expected: set[str], target: int | None, head_start: _HeadStart | None
+    ) -> _Fetch:
         """Retrieve what is not on disk yet, in bounded passes with a growing pause: the whole series when
         nothing is there, else only the missing instances (by SOP Instance UID when the PACS lists them).
 
@@ -461,23 +510,19 @@ class SeriesRetrieval:
         receiver was cut or stalled) is not the end of the series: what arrived stays and the next pass asks for
         the rest. Passes stop when the series is complete, or when passes in a row were refused and brought
         nothing: the PACS will not send the rest (final). Passes that ran out while instances still arrived, or a
-        transient last error, leave the series to a retry of the task (retryable)."""
-        fetch = _Fetch(self.layout.stored_sop_uids(series.study_uid, series.series_uid))
+        transient last error, leave the series to a retry of the task (retryable). With a ``head_start``, the
+        first pass was the study's retrieve of several series."""
+        fetch = _Fetch(set() if head_start else self.layout.stored_sop_uids(series.study_uid, series.series_uid))
         fruitless = 0
         progress: set[str] = set()
-        for pause in self.settings.pass_pauses:
+        for number, pause in enumerate(self.settings.pass_pauses):
             if _complete(fetch.present, expected, target):
                 return _Fetch(fetch.present)
-            time.sleep(pause)
-            fetch.problem = None
-            if not fetch.present or not expected:
-                fetch.problem = self._try_retrieve("SERIES", series.keys)
+            if number == 0 and head_start is not None:
+                fetch.problem = head_start.problem  # the pass was made with the other series of the study
             else:
-                for sop_uid in sorted(expected - fetch.present):
-                    fetch.problem = (
-                        self._try_retrieve("IMAGE", series.keys | {"SOPInstanceUID": sop_uid}) or fetch.problem
-                    )
-            self.destination.settle()
+                time.sleep(pause)
+                fetch.problem = self._one_pass(series, expected, fetch.present)
             arrived = self._await_arrivals(series, expected)
             progress, fetch.present = arrived - fetch.present, arrived
             fruitless = fruitless + 1 if fetch.problem is not None and not progress else 0
@@ -493,6 +538,18 @@ class SeriesRetrieval:
         transient = isinstance(fetch.problem, PacsTransientError)
         fetch.failure = Failure.RETRYABLE if transient or not (refused or silent) else Failure.FINAL
         return fetch
+
+    def _one_pass(self, series: _Series, expected: set[str], present: set[str]) -> PacsError | None:
+        """Ask for the whole series when nothing is there (or the PACS lists no instances), else for each missing
+        instance; the last failure, if any."""
+        problem = None
+        if not present or not expected:
+            problem = self._try_retrieve("SERIES", series.keys)
+        else:
+            for sop_uid in sorted(expected - present):
+                problem = self._try_retrieve("IMAGE", series.keys | {"SOPInstanceUID": sop_uid}) or problem
+        self.destination.settle()
+        return problem
 
     def _try_retrieve(self, level: QueryLevel, keys: dict[str, str]) -> PacsError | None:
         """One C-MOVE/C-GET (retried while transient); its failure, if any. Configuration errors propagate."""

@@ -18,7 +18,7 @@ import os
 import re
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -155,13 +155,19 @@ class StorageLayout:
                 return
 
     @contextmanager
-    def series_lock(self, series_uid: str) -> Iterator[None]:
-        """Exclusive use of a series' directory across processes (runs overlapping on one data root)."""
-        stripe = int(hashlib.sha256(require_uid(series_uid, "SeriesInstanceUID").encode()).hexdigest(), 16)
-        path = self.root / LOCK_DIR / f"{stripe % LOCK_STRIPES:03d}.lock"
-        path.parent.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
-        with os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE_MODE), "r+b") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+    def series_lock(self, *series_uids: str) -> Iterator[None]:
+        """Exclusive use of series' directories across processes (runs overlapping on one data root). Several
+        series share a lock file by hash: each file is locked once, in a fixed order (no deadlock)."""
+        stripes = {
+            int(hashlib.sha256(require_uid(uid, "SeriesInstanceUID").encode()).hexdigest(), 16) % LOCK_STRIPES
+            for uid in series_uids
+        }
+        (self.root / LOCK_DIR).mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+        with ExitStack() as locks:
+            for stripe in sorted(stripes):
+                path = self.root / LOCK_DIR / f"{stripe:03d}.lock"
+                handle = locks.enter_context(os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE_MODE), "r+b"))
+                fcntl.flock(handle, fcntl.LOCK_EX)
             yield
 
     def sweep_temp_files(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from copy import deepcopy
 
 import pynetdicom
 import pytest
@@ -60,3 +61,18 @@ def test_another_pynetdicom_version_is_refused_where_the_adjustments_apply(monke
         pytest.raises(PynetdicomVersionError),
     ):
         client.echo()
+
+
+def test_each_accepted_association_gets_its_own_copy_of_the_receiver_contexts(tmp_path):
+    # pynetdicom deep-copies the server's contexts per accepted association (0.2 s with every storage context)
+    with StoreReceiver(ReceiverConfig(port=free_port()), StorageLayout(tmp_path)) as receiver:
+        assert receiver._server is not None
+        served = receiver._server.contexts
+        copied = deepcopy(served)
+    assert [(c.abstract_syntax, c.transfer_syntax, c.scu_role, c.scp_role) for c in copied] == [
+        (c.abstract_syntax, c.transfer_syntax, c.scu_role, c.scp_role) for c in served
+    ]
+    assert len(served) > 100
+    for mine, theirs in zip(copied, served, strict=True):
+        assert mine is not theirs and mine.transfer_syntax is not theirs.transfer_syntax  # nothing mutable shared
+        assert mine.abstract_syntax is theirs.abstract_syntax  # the UIDs are shared: not pynetdicom's deep copy

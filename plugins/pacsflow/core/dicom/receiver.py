@@ -44,6 +44,7 @@ from pacsflow.core.dicom.transport import (
     await_associate_rq,
     bound_pdu_reads,
     claim_stream,
+    copy_contexts_cheaply,
     discard_unfinished_stream,
     server_tls,
     stream_to,
@@ -213,6 +214,7 @@ class StoreReceiver:
             raise port_unavailable(self.config, error) from None
         assert isinstance(server, _GatedServer)
         server.gate = gate
+        copy_contexts_cheaply(server)
         ae._servers.append(server)  # as AE.start_server does: shutdown() removes it
         threading.Thread(target=server.serve_forever, name="pacsflow-receiver-accept", daemon=True).start()
         self._server = server
