@@ -270,6 +270,31 @@ def _verified(
     return Run(seconds, files, size, peak, detail)
 
 
+def movescu_study(config: PacsConfig, study_uid: str, *, destination_ae: str) -> None:
+    """DCMTK ``movescu``: one study-level C-MOVE to ``destination_ae`` (what a script around DCMTK does)."""
+    subprocess.run(
+        [
+            dcmtk_program("movescu"),
+            "-q",
+            "-S",
+            "-aet",
+            "MOVESCU",
+            "-aec",
+            config.called_ae,
+            "-aem",
+            destination_ae,
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            f"StudyInstanceUID={study_uid}",
+            config.host,
+            str(config.port),
+        ],
+        env=NODELAY_ENV,
+        check=True,
+    )
+
+
 def run_dcmtk(config: PacsConfig, studies: list[Study], port: int, out: Path) -> Run:
     """``storescp`` (bit-preserving, max PDU) receiving what ``movescu`` asks Orthanc to send, study by study."""
     out.mkdir(parents=True)
@@ -282,27 +307,7 @@ def run_dcmtk(config: PacsConfig, studies: list[Study], port: int, out: Path) ->
         with _peak_rss_sampler(receiver.pid) as peak:
             started = time.perf_counter()
             for study in studies:
-                subprocess.run(
-                    [
-                        dcmtk_program("movescu"),
-                        "-q",
-                        "-S",
-                        "-aet",
-                        "MOVESCU",
-                        "-aec",
-                        config.called_ae,
-                        "-aem",
-                        DCMTK_AE,
-                        "-k",
-                        "QueryRetrieveLevel=STUDY",
-                        "-k",
-                        f"StudyInstanceUID={study.study_uid}",
-                        config.host,
-                        str(config.port),
-                    ],
-                    env=NODELAY_ENV,
-                    check=True,
-                )
+                movescu_study(config, study.study_uid, destination_ae=DCMTK_AE)
             seconds = time.perf_counter() - started
     finally:
         receiver.terminate()

@@ -4,8 +4,9 @@ Entry ``retrieve_small_series`` in ``bench/results.json``, unit studies/s: a coh
 6 small CT instances each (16x16 pixels, so the per-series work dominates, not the bytes), in one Orthanc.
 
 - pacsflow: the retrieval tasks of a run (``pipeline.retrieve_batch`` per batch of 50 studies, as the DAG maps
-  them, one after the other): series listing, a C-MOVE per series into the embedded receiver, verification of
-  every instance against an image-level C-FIND. The cohort and its resolution are stored before the clock starts.
+  them, one after the other): series listing, C-MOVEs into the embedded receiver (one for the kept series of a
+  study, then per series for what is missing), verification of every instance against an image-level C-FIND.
+  The cohort and its resolution are stored before the clock starts.
 - reference: DCMTK ``movescu`` once per study (STUDY level) into one ``storescp`` (``+B``, ``-pdu 131072``).
 
 ``ratio`` = pacsflow's studies/s over DCMTK's (target >= 0.8: per-series verification must not dominate). Both
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +36,7 @@ import psutil
 from pacsflow.core.audit import AuditStore, SeriesStatus
 from pacsflow.core.dicom.client import PacsClient
 from pacsflow.core.dicom.config import PacsConfig, ReceiverBackend, ReceiverConfig
+from pacsflow.core.dicom.dcmtk import dcmtk_program
 from pacsflow.core.dicom.receiver import open_receiver
 from pacsflow.core.pipeline import RunContext, extract_cohort, resolve_cohort, retrieve_batch
 from pacsflow.core.privacy import Pseudonymizer
@@ -45,7 +46,14 @@ from pacsflow.core.series_rules import SeriesRules
 from pacsflow.core.storage import StorageLayout
 from pacsflow.demo.sandbox import SandboxPacs, free_port, orthanc
 
-from bench.bench_network import NODELAY_ENV, _orthanc_instances, _tree_size, _wait_for_port, _write_ct
+from bench.bench_network import (
+    NODELAY_ENV,
+    _orthanc_instances,
+    _tree_size,
+    _wait_for_port,
+    _write_ct,
+    movescu_study,
+)
 from bench.results import record
 
 UID_ROOT = "1.2.826.0.1.3680043.8.498.79."
@@ -54,7 +62,6 @@ SERIES_PER_STUDY, INSTANCES_PER_SERIES = 3, 6
 PIXELS = 16
 BATCH_SIZE = 50  # the DAG's default retrieval batch
 PACSFLOW_AE, DCMTK_AE = "PACSFLOWRCV", "DCMTKRCV"
-STORESCP, MOVESCU = "/usr/bin/storescp", "/usr/bin/movescu"  # DCMTK's, whatever PATH finds first
 TARGET_RATIO = 0.8
 
 
@@ -127,33 +134,14 @@ def run_dcmtk(config: PacsConfig, studies: int, port: int, out: Path) -> float:
     """Seconds for ``movescu`` once per study into one ``storescp``."""
     out.mkdir(parents=True)
     receiver = psutil.Popen(
-        [STORESCP, "-q", "-aet", DCMTK_AE, "-pdu", "131072", "+B", "-od", str(out), str(port)], env=NODELAY_ENV
+        [dcmtk_program("storescp"), "-q", "-aet", DCMTK_AE, "-pdu", "131072", "+B", "-od", str(out), str(port)],
+        env=NODELAY_ENV,
     )
     try:
         _wait_for_port(port, receiver)
         started = time.perf_counter()
         for study in range(studies):
-            subprocess.run(
-                [
-                    MOVESCU,
-                    "-q",
-                    "-S",
-                    "-aet",
-                    "MOVESCU",
-                    "-aec",
-                    config.called_ae,
-                    "-aem",
-                    DCMTK_AE,
-                    "-k",
-                    "QueryRetrieveLevel=STUDY",
-                    "-k",
-                    f"StudyInstanceUID={study_uid(study)}",
-                    config.host,
-                    str(config.port),
-                ],
-                env=NODELAY_ENV,
-                check=True,
-            )
+            movescu_study(config, study_uid(study), destination_ae=DCMTK_AE)
         seconds = time.perf_counter() - started
     finally:
         receiver.terminate()
@@ -209,9 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-record", action="store_true", help="do not write bench/results.json")
     args = parser.parse_args(argv)
-    for tool in (STORESCP, MOVESCU):
-        if not os.access(tool, os.X_OK):
-            raise SystemExit(f"{tool} (DCMTK) is not installed: make system-deps")
+    for tool in ("storescp", "movescu"):
+        dcmtk_program(tool)  # DCMTK's by absolute path (a venv's pynetdicom shadows storescp), or a clear error
     files = ensure_data(args.data / f"data-v{DATA_VERSION}", args.studies)
     ports = {PACSFLOW_AE: free_port(), DCMTK_AE: free_port()}
     destinations = {ae: ("127.0.0.1", port) for ae, port in ports.items()}
