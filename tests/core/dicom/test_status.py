@@ -3,11 +3,13 @@ scripted pynetdicom SCP (a real peer on a real socket, with handlers returning c
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
+from pacsflow.core.dicom import client as client_module
 from pacsflow.core.dicom.client import PacsClient
 from pacsflow.core.dicom.config import PacsConfig, ReceiverConfig
 from pacsflow.core.dicom.errors import Action, PacsConfigurationError, PacsItemError, PacsTransientError
@@ -109,7 +111,10 @@ def scripted_pacs(find: Callable | None = None, move: Callable | None = None) ->
         (evt.EVT_C_MOVE, move or (lambda event: iter([(None, None)]))),
     ]
     port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
+    server = ae.make_server(("127.0.0.1", port), evt_handlers=handlers)
+    ae._servers.append(server)  # as AE.start_server does
+    # socketserver's default poll of 0.5 s would be paid at every shutdown
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     try:
         yield PacsConfig(host="127.0.0.1", port=port, called_ae=SCRIPTED_AE, dimse_timeout=1, acse_timeout=5)
     finally:
@@ -233,8 +238,12 @@ def test_move_warning_with_failed_sub_operations_is_reported_with_the_failed_uid
     assert report.suspicious
 
 
-def test_move_destination_unknown_status_is_a_configuration_error():
+def test_move_destination_unknown_status_is_a_configuration_error_after_two_more_tries(monkeypatch):
+    monkeypatch.setattr(client_module, "UNKNOWN_DESTINATION_PAUSES_SECONDS", (0.0, 0.0))
+    asked = []
+
     def unknown(event):
+        asked.append(event.move_destination)
         yield None, None
 
     with (
@@ -243,3 +252,4 @@ def test_move_destination_unknown_status_is_a_configuration_error():
         pytest.raises(PacsConfigurationError, match="move destination unknown"),
     ):
         client.move("STUDY", {"StudyInstanceUID": "1.2"}, "NOBODY")
+    assert len(asked) == 3  # a receiver the PACS could not reach this once gets two more chances

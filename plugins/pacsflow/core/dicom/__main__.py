@@ -26,6 +26,7 @@ from pacsflow.core.storage import StorageLayout
 
 log = logging.getLogger("pacsflow.receiver")
 IDLE_CHECK_SECONDS = 2.0
+SIGNAL_CHECK_SECONDS = 0.5  # the longest a stop signal can wait for the main thread (see _stop_on_signals)
 
 BACKENDS = ("pynetdicom", "dcmtk")
 
@@ -188,15 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     except ReceiverConfigError as error:
         log.error("cannot start the receiver: %s", error)
         return 2
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    stop = _stop_on_signals()
     with open_receiver(config, StorageLayout(args.root)) as receiver:
         log.info("receiving as %s on %s:%d (%s backend)", config.ae_title, config.host, receiver.port, config.backend)
         if args.stop_when_idle:
             _wait_until_idle(args.root / LEASE, stop)
         else:
-            stop.wait()
+            while not stop.wait(SIGNAL_CHECK_SECONDS):
+                pass
         stats = receiver.stats
     log.info(
         "stopped: %d stored (%d bytes), %d rejected %s",
@@ -206,6 +206,19 @@ def main(argv: list[str] | None = None) -> int:
         stats.rejected_reasons,
     )
     return 0
+
+
+def _stop_on_signals() -> threading.Event:
+    """An event set on SIGTERM or SIGINT.
+
+    The kernel may deliver the signal to any thread; Python runs its handler in the main thread only when that
+    thread next runs bytecode, so the main thread waits in slices (``SIGNAL_CHECK_SECONDS``), never for good.
+    The handler only starts a thread that sets the event: it may run inside the event's own lock (a wait slice
+    ending), where calling set() itself would deadlock."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: threading.Thread(target=stop.set, name="pacsflow-stop", daemon=True).start())
+    return stop
 
 
 def _wait_until_idle(lease: Path, stop: threading.Event) -> None:

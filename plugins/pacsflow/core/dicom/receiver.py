@@ -56,6 +56,8 @@ from pacsflow.core.storage import StorageLayout, write_failure_reason
 log = logging.getLogger("pacsflow.receiver")
 
 DRAIN_SECONDS = 10.0
+# How often the accept loop looks for a shutdown request (socketserver polls; its default is 0.5 s per stop).
+SHUTDOWN_POLL_SECONDS = 0.05
 _Request = socket.socket | tuple[bytes, socket.socket]  # what socketserver hands a TCP server
 _Address = tuple[str, int] | str
 
@@ -216,7 +218,12 @@ class StoreReceiver:
         server.gate = gate
         copy_contexts_cheaply(server)
         ae._servers.append(server)  # as AE.start_server does: shutdown() removes it
-        threading.Thread(target=server.serve_forever, name="pacsflow-receiver-accept", daemon=True).start()
+        threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": SHUTDOWN_POLL_SECONDS},
+            name="pacsflow-receiver-accept",
+            daemon=True,
+        ).start()
         self._server = server
 
     def _application_entity(self) -> AE:
