@@ -27,6 +27,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ STARTUP_SECONDS = 120.0
 STOP_SECONDS = 20.0
 FINISHED_STATES = frozenset({"success", "failed"})
 API_USER = "pacsflow-test"
+UNAVAILABLE_PAUSES_SECONDS = (1.0, 2.0, 4.0, 8.0)  # a 503 of the API is asked again after these
 
 
 @dataclass(frozen=True)
@@ -164,13 +166,20 @@ class Deployment:
         return self._token
 
     def _call(self, method: str, path: str, body: Any, headers: dict[str, str]) -> Any:
+        """One API call; a 503 is asked again after a pause (on SQLite the api-server answers 503 "database is
+        locked" while the scheduler writes, e.g. to a backfill created as a DAG is unpaused)."""
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.api_url + path, data=data, method=method, headers=headers)
-        try:
-            with urllib.request.urlopen(req, timeout=30) as response:
-                return json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as error:
-            raise RuntimeError(f"{method} {path}: HTTP {error.code} {error.read()[:500]!r}") from None
+        pauses = iter(UNAVAILABLE_PAUSES_SECONDS)
+        while True:
+            req = urllib.request.Request(self.api_url + path, data=data, method=method, headers=headers)
+            try:
+                with urllib.request.urlopen(req, timeout=30) as response:
+                    return json.loads(response.read() or b"null")
+            except urllib.error.HTTPError as error:
+                pause = next(pauses, None) if error.code == HTTPStatus.SERVICE_UNAVAILABLE else None
+                if pause is None:
+                    raise RuntimeError(f"{method} {path}: HTTP {error.code} {error.read()[:500]!r}") from None
+            time.sleep(pause)
 
     # -- DAGs and runs --------------------------------------------------------------------------------------
     def wait_for_dag(self, dag_id: str, timeout: float = 120) -> None:
