@@ -336,7 +336,9 @@ def test_a_batch_that_fails_for_good_fails_the_run_and_the_rest_is_complete(site
     for accession in truth["accessions"]:
         if accession["accession_number"] in batches[doomed]:
             for study in accession["studies"]:
-                (layout_root / study["study_instance_uid"]).write_bytes(b"")
+                blocker = layout_root / study["study_instance_uid"]
+                blocker.write_bytes(b"")
+                blocker.chmod(0o600)  # whatever the umask of this process: the permission test checks the root
 
     site.airflow.unpause(dag_id)
     run_id = site.airflow.trigger(dag_id, data_interval=(site.start, site.start + 3 * WEEK))
