@@ -37,6 +37,7 @@ from pacsflow.demo.sandbox import free_port
 from sqlalchemy import insert
 
 from bench.results import record
+from tests.helpers import CHROMEDRIVER, CHROMIUM, CHROMIUM_FLAGS
 
 DAG_ID = "pacsflow__bench"
 RUN_ID = "scheduled__2026-11-30T00:00:00+00:00"
@@ -191,28 +192,17 @@ def measure_page(url: str, token: str, repeat: int) -> tuple[float, float, int]:
 
 def measure_browser(base: str, path: str, token: str, repeat: int) -> float | None:
     """Median navigation time to the load event in headless Chromium, or None without Chromium."""
-    if not (Path("/usr/bin/chromium").exists() and Path("/usr/bin/chromedriver").exists()):
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
         return None
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
+    options.binary_location = CHROMIUM
     profile = tempfile.mkdtemp(prefix="pacsflow-bench-chromium-")
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        f"--user-data-dir={profile}",
-    ):
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}"):
         options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=Service(executable_path="/usr/bin/chromedriver"))
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
     try:
         driver.get(base + "/pacsflow-audit/static/audit.css")
         driver.add_cookie({"name": "_token", "value": token, "path": "/"})

@@ -4,7 +4,22 @@ from __future__ import annotations
 
 from pacsflow.demo.sandbox import free_port
 
-__all__ = ["fits_latin1", "free_port"]
+__all__ = ["CHROMEDRIVER", "CHROMIUM", "CHROMIUM_FLAGS", "fits_latin1", "free_port"]
+
+# Debian's Chromium, headless as root on a machine with no network but loopback: without the background-networking
+# flags it keeps opening connections that this machine refuses.
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+)
 
 
 def fits_latin1(text: str) -> bool:

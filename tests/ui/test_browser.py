@@ -28,21 +28,10 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.wait import WebDriverWait
 
+from tests.helpers import CHROMEDRIVER, CHROMIUM, CHROMIUM_FLAGS
 from tests.ui.conftest import DAG_ID, RUN_IDS
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-    "--window-size=1280,1000",
-)
+WINDOW = "--window-size=1280,1000"
 DOCS = REPO_ROOT / "docs"
 
 pytestmark = [pytest.mark.airflow, pytest.mark.orthanc]
@@ -55,7 +44,7 @@ def browser(api_server, tmp_path_factory) -> Iterator[webdriver.Chrome]:
             pytest.fail(f"{binary} is missing: run `make test` (it installs chromium and chromium-driver)")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in CHROMIUM_FLAGS:
+    for flag in (*CHROMIUM_FLAGS, WINDOW):
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
     driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
