@@ -7,7 +7,6 @@ import logging
 import shutil
 import subprocess
 import sys
-import time
 from itertools import pairwise
 
 import pytest
@@ -94,9 +93,8 @@ def test_a_broken_definition_is_named_and_leaves_the_others_importable(tmp_path,
 
 
 def test_parsing_the_dag_file_does_no_work(tmp_path):
-    """Import time in a fresh interpreter, with every connection pointing nowhere: it must neither connect
-    nor take long."""
-    started = time.monotonic()
+    """Import in a fresh interpreter, with every connection pointing nowhere: it must neither connect nor create
+    anything (the timeout only guards against a hang; parse speed is not asserted here)."""
     subprocess.run(
         [sys.executable, "-c", "import runpy; runpy.run_path('dags/pacsflow_extractions.py')"],
         cwd=REPO_ROOT,
@@ -109,5 +107,4 @@ def test_parsing_the_dag_file_does_no_work(tmp_path):
             "PYTHONPATH": ":".join(sys.path),
         },
     )
-    assert time.monotonic() - started < 30
     assert not (tmp_path / "nowhere").exists()

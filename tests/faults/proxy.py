@@ -94,6 +94,8 @@ class FaultProxy:
         budget = _Budget(fault, self._strike)
         if fault.first_byte_delay:
             time.sleep(fault.first_byte_delay)
+        for sock in (client, upstream):  # before either pump starts: one pump may abort both sockets at once
+            sock.settimeout(IDLE_SECONDS)
         pumps = [
             threading.Thread(target=self._pump, args=(a, b, budget, (client, upstream)), daemon=True)
             for a, b in ((client, upstream), (upstream, client))
@@ -110,7 +112,6 @@ class FaultProxy:
     def _pump(
         self, source: socket.socket, sink: socket.socket, budget: _Budget, both: tuple[socket.socket, socket.socket]
     ) -> None:
-        source.settimeout(IDLE_SECONDS)
         try:
             while not self._stop.is_set():
                 data = source.recv(CHUNK)

@@ -34,6 +34,7 @@ def test_a_move_through_orthanc_is_in_the_layout_when_settled(pacs, receiver_por
 VENV_BIN = Path(sys.executable).parent  # where pynetdicom installed its own storescp console script
 
 
+@pytest.mark.orthanc  # starts storescp
 def test_the_dcmtk_backend_receives_with_the_virtual_environment_first_on_path(files, tmp_path, monkeypatch):
     """An activated virtual environment puts pynetdicom's storescp first on PATH: DCMTK's must still be run."""
     assert (VENV_BIN / "storescp").is_file()  # the shadowing script this test is about

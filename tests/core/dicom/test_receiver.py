@@ -77,7 +77,8 @@ def _invalid_values_allowed():
         pydicom_config.settings.writing_validation_mode = saved
 
 
-BACKENDS = pytest.mark.parametrize("backend", ["pynetdicom", "dcmtk"])
+# The DCMTK backend runs storescp child processes: a DICOM server process, hence the `orthanc` tier.
+BACKENDS = pytest.mark.parametrize("backend", ["pynetdicom", pytest.param("dcmtk", marks=pytest.mark.orthanc)])
 
 
 @BACKENDS
@@ -296,6 +297,7 @@ def test_the_receiver_answers_busy_beyond_its_association_cap(tmp_path, backend)
 
 
 @BACKENDS
+@pytest.mark.orthanc  # the receiver service in a child process
 def test_the_standalone_service_receives_and_stops_on_sigterm(files, tmp_path, backend):
     port = free_port()
     service = subprocess.Popen(
