@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from pydicom.charset import convert_encodings
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_file_meta_info
@@ -83,11 +84,12 @@ def _write_series(
     exam: PlannedExam, study: PlannedStudy, series: PlannedSeries, layout: StorageLayout, pixels: PixelSource
 ) -> int:
     ds = _series_dataset(exam, study, series, pixels.image_size)
-    series_elements = _encoded_elements(ds, ds._character_set)
+    encodings = convert_encodings(ds.get("SpecificCharacterSet"))
+    series_elements = _encoded_elements(ds, encodings)
     layout.series_dir(study.uid, series.uid).mkdir(parents=True, exist_ok=True)
     for number, sop_uid in enumerate(series.sop_uids, start=1):
         instance = _instance_dataset(study, series, number, sop_uid, pixels)
-        body = series_elements | _encoded_elements(instance, ds._character_set)
+        body = series_elements | _encoded_elements(instance, encodings)
         ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
         layout.instance_path(study.uid, series.uid, sop_uid).write_bytes(
             _file_header(ds.file_meta) + b"".join(body[tag] for tag in sorted(body))
