@@ -102,14 +102,14 @@ def test_the_same_seed_gives_identical_files_ris_and_truth(hospital, tmp_path):
 
 
 def test_another_seed_gives_another_hospital(hospital, tmp_path):
-    other = build(tmp_path / "other", seed=SEED + 1)
+    other = build(tmp_path / "other", accessions=SIZE // 2, seed=SEED + 1)
     assert not set(file_hashes(other).values()) & set(file_hashes(hospital).values())
     assert ris_rows(other.ris_url) != ris_rows(hospital.ris_url)
 
 
 def test_a_rebuild_in_the_same_directory_replaces_everything(tmp_path):
-    build(tmp_path, accessions=30, seed=1)
-    smaller = build(tmp_path, accessions=20, seed=2)
+    build(tmp_path, accessions=20, seed=1)
+    smaller = build(tmp_path, accessions=10, seed=2)
     truth = load_ground_truth(smaller.ground_truth_path)
     on_disk = {(p.parent.parent.name, p.parent.name, p.stem) for p in smaller.dicom_dir.glob("*/*/*.dcm")}
     assert on_disk == all_instances(truth)

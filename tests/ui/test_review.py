@@ -4,7 +4,10 @@ comparison of two runs."""
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from pacsflow.core.audit import AttemptState, AuditStore, Stage
@@ -85,17 +88,32 @@ def fill_run(store: AuditStore, run_id: str, found: set[int], partial: set[int],
     return run_key
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def review(request, tmp_path) -> AuditReview:
-    url = (
-        f"sqlite:///{tmp_path / 'audit.sqlite'}"
-        if request.param == "sqlite"
-        else request.getfixturevalue("postgres_url")
-    )
-    store = AuditStore(create_engine(url, hide_parameters=True))
+def fill(store: AuditStore) -> None:
+    fill_run(store, "first", found=set(range(20)), partial={3, 4})
+    fill_run(store, "second", found=set(range(25)), partial={4, 5, 6})
+
+
+@pytest.fixture(scope="module")
+def filled_sqlite(tmp_path_factory) -> Path:
+    """The SQLite store filled once; each test works on its own copy of the file."""
+    path = tmp_path_factory.mktemp("review") / "audit.sqlite"
+    store = AuditStore(create_engine(f"sqlite:///{path}", hide_parameters=True))
     try:
-        fill_run(store, "first", found=set(range(20)), partial={3, 4})
-        fill_run(store, "second", found=set(range(25)), partial={4, 5, 6})
+        fill(store)
+    finally:
+        store.close()
+    return path
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def review(request, tmp_path) -> Iterator[AuditReview]:
+    if request.param == "sqlite":
+        copy = shutil.copy(request.getfixturevalue("filled_sqlite"), tmp_path / "audit.sqlite")
+        store = AuditStore(create_engine(f"sqlite:///{copy}", hide_parameters=True))
+    else:
+        store = AuditStore(create_engine(request.getfixturevalue("postgres_url"), hide_parameters=True))
+        fill(store)
+    try:
         yield AuditReview(store)
     finally:
         remove_audit_store(store.engine)  # the PostgreSQL database is shared by the session
