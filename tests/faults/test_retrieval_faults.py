@@ -119,22 +119,6 @@ def peers(request, hospital, pacs, receiver, proxy_port) -> Peers:
     return Peers(hospital, request.node.callspec.params["pacs"], pacs, receiver, proxy_port)
 
 
-# (PACS, placement, fault) -> why the case fails today. Each is xfail(strict=True): remove it once fixed.
-# Both are one limit: the PACS cannot reach the receiver for the first three C-MOVEs of a task. The PACS answers
-# "move destination unknown" (0xA801) or a bare failure with nothing delivered, which is also what an unregistered
-# or refusing destination answers; pacsflow takes it as final (a configuration error, or the series failed) until
-# the receiver has been reached once in the task. Telling the two apart needs the receiver to report whether the
-# PACS tried to connect at all during the C-MOVE (not built).
-REFUSED_FROM_THE_START = (
-    "three refused PACS->receiver connections at the start of a task look like an unregistered or refusing move "
-    "destination ({}): final, so neither the task's passes nor Airflow's retry fetch the series"
-)
-KNOWN_FAILURES = {
-    ("qrscp", "pacs-receiver", "refuse-burst"): REFUSED_FROM_THE_START.format("0xA801, a configuration error"),
-    ("orthanc", "pacs-receiver", "refuse-burst"): REFUSED_FROM_THE_START.format("0xA801 or a bare failure"),
-}
-
-
 @dataclass
 class Run:
     """What the runs of one case left: the audit, the data root, and whether a retry was needed."""
@@ -150,9 +134,6 @@ class Run:
 @pytest.mark.parametrize("placement", ["pacs-receiver", "client-pacs"])
 @pytest.mark.parametrize("fault_name", list(faults("pacs-receiver")))
 def test_retrieval_under_a_network_fault_ends_with_the_ground_truth(peers, placement, fault_name, tmp_path, request):
-    known = KNOWN_FAILURES.get((peers.pacs_kind, placement, fault_name))
-    if known:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=known))
     hospital, pacs, receiver = peers.hospital, peers.pacs, peers.receiver
     # Only a stall needs the waiting side's timeouts short; elsewhere the defaults keep a loaded machine from
     # turning slowness into faults the case is not about.

@@ -289,6 +289,7 @@ def retrieve_batch(
                     detail=f"series complete {counts.complete}, partial {counts.partial}, "
                     f"failed {counts.failed}, dropped {counts.series_dropped}",
                 )
+            retrieval.finish()
         recorded.update(counts.as_dict())
         log.info("batch %d done: %s", batch, _readable(counts.as_dict()))
         if counts.retryable:

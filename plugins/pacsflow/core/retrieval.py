@@ -22,6 +22,7 @@ from pydicom import dcmread
 from pacsflow.core.audit import AuditStore, SeriesStatus
 from pacsflow.core.dicom.errors import PacsConfigurationError, PacsError, PacsItemError, PacsTransientError
 from pacsflow.core.dicom.results import FindResult, QueryLevel, RetrieveReport
+from pacsflow.core.dicom.status import MOVE_DESTINATION_UNKNOWN
 from pacsflow.core.retry import RetryPolicy
 from pacsflow.core.series_rules import DropReason, SeriesRules
 from pacsflow.core.storage import StorageLayout
@@ -126,6 +127,7 @@ class SeriesOutcome:
     failure: Failure | None = None
     drop_reason: DropReason | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    cause: PacsError | None = field(default=None, compare=False)  # the failure behind ``error``, not recorded
 
     @property
     def retryable(self) -> bool:
@@ -226,6 +228,14 @@ class _HeadStart:
     problem: PacsTransientError | PacsItemError | None
 
 
+@dataclass(frozen=True)
+class _Deferred:
+    """A series that failed before the destination was proven in this task, and how."""
+
+    row: dict[str, Any]
+    outcome: SeriesOutcome
+
+
 @dataclass
 class _Fetch:
     """What the passes of one series brought: the instances on disk, the last failure, and its class."""
@@ -250,6 +260,7 @@ class SeriesRetrieval:
     health: PacsHealth = field(default_factory=PacsHealth)
     move_together: bool = True  # one retrieve for the series of a study (until a PACS brings nothing that way)
     delivered: bool = False  # a retrieve of this task brought an instance
+    deferred: list[_Deferred] = field(default_factory=list)  # asked again once ``delivered`` (see ``finish``)
     counts: BatchCounts = field(default_factory=BatchCounts)
 
     # -- studies and listing --------------------------------------------------------------------------
@@ -274,7 +285,42 @@ class SeriesRetrieval:
             moved = self._move_together(study["study_uid"], [row for row in pending if not on_disk[row["series_uid"]]])
             for row in pending:
                 uid = row["series_uid"]
-                self.counts.add(self.series(row, before=on_disk[uid], head_start=moved.get(uid)))
+                outcome = self.series(row, before=on_disk[uid], head_start=moved.get(uid))
+                if self._unproven_destination(outcome):
+                    self.deferred.append(_Deferred(row, outcome))
+                else:
+                    self.counts.add(outcome)
+
+    def finish(self) -> None:
+        """Ask again for the series deferred by :meth:`_unproven_destination`, once the destination has been
+        reached in this task; if it never was, the series' failures stand, and a "move destination unknown"
+        is the configuration error it says (the series stay for a retry of the task after the fix)."""
+        deferred, self.deferred = self.deferred, []
+        if not self.delivered:
+            for item in deferred:
+                if isinstance(item.outcome.cause, PacsConfigurationError):
+                    raise item.outcome.cause
+            for item in deferred:
+                self.counts.add(item.outcome)
+            return
+        for item in deferred:
+            uid = item.row["series_uid"]
+            with self.layout.series_lock(uid):
+                before = self.layout.stored_sop_uids(item.row["study_uid"], uid)
+                self.counts.add(self.series(item.row, before=before))
+
+    def _unproven_destination(self, outcome: SeriesOutcome) -> bool:
+        """A series that failed with nothing received before the PACS has delivered anything in this task, and
+        for a reason that also describes a destination the PACS cannot reach yet: "move destination unknown",
+        or retrieves refused with nothing arriving. A PACS answers so both for a destination it does not know
+        and for a receiver it could not connect to (restarting, a refused connection), so the series waits until
+        another series proved the destination (see :meth:`finish`)."""
+        if self.delivered:
+            return False
+        if isinstance(outcome.cause, PacsConfigurationError):
+            return True
+        refused = outcome.failure is Failure.FINAL and isinstance(outcome.cause, PacsItemError)
+        return refused and outcome.status is SeriesStatus.FAILED and not outcome.received
 
     def _list_series(self, study: dict[str, Any]) -> None:
         query = dict.fromkeys(SERIES_RETURN_KEYS, "") | {"StudyInstanceUID": study["study_uid"]}
@@ -362,7 +408,20 @@ class SeriesRetrieval:
         """Retrieve what is missing of one series and record its outcome in the audit. ``before``: what was on
         disk before this task fetched anything for it; ``head_start``: its first pass, made with its study's."""
         series = _Series(row["study_uid"], row["series_uid"], row)
-        outcome = self._retrieve(series, before, head_start)
+        try:
+            outcome = self._retrieve(series, before, head_start)
+        except PacsConfigurationError as error:
+            unknown_before = sum(isinstance(item.outcome.cause, PacsConfigurationError) for item in self.deferred)
+            if self.delivered or error.status != MOVE_DESTINATION_UNKNOWN or unknown_before + 1 >= PACS_DOWN_AFTER:
+                raise
+            outcome = SeriesOutcome(
+                _series_status(row["pacs_instance_count"], len(before)),
+                expected=row["pacs_instance_count"],
+                received=len(before),
+                error=str(error),
+                failure=Failure.FINAL,
+                cause=error,
+            )
         self.store.update_series(self.run_key, series.study_uid, series.series_uid, **outcome.values())
         return outcome
 
@@ -403,6 +462,7 @@ class SeriesRetrieval:
                 error=str(fetch.problem),
                 failure=fetch.failure,
                 seconds=timings,
+                cause=fetch.problem,
             )
         if received and not expected and self._needs_probe(series.row):
             # No instance list to probe with (the PACS does not answer image-level queries): decide now.

@@ -115,8 +115,10 @@ def test_unknown_move_destination_is_refused(pacs, a_series):
 
 
 def test_unknown_called_ae_is_a_configuration_error(pacs):
+    # Orthanc accepts associations in one thread and gives a silent peer DicomScpTimeout (30 s) first: a stray
+    # connection to its port must not turn the rejection under test into this client's own ACSE timeout.
     with (
-        PacsClient(replace(pacs.config, called_ae="NOT_ORTHANC")) as client,
+        PacsClient(replace(pacs.config, called_ae="NOT_ORTHANC", acse_timeout=45)) as client,
         pytest.raises(PacsConfigurationError, match="called AE"),
     ):
         client.echo()
