@@ -3,8 +3,10 @@ scripted pynetdicom SCP (a real peer on a real socket, with handlers returning c
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -23,6 +25,8 @@ from pacsflow.core.dicom.status import (
     rejection_error,
 )
 from pacsflow.core.storage import StorageLayout
+from pydicom import config as pydicom_config
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import (
@@ -162,6 +166,31 @@ def test_find_terminated_by_the_pacs_keeps_the_matches_and_says_capped():
     with scripted_pacs(find=answering(0xFF00, 0xFF00, 0xFE00)) as config, PacsClient(config) as client:
         result = client.find("STUDY", {"StudyInstanceUID": ""})
     assert (len(result.matches), result.status, result.capped) == (2, 0xFE00, True)
+
+
+def test_a_malformed_value_in_an_answer_is_not_quoted_in_warnings_or_logs(monkeypatch, caplog):
+    """pydicom warns with the value it finds malformed, and Airflow copies warnings into the task log: a PACS
+    answering a malformed UID (patient data) must not put it there."""
+    malformed = "1.2.840.PATIENT7"
+    monkeypatch.setattr(pydicom_config.settings, "reading_validation_mode", pydicom_config.WARN)
+    caplog.set_level(logging.DEBUG, logger="pydicom")
+
+    def answers_a_malformed_uid(event):
+        match = Dataset()
+        match[0x0020000D] = DataElement(0x0020000D, "UI", malformed, validation_mode=pydicom_config.IGNORE)
+        yield 0xFF00, match
+        yield 0x0000, None
+
+    with (
+        scripted_pacs(find=answers_a_malformed_uid) as config,
+        PacsClient(config) as client,
+        warnings.catch_warnings(record=True) as warned,
+    ):
+        warnings.simplefilter("always")
+        result = client.find("STUDY", {"StudyInstanceUID": ""})
+    assert [match["StudyInstanceUID"] for match in result.matches] == [malformed]  # pacsflow still sees it
+    said = [str(warning.message) for warning in warned] + [record.getMessage() for record in caplog.records]
+    assert not [text for text in said if "PATIENT7" in text]
 
 
 def test_a_reused_association_the_peer_dropped_is_reopened_once():

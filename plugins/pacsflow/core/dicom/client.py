@@ -147,7 +147,6 @@ class PacsClient:
         """C-GET: the PACS stores back on this association, through the receiver's own store handler."""
         identifier = _retrieve_identifier(level, keys)
         layout.root.mkdir(parents=True, exist_ok=True)
-        withhold_values_from_pydicom_log()  # the stores come back through the receiver's checks
 
         def send(assoc: Association) -> Iterable[tuple[Dataset | None, Dataset | None]]:
             stream_to(assoc, layout.root)
@@ -195,6 +194,7 @@ class PacsClient:
         if self._assoc is not None and self._assoc.is_established and (self._assoc_stores or not stores):
             return self._assoc
         self.close()
+        withhold_values_from_pydicom_log()  # a PACS's answers can hold malformed values: patient data
         self._assoc = self._associate(stores=stores or self.config.retrieve_method == "c-get")
         return self._assoc
 

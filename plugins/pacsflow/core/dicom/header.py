@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.uid import UID
 
@@ -72,9 +73,13 @@ class HeaderProblem(Enum):
 
 
 def withhold_values_from_pydicom_log() -> None:
-    """pydicom logs the values it finds malformed (an incoming UID is patient data): only its errors get through.
-    A logger level is process-wide; the receivers apply it when they start (never at import)."""
+    """pydicom quotes the values it finds malformed (an incoming UID is patient data) in its log and, when it
+    validates what it reads, in warnings, which Airflow copies into the task log. pacsflow checks what it uses
+    itself (a UID before it names a path), so pydicom's reading validation is off and only its logged errors get
+    through. Both settings are process-wide; the receivers and the client apply them when they start (never at
+    import)."""
     logging.getLogger("pydicom").setLevel(logging.ERROR)
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 
 
 @dataclass(frozen=True)
