@@ -3,18 +3,26 @@ real processes."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from pacsflow.core.dicom.config import ReceiverConfig
 from pacsflow.core.dicom.receiver import open_receiver
-from pacsflow.core.dicom.sharing import ReceiverUnavailable, receiver_running, shared_receiver
+from pacsflow.core.dicom.sharing import (
+    RECEIVER_LOCK,
+    ReceiverUnavailable,
+    receiver_lock,
+    receiver_running,
+    shared_receiver,
+)
 from pacsflow.core.storage import TEMP_PREFIX, StorageLayout
 
 from tests.helpers import free_port
@@ -54,6 +62,20 @@ def test_a_second_receiver_on_one_data_root_refuses_and_touches_nothing(tmp_path
         ):
             pass
         assert in_flight.read_bytes() == b"partial"
+
+
+def test_a_receiver_starting_during_a_probe_is_not_refused(tmp_path):
+    """The task that starts the shared receiver probes ``receiver_running`` (an instant's hold of the receiver
+    lock) until it listens; a receiver taking the lock during a probe must wait for it, not conclude that
+    another receiver runs (a scheduled run once failed so)."""
+    root = tmp_path / "dicom"
+    root.mkdir()
+    probe = os.fdopen(os.open(root / RECEIVER_LOCK, os.O_RDWR | os.O_CREAT, 0o600), "r+b")
+    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    threading.Timer(0.1, probe.close).start()  # a slow probe: far longer than a real one
+    with receiver_lock(root):
+        assert receiver_running(root)
+    assert not receiver_running(root)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -33,6 +33,9 @@ LEASE = ".receiver-lease"
 START_LOCK = ".receiver-start"
 LOG_NAME = ".receiver.log"
 READY_SECONDS = 60.0
+# ``receiver_running`` probes by taking the receiver lock for an instant (flock has no test-only call): a
+# receiver starting during a probe waits this long before it concludes that another receiver holds the lock.
+PROBE_GRACE_SECONDS = 0.5
 
 
 class ReceiverUnavailable(PacsConfigurationError):
@@ -49,16 +52,26 @@ def receiver_lock(root: Path) -> Iterator[None]:
     """Held for a receiver's whole life on ``root``; refuses a second receiver on the same root."""
     handle = _open_lock(root / RECEIVER_LOCK)
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _lock_within(handle, PROBE_GRACE_SECONDS):
             raise ReceiverUnavailable(
                 "another pacsflow receiver is already running on this data root; with several retrieval tasks "
                 "at once use receiver_mode 'shared' (the default) or 'service' in the dicom connection"
-            ) from None
+            )
         yield
     finally:
         handle.close()
+
+
+def _lock_within(handle: IO[bytes], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
 
 
 def port_unavailable(config: ReceiverConfig, error: OSError) -> ReceiverUnavailable:
