@@ -52,7 +52,7 @@ def receiver_lock(root: Path) -> Iterator[None]:
     """Held for a receiver's whole life on ``root``; refuses a second receiver on the same root."""
     handle = _open_lock(root / RECEIVER_LOCK)
     try:
-        if not _lock_within(handle, PROBE_GRACE_SECONDS):
+        if not _lock_exclusively(handle, wait_seconds=PROBE_GRACE_SECONDS):
             raise ReceiverUnavailable(
                 "another pacsflow receiver is already running on this data root; with several retrieval tasks "
                 "at once use receiver_mode 'shared' (the default) or 'service' in the dicom connection"
@@ -62,8 +62,9 @@ def receiver_lock(root: Path) -> Iterator[None]:
         handle.close()
 
 
-def _lock_within(handle: IO[bytes], seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
+def _lock_exclusively(handle: IO[bytes], *, wait_seconds: float = 0.0) -> bool:
+    """Take ``handle``'s lock exclusively, trying for up to ``wait_seconds``; False if another holds it."""
+    deadline = time.monotonic() + wait_seconds
     while True:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -84,12 +85,9 @@ def port_unavailable(config: ReceiverConfig, error: OSError) -> ReceiverUnavaila
 def receiver_running(root: Path) -> bool:
     handle = _open_lock(root / RECEIVER_LOCK)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
+        return not _lock_exclusively(handle)
     finally:
         handle.close()
-    return False
 
 
 @contextmanager
@@ -107,12 +105,10 @@ def idle(lease_path: Path) -> IO[bytes] | None:
     """For the shared receiver: the lease held exclusively (keep it open until the process exits) when no
     task holds it, else None."""
     handle = _open_lock(lease_path)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        return None
-    return handle
+    if _lock_exclusively(handle):
+        return handle
+    handle.close()
+    return None
 
 
 @contextmanager
