@@ -271,6 +271,22 @@ def test_the_migrations_from_an_empty_database_build_the_previous_release_then_t
     engine.dispose()
 
 
+def test_run_types_recorded_as_enum_names_read_as_airflow_names_them(audit_url):
+    engine = make_engine(audit_url)
+    try:
+        with engine.begin() as conn:
+            command.upgrade(alembic_config(conn), "0002")
+            for key, run_type in [("a", "DagRunType.BACKFILL"), ("b", "manual"), ("c", None)]:
+                conn.execute(runs.insert().values(run_key=key, run_type=run_type))
+        with engine.begin() as conn:
+            command.upgrade(alembic_config(conn), "head")
+        with engine.connect() as conn:
+            found = dict(conn.execute(select(runs.c.run_key, runs.c.run_type)).all())
+    finally:
+        engine.dispose()
+    assert found == {"a": "backfill", "b": "manual", "c": None}
+
+
 def test_a_database_of_a_development_build_without_version_row_is_adopted(tmp_path):
     url = f"sqlite:///{tmp_path / 'audit.sqlite'}"
     engine = make_engine(url)

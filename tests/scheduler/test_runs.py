@@ -211,6 +211,7 @@ def assert_run_extracted_its_interval(site: Site, dag_id: str, run: dict) -> Non
         outcomes = {an: r["outcome"] for an, r in store.accession_outcomes(f"{dag_id}/{run['dag_run_id']}").items()}
         summary = store.summary(f"{dag_id}/{run['dag_run_id']}")
     assert (row["interval_start"].replace(tzinfo=UTC), row["interval_end"].replace(tzinfo=UTC)) == (start, end)
+    assert row["run_type"] == run["run_type"]  # "scheduled", "backfill", "manual", as Airflow's API says
     assert outcomes == expected_outcomes(within(site.truth(), start, end))
     assert summary.succeeded and summary.verdict.state == "success"
 

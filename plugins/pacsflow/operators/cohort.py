@@ -55,7 +55,7 @@ class RisCohortOperator(PacsflowOperator):
                 run_id=context["run_id"],
                 params=self.definition,
                 interval=(start, end),
-                run_type=str(getattr(dag_run, "run_type", "") or "") or None,
+                run_type=_run_type(dag_run),
                 triggered_by=getattr(dag_run, "triggering_user_name", None),
             )
             return extract_cohort(ctx, lambda: self._exams(start, end), self.batch_size, max_size=self.max_cohort_size)
@@ -107,3 +107,10 @@ def _checked_interval(start: datetime | None, end: datetime | None) -> tuple[dat
 def _naive_utc(moment: datetime) -> datetime:
     """RIS timestamps are compared as naive UTC (see README: RIS time zone)."""
     return moment.astimezone(UTC).replace(tzinfo=None)
+
+
+def _run_type(dag_run: Any) -> str | None:
+    """ "scheduled", "manual", "backfill"...: the enum's value (``str()`` of Airflow's DagRunType on Python 3.11
+    gives "DagRunType.MANUAL")."""
+    run_type = getattr(dag_run, "run_type", None)
+    return str(getattr(run_type, "value", run_type) or "") or None
