@@ -15,7 +15,7 @@ from bench import (
 )
 from bench.results import RESULTS_PATH
 
-# scale_10k last: about an hour on 2 cores (a 1,000-AN and a 10,000-AN hospital, two contenders each)
+# scale_10k last: about 2.5 hours on 2 cores (a 1,000-AN and a 10,000-AN hospital, two contenders each)
 BENCHMARKS = (
     bench_export,
     bench_release,
