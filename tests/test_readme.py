@@ -22,7 +22,8 @@ import pytest
 import yaml
 from pacsflow.core.audit import AuditStore
 from pacsflow.core.dicom.config import PacsConfig, ReceiverConfig
-from pacsflow.demo.environment import DEMO_DAG_ID, REPO_ROOT, connection_environment
+from pacsflow.core.settings import load_definition
+from pacsflow.demo.environment import DEMO_DAG_ID, DEMO_DEFINITION, REPO_ROOT, connection_environment
 from pacsflow.demo.hospital import build_hospital, expected_instances, expected_outcomes, load_ground_truth, within
 from pacsflow.demo.sandbox import orthanc
 
@@ -113,6 +114,21 @@ def test_the_quick_start_runs_as_written_against_a_sandbox_pacs(tmp_path):
         outcomes = {an: row["outcome"] for an, row in store.accession_outcomes(run_key).items()}
         assert store.summary(run_key).succeeded
     assert outcomes == expected_outcomes(truth)
+
+
+@pytest.mark.airflow
+def test_the_quick_start_test_run_leaves_every_scheduled_run_to_the_scheduler():
+    # a test run holds its logical date: on a schedule boundary it takes the scheduled run's, which is then skipped
+    from airflow.timetables.interval import CronDataIntervalTimetable
+    from airflow.utils.timezone import parse
+
+    (script,) = blocks("run")
+    (day,) = re.findall(rf"^airflow dags test {DAG_ID} (\S+)", script, re.MULTILINE)
+    logical_date = parse(day)
+    schedule = CronDataIntervalTimetable(load_definition(DEMO_DEFINITION).schedule, timezone="UTC")
+    interval = schedule.infer_manual_data_interval(run_after=logical_date)
+    assert (interval.start, interval.end) == YEAR_2024
+    assert logical_date not in (interval.start, interval.end)
 
 
 def test_the_compose_commands_name_services_and_profiles_that_exist():
