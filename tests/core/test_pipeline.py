@@ -464,3 +464,87 @@ def test_a_listing_without_the_description_costs_one_instance_per_dropped_series
     ]
     assert directories and all(any(d.iterdir()) for d in directories)  # no empty study or series directory
     assert outcomes == expected_outcomes(truth) and summary.reconciled
+
+
+# -- verification by the listing's count -------------------------------------------------------------------
+class ImageQueriesCounted(PacsClient):
+    """A real client that counts its image-level C-FINDs per Series Instance UID, across its instances, and can
+    answer a series listing with a wrong instance count for some series (a PACS whose count is stale)."""
+
+    image_finds: dict[str, int] = {}  # noqa: RUF012  # one dict for the clients of one retrieve_batch
+    miscounted: set[str] = set()  # noqa: RUF012
+
+    def find(self, level, query):
+        result = super().find(level, query)
+        if level == "IMAGE":
+            uid = query["SeriesInstanceUID"]
+            self.image_finds[uid] = self.image_finds.get(uid, 0) + 1
+        elif level == "SERIES":
+            for match in result.matches:
+                if match["SeriesInstanceUID"] in self.miscounted:
+                    match["NumberOfSeriesRelatedInstances"] += 1
+        return result
+
+
+def _retrieve_counting_image_queries(pacs, hospital, receiver, tmp_path, *, chosen, miscounted):
+    layout = StorageLayout(tmp_path / "dicom")
+    ImageQueriesCounted.image_finds, ImageQueriesCounted.miscounted = {}, miscounted
+    with AuditStore.connect(f"sqlite:///{tmp_path / 'audit.sqlite'}") as store:
+        ctx, batches = _start_run(store, "library/by-count", hospital, partial(PacsClient, pacs.config), chosen)
+        counts = retrieve_batch(
+            ctx,
+            batches[0],
+            partial(ImageQueriesCounted, pacs.config),
+            rules=DEMO.series_rules,
+            layout=layout,
+            destination_ae=receiver.ae_title,
+            receiver=partial(StoreReceiver, receiver, layout),
+        )
+        rows = {row["series_uid"]: row for row in store.series_rows(ctx.run_key, kept=True)}
+    return layout, counts, rows
+
+
+def _assert_complete_with_true_counts(layout: StorageLayout, row: dict) -> None:
+    on_disk = len(layout.stored_sop_uids(row["study_uid"], row["series_uid"]))
+    assert row["status"] == SeriesStatus.COMPLETE and row["expected"] == row["received"] == on_disk
+
+
+def test_series_moved_with_their_study_are_verified_by_the_listed_count(pacs, hospital, truth, receiver, tmp_path):
+    chosen = _largest_retrieved(truth, 4)
+    layout, counts, rows = _retrieve_counting_image_queries(
+        pacs, hospital, receiver, tmp_path, chosen=chosen, miscounted=set()
+    )
+    wanted = expected_instances(_truth_of(truth, chosen))
+    assert {(p.parent.parent.name, p.parent.name, p.stem) for p in _stored_files(layout)} == wanted
+    assert counts["complete"] == len(rows) and counts["instances_fetched"] == len(wanted)
+    by_count = {uid for uid, row in rows.items() if "verify" in row["seconds"]}
+    assert by_count, "no series was moved with its study"
+    for uid in rows:
+        assert ImageQueriesCounted.image_finds.get(uid, 0) == (0 if uid in by_count else 1)
+        _assert_complete_with_true_counts(layout, rows[uid])
+
+
+def test_a_listed_count_the_instances_do_not_match_is_verified_against_the_instance_list(
+    pacs, hospital, truth, receiver, tmp_path
+):
+    chosen = _largest_retrieved(truth, 4)
+    series = [
+        s["series_instance_uid"]
+        for accession in _truth_of(truth, chosen)["accessions"]
+        for study in accession["studies"]
+        for s in study["series"]
+        if s["kept"]
+    ]
+    miscounted = set(series[1::2])
+    layout, counts, rows = _retrieve_counting_image_queries(
+        pacs, hospital, receiver, tmp_path, chosen=chosen, miscounted=miscounted
+    )
+    assert {(p.parent.parent.name, p.parent.name, p.stem) for p in _stored_files(layout)} == expected_instances(
+        _truth_of(truth, chosen)
+    )
+    assert counts["complete"] == len(rows)
+    verified_by_count = {row["study_uid"] for row in rows.values() if "verify" in row["seconds"]}
+    assert any(rows[uid]["study_uid"] in verified_by_count for uid in miscounted), "none was moved with its study"
+    for uid in miscounted:  # the PACS's instance list decides, and the recorded count is the true one
+        assert ImageQueriesCounted.image_finds[uid] == 1 and "verify" not in rows[uid]["seconds"]
+        _assert_complete_with_true_counts(layout, rows[uid])

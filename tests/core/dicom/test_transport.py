@@ -12,8 +12,10 @@ import pytest
 from pacsflow.core.dicom.client import PacsClient
 from pacsflow.core.dicom.config import PacsConfig, ReceiverConfig
 from pacsflow.core.dicom.receiver import StoreReceiver
-from pacsflow.core.dicom.transport import VERIFIED_PYNETDICOM, PynetdicomVersionError
+from pacsflow.core.dicom.transport import VERIFIED_PYNETDICOM, PynetdicomVersionError, application_entity
 from pacsflow.core.storage import StorageLayout
+from pynetdicom import evt
+from pynetdicom.association import Association
 
 from tests.helpers import free_port
 
@@ -24,7 +26,8 @@ from pynetdicom import _config, dimse_messages
 from pynetdicom.association import Association
 print(
     _config.LOG_REQUEST_IDENTIFIERS, _config.LOG_RESPONSE_IDENTIFIERS, _config.STORE_RECV_CHUNKED_DATASET,
-    Association._serve_request.__module__, dimse_messages.NamedTemporaryFile is tempfile.NamedTemporaryFile,
+    _config.LOG_HANDLER_LEVEL, Association._serve_request.__module__,
+    dimse_messages.NamedTemporaryFile is tempfile.NamedTemporaryFile,
     logging.getLogger("pynetdicom").level, logging.getLogger("pydicom").level,
 )
 """
@@ -42,7 +45,7 @@ def _state(imports: str) -> list[str]:
 
 def test_importing_pacsflow_leaves_pynetdicom_and_library_loggers_as_they_are():
     untouched = _state("import pydicom, pynetdicom")
-    assert untouched[:5] == ["True", "True", "False", "pynetdicom.association", "True"]  # pynetdicom's defaults
+    assert untouched[:6] == ["True", "True", "False", "standard", "pynetdicom.association", "True"]  # pynetdicom's
     assert _state(_PACSFLOW) == untouched
 
 
@@ -76,3 +79,10 @@ def test_each_accepted_association_gets_its_own_copy_of_the_receiver_contexts(tm
     for mine, theirs in zip(copied, served, strict=True):
         assert mine is not theirs and mine.transfer_syntax is not theirs.transfer_syntax  # nothing mutable shared
         assert mine.abstract_syntax is theirs.abstract_syntax  # the UIDs are shared: not pynetdicom's deep copy
+
+
+def test_associations_bind_none_of_pynetdicoms_logging_handlers():
+    # they format every PDU and DIMSE message, SOP Instance UIDs included, for a logger that drops it at WARNING
+    assoc = Association(application_entity("PACSFLOW"), "requestor")
+    logged = (evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT)
+    assert [assoc.get_handlers(event) for event in logged] == [[], [], [], []]

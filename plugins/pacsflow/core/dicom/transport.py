@@ -71,9 +71,13 @@ def withhold_identifiers_from_logs() -> None:
 
     Process-wide (pynetdicom 3.0.4 has no per-AE switch; upstream, the ask is one: "Per-AE option not to log
     identifiers", beside ``_config.LOG_*_IDENTIFIERS``): it only ever removes patient data from pynetdicom's log,
-    for every AE in the process. Applied when pacsflow makes an AE, never at import."""
+    for every AE in the process. Applied when pacsflow makes an AE, never at import.
+
+    pynetdicom's standard handlers (``LOG_HANDLER_LEVEL``) are not bound either: they format every PDU and DIMSE
+    message, SOP Instance UIDs included, before the logger drops it at WARNING, and cost CPU on each message."""
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
+    _config.LOG_HANDLER_LEVEL = "none"
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 

@@ -98,8 +98,9 @@ def export_instances(
         report.studies = _write_aggregate(output, "studies", aggregate.study_rows(run_id), row_group_size)
         report.paths = output.commit()
     report.bytes_written = sum(path.stat().st_size for path in report.paths)
-    log.info(
-        "export: %d instances, %d series, %d studies, %d files rejected, %d Parquet files (%d bytes)",
+    log.info(  # the run id tells the run's own export from its release's (a keyed label): both log this line
+        "Parquet metadata of %s: %d instances, %d series, %d studies, %d files rejected, %d Parquet files (%d bytes)",
+        run_id,
         report.instances,
         report.series,
         report.studies,
