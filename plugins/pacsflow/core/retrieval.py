@@ -50,8 +50,10 @@ REASON_KEYS = {
 }
 # Consecutive items failing with transient errors that mean "the PACS is down": stop and let Airflow retry.
 PACS_DOWN_AFTER = 5
-# Late C-STOREs may arrive after the final C-MOVE response (the receiver may still be storing the last one).
+# Late C-STOREs may arrive after the final C-MOVE response (the receiver may still be storing the last one, or a
+# DCMTK receiver in another process still ingesting): looked for every ARRIVAL_POLL_SECONDS, for at most the grace.
 LATE_ARRIVAL_GRACE_SECONDS = 2.0
+ARRIVAL_POLL_SECONDS = 0.01
 # Before each pass (later passes re-fetch only what earlier ones lost): a PACS that just lost its stream to the
 # receiver may keep failing on the dead association for a few seconds (Orthanc reuses its associations to a
 # destination for 5 s by default).
@@ -497,8 +499,10 @@ class SeriesRetrieval:
             return None
         clock = time.perf_counter()
         count = series.row["pacs_instance_count"]
-        present = self.layout.stored_sop_uids(series.study_uid, series.series_uid)
-        if count is None or len(present) != count:
+        if count is None:
+            return None
+        present = self._await_arrivals(series, lambda present: len(present) >= count)
+        if len(present) != count:
             return None
         self.delivered = True
         self.health.ok(retrieved=True)
@@ -524,7 +528,7 @@ class SeriesRetrieval:
             sop_uid = min(expected)
             self._try_retrieve("IMAGE", series.keys | {"SOPInstanceUID": sop_uid})
             self.destination.settle()
-            present = self._await_arrivals(series, {sop_uid}) & expected
+            present = self._await_arrivals(series, lambda present: sop_uid in present) & expected
             if not present:
                 return None
             self.health.ok(retrieved=True)
@@ -613,7 +617,7 @@ class SeriesRetrieval:
             else:
                 time.sleep(pause)
                 fetch.problem = self._one_pass(series, expected, fetch.present)
-            arrived = self._await_arrivals(series, expected)
+            arrived = self._await_arrivals(series, lambda present: not expected or expected <= present)
             progress, fetch.present = arrived - fetch.present, arrived
             fruitless = fruitless + 1 if fetch.problem is not None and not progress else 0
             if fruitless >= self.settings.refusals_to_give_up:
@@ -651,13 +655,14 @@ class SeriesRetrieval:
             return error
         return None
 
-    def _await_arrivals(self, series: _Series, expected: set[str]) -> set[str]:
+    def _await_arrivals(self, series: _Series, arrived: Callable[[set[str]], bool]) -> set[str]:
+        """The series' instances on disk once ``arrived`` says they are all there, or when the grace is over."""
         deadline = time.monotonic() + self.settings.late_arrival_grace
         while True:
             present = self.layout.stored_sop_uids(series.study_uid, series.series_uid)
-            if not expected or expected <= present or time.monotonic() >= deadline:
+            if arrived(present) or time.monotonic() >= deadline:
                 return present
-            time.sleep(0.1)
+            time.sleep(ARRIVAL_POLL_SECONDS)
 
 
 def _complete(present: set[str], expected: set[str], target: int | None) -> bool:
