@@ -5,8 +5,9 @@ Entry ``retrieve_small_series`` in ``bench/results.json``, unit studies/s: a coh
 
 - pacsflow: the retrieval tasks of a run (``pipeline.retrieve_batch`` per batch of 50 studies, as the DAG maps
   them, one after the other): series listing, C-MOVEs into the embedded receiver (one for the kept series of a
-  study, then per series for what is missing), verification of every instance against an image-level C-FIND.
-  The cohort and its resolution are stored before the clock starts.
+  study, then per series for what is missing; C-GETs with ``--retrieve-method c-get``), verification of each
+  series (the listing's instance count for a series moved with its study, else an image-level C-FIND). The
+  cohort and its resolution are stored before the clock starts.
 - reference: DCMTK ``movescu`` once per study (STUDY level) into one ``storescp`` (``+B``, ``-pdu 131072``).
 
 ``ratio`` = pacsflow's studies/s over DCMTK's (target >= 0.8: per-series verification must not dominate). Both
@@ -195,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
         default=Path(tempfile.gettempdir()) / "pacsflow-bench-small",
         help="cache of generated files and of Orthanc's storage (reused between runs)",
     )
+    parser.add_argument(
+        "--retrieve-method",
+        choices=("c-move", "c-get"),
+        default="c-move",
+        help="pacsflow's retrieve method (c-get: the PACS stores back on pacsflow's own association)",
+    )
     parser.add_argument("--no-record", action="store_true", help="do not write bench/results.json")
     args = parser.parse_args(argv)
     for tool in ("storescp", "movescu"):
@@ -207,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         tempfile.TemporaryDirectory(prefix="pacsflow-bench-small-", dir=args.data) as temp,
     ):
         ensure_loaded(pacs, files)
-        config = replace(pacs.config, calling_ae="PACSFLOW")
+        config = replace(pacs.config, calling_ae="PACSFLOW", retrieve_method=args.retrieve_method)
         rates = compare(config, args.studies, ports, Path(temp), rounds=args.repeat, backend=args.backend)
     entry = _entry(rates, args)
     if not args.no_record:
@@ -230,6 +237,7 @@ def _entry(rates: dict[str, list[float]], args: argparse.Namespace) -> dict[str,
         "pixels": PIXELS,
         "batch_size": BATCH_SIZE,
         "receiver_backend": args.backend,
+        "retrieve_method": args.retrieve_method,
         "rounds": args.repeat,
         "all_rounds": [round(rate, 1) for rate in rates["pacsflow"]],
         "reference_all_rounds": [round(rate, 1) for rate in rates["dcmtk"]],
