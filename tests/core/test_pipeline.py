@@ -282,6 +282,19 @@ def _start_run(store: AuditStore, run_key: str, hospital, connect, accession_num
     return ctx, resolve_cohort(ctx, connect, DEMO.resolution, 100)
 
 
+def _retrieve_first_batch(ctx, batches, client: PacsClient, receiver: ReceiverConfig, layout: StorageLayout):
+    """The demo's series rules, ``client`` (closed after the batch) and an embedded receiver."""
+    return retrieve_batch(
+        ctx,
+        batches[0],
+        lambda: client,
+        rules=DEMO.series_rules,
+        layout=layout,
+        destination_ae=receiver.ae_title,
+        receiver=partial(StoreReceiver, receiver, layout),
+    )
+
+
 def _parquet_statuses(metadata: Path) -> dict[str, str]:
     table = open_dataset(metadata, "series").to_table(columns=["series_instance_uid", "series_status"])
     return dict(zip(table["series_instance_uid"].to_pylist(), table["series_status"].to_pylist(), strict=True))
@@ -376,15 +389,7 @@ def test_a_series_the_pacs_no_longer_holds_is_recorded_and_does_not_fail_the_tas
     try:
         with AuditStore.connect(f"sqlite:///{tmp_path / 'audit.sqlite'}") as store:
             ctx, batches = _start_run(store, "library/final", hospital, partial(PacsClient, pacs.config), chosen)
-            counts = retrieve_batch(
-                ctx,
-                batches[0],
-                partial(SeriesDeletedAfterListing, pacs.config),
-                rules=DEMO.series_rules,
-                layout=layout,
-                destination_ae=receiver.ae_title,
-                receiver=partial(StoreReceiver, receiver, layout),
-            )
+            counts = _retrieve_first_batch(ctx, batches, SeriesDeletedAfterListing(pacs.config), receiver, layout)
             export_metadata(ctx, layout, tmp_path / "metadata", "final")
             summary = settle_run(ctx)
             rows = {row["series_uid"]: row for row in store.series_rows(ctx.run_key, kept=True)}
@@ -491,15 +496,7 @@ def _retrieve_counting_image_queries(pacs, hospital, receiver, tmp_path, *, chos
     ImageQueriesCounted.image_finds, ImageQueriesCounted.miscounted = {}, miscounted
     with AuditStore.connect(f"sqlite:///{tmp_path / 'audit.sqlite'}") as store:
         ctx, batches = _start_run(store, "library/by-count", hospital, partial(PacsClient, pacs.config), chosen)
-        counts = retrieve_batch(
-            ctx,
-            batches[0],
-            partial(ImageQueriesCounted, pacs.config),
-            rules=DEMO.series_rules,
-            layout=layout,
-            destination_ae=receiver.ae_title,
-            receiver=partial(StoreReceiver, receiver, layout),
-        )
+        counts = _retrieve_first_batch(ctx, batches, ImageQueriesCounted(pacs.config), receiver, layout)
         rows = {row["series_uid"]: row for row in store.series_rows(ctx.run_key, kept=True)}
     return layout, counts, rows
 

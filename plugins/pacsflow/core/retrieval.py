@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from pydicom import dcmread
 
@@ -32,6 +32,7 @@ from pacsflow.core.storage import StorageLayout
 from pacsflow.core.uids import is_valid_uid
 
 log = logging.getLogger("pacsflow")
+_Seen = TypeVar("_Seen")
 
 HEADER_RULE_KEYS = ("Modality", "SeriesDescription", "BodyPartExamined")
 SERIES_RETURN_KEYS = (
@@ -391,14 +392,21 @@ class SeriesRetrieval:
             return {}
         keys = {"StudyInstanceUID": study_uid, "SeriesInstanceUID": "\\".join(row["series_uid"] for row in together)}
         problem: PacsTransientError | PacsItemError | None = None
+        succeeded = False
         try:
             self.client.retrieve("SERIES", keys, destination_ae=self.destination.ae_title, layout=self.layout)
+            succeeded = True
         except (PacsTransientError, PacsItemError) as error:
             problem = error
         except PacsError:  # a list the PACS does not understand: the series passes ask and say what is wrong
             pass
         self.destination.settle()
-        self.move_together = any(self.layout.stored_sop_uids(study_uid, row["series_uid"]) for row in together)
+        # After a success, within the grace: a receiver in another process files what came after the response.
+        self.move_together = _await(
+            lambda: any(self.layout.stored_sop_uids(study_uid, row["series_uid"]) for row in together),
+            bool,
+            self.settings.late_arrival_grace if succeeded else 0.0,
+        )
         if not self.move_together:  # nothing came: no pass of any series
             return {}
         return {row["series_uid"]: _HeadStart(problem) for row in together}
@@ -657,12 +665,21 @@ class SeriesRetrieval:
 
     def _await_arrivals(self, series: _Series, arrived: Callable[[set[str]], bool]) -> set[str]:
         """The series' instances on disk once ``arrived`` says they are all there, or when the grace is over."""
-        deadline = time.monotonic() + self.settings.late_arrival_grace
-        while True:
-            present = self.layout.stored_sop_uids(series.study_uid, series.series_uid)
-            if arrived(present) or time.monotonic() >= deadline:
-                return present
-            time.sleep(ARRIVAL_POLL_SECONDS)
+        return _await(
+            lambda: self.layout.stored_sop_uids(series.study_uid, series.series_uid),
+            arrived,
+            self.settings.late_arrival_grace,
+        )
+
+
+def _await(look: Callable[[], _Seen], done: Callable[[_Seen], bool], grace: float) -> _Seen:
+    """What ``look`` sees once ``done`` says so, or when ``grace`` seconds are over."""
+    deadline = time.monotonic() + grace
+    while True:
+        seen = look()
+        if done(seen) or time.monotonic() >= deadline:
+            return seen
+        time.sleep(ARRIVAL_POLL_SECONDS)
 
 
 def _complete(present: set[str], expected: set[str], target: int | None) -> bool:

@@ -31,6 +31,14 @@ def test_a_move_through_orthanc_is_in_the_layout_when_settled(pacs, receiver_por
     assert receiver.stats.stored == count
 
 
+def test_a_staged_file_storescp_removed_before_its_ingest_is_no_rejection(tmp_path):
+    """storescp closes the file of a failed C-STORE (a peer's abort), then removes it: an ingest pass may list it
+    in between. Nothing was received, so nothing is counted."""
+    with DcmtkStoreReceiver(ReceiverConfig(ae_title=RECEIVER_AE, port=0), StorageLayout(tmp_path / "root")) as receiver:
+        receiver._ingest([receiver.staging_root / "gone.dcm"])
+    assert receiver.stats.stored == receiver.stats.rejected == 0 and not receiver.stats.rejected_reasons
+
+
 VENV_BIN = Path(sys.executable).parent  # where pynetdicom installed its own storescp console script
 
 

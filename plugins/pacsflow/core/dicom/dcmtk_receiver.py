@@ -367,6 +367,8 @@ class DcmtkStoreReceiver:
         """The UIDs to file a staged file under; None (file rejected) when ``intake.examine`` refuses it."""
         try:
             verdict = examine(path, None, self.config)  # storescp writes the request's UID into the file meta
+        except FileNotFoundError:  # storescp removed it after closing it (its C-STORE failed): nothing was received
+            return None
         except OSError as error:
             self._reject(path, write_failure_reason(error))
             return None

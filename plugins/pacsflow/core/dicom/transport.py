@@ -73,8 +73,8 @@ def withhold_identifiers_from_logs() -> None:
     identifiers", beside ``_config.LOG_*_IDENTIFIERS``): it only ever removes patient data from pynetdicom's log,
     for every AE in the process. Applied when pacsflow makes an AE, never at import.
 
-    pynetdicom's standard handlers (``LOG_HANDLER_LEVEL``) are not bound either: they format every PDU and DIMSE
-    message, SOP Instance UIDs included, before the logger drops it at WARNING, and cost CPU on each message."""
+    pynetdicom's standard handlers (``LOG_HANDLER_LEVEL``) are not bound either: they describe every PDU and
+    DIMSE message, SOP Instance UIDs included, to whoever sets pynetdicom's logger below WARNING."""
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
     _config.LOG_HANDLER_LEVEL = "none"
