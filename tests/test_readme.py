@@ -119,8 +119,8 @@ def test_the_quick_start_runs_as_written_against_a_sandbox_pacs(tmp_path):
 @pytest.mark.airflow
 def test_the_quick_start_test_run_leaves_every_scheduled_run_to_the_scheduler():
     # a test run holds its logical date: on a schedule boundary it takes the scheduled run's, which is then skipped
+    from airflow.sdk.timezone import parse
     from airflow.timetables.interval import CronDataIntervalTimetable
-    from airflow.utils.timezone import parse
 
     (script,) = blocks("run")
     (day,) = re.findall(rf"^airflow dags test {DAG_ID} (\S+)", script, re.MULTILINE)
