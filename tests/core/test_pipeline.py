@@ -473,11 +473,13 @@ def test_a_listing_without_the_description_costs_one_instance_per_dropped_series
 
 # -- verification by the listing's count -------------------------------------------------------------------
 class ImageQueriesCounted(PacsClient):
-    """A real client that counts its image-level C-FINDs per Series Instance UID, across its instances, and can
-    answer a series listing with a wrong instance count for some series (a PACS whose count is stale)."""
+    """A real client that counts its image-level C-FINDs per Series Instance UID, and can answer a series listing
+    with a wrong instance count for some series (a PACS whose count is stale)."""
 
-    image_finds: dict[str, int] = {}  # noqa: RUF012  # one dict for the clients of one retrieve_batch
-    miscounted: set[str] = set()  # noqa: RUF012
+    def __init__(self, config, miscounted: set[str]) -> None:
+        super().__init__(config)
+        self.image_finds: dict[str, int] = {}
+        self.miscounted = miscounted
 
     def find(self, level, query):
         result = super().find(level, query)
@@ -493,12 +495,12 @@ class ImageQueriesCounted(PacsClient):
 
 def _retrieve_counting_image_queries(pacs, hospital, receiver, tmp_path, *, chosen, miscounted):
     layout = StorageLayout(tmp_path / "dicom")
-    ImageQueriesCounted.image_finds, ImageQueriesCounted.miscounted = {}, miscounted
+    client = ImageQueriesCounted(pacs.config, miscounted)
     with AuditStore.connect(f"sqlite:///{tmp_path / 'audit.sqlite'}") as store:
         ctx, batches = _start_run(store, "library/by-count", hospital, partial(PacsClient, pacs.config), chosen)
-        counts = _retrieve_first_batch(ctx, batches, ImageQueriesCounted(pacs.config), receiver, layout)
+        counts = _retrieve_first_batch(ctx, batches, client, receiver, layout)
         rows = {row["series_uid"]: row for row in store.series_rows(ctx.run_key, kept=True)}
-    return layout, counts, rows
+    return layout, counts, rows, client.image_finds
 
 
 def _assert_complete_with_true_counts(layout: StorageLayout, row: dict) -> None:
@@ -508,7 +510,7 @@ def _assert_complete_with_true_counts(layout: StorageLayout, row: dict) -> None:
 
 def test_series_moved_with_their_study_are_verified_by_the_listed_count(pacs, hospital, truth, receiver, tmp_path):
     chosen = _largest_retrieved(truth, 4)
-    layout, counts, rows = _retrieve_counting_image_queries(
+    layout, counts, rows, image_finds = _retrieve_counting_image_queries(
         pacs, hospital, receiver, tmp_path, chosen=chosen, miscounted=set()
     )
     wanted = expected_instances(_truth_of(truth, chosen))
@@ -517,7 +519,7 @@ def test_series_moved_with_their_study_are_verified_by_the_listed_count(pacs, ho
     by_count = {uid for uid, row in rows.items() if "verify" in row["seconds"]}
     assert by_count, "no series was moved with its study"
     for uid in rows:
-        assert ImageQueriesCounted.image_finds.get(uid, 0) == (0 if uid in by_count else 1)
+        assert image_finds.get(uid, 0) == (0 if uid in by_count else 1)
         _assert_complete_with_true_counts(layout, rows[uid])
 
 
@@ -533,7 +535,7 @@ def test_a_listed_count_the_instances_do_not_match_is_verified_against_the_insta
         if s["kept"]
     ]
     miscounted = set(series[1::2])
-    layout, counts, rows = _retrieve_counting_image_queries(
+    layout, counts, rows, image_finds = _retrieve_counting_image_queries(
         pacs, hospital, receiver, tmp_path, chosen=chosen, miscounted=miscounted
     )
     assert {(p.parent.parent.name, p.parent.name, p.stem) for p in _stored_files(layout)} == expected_instances(
@@ -543,5 +545,5 @@ def test_a_listed_count_the_instances_do_not_match_is_verified_against_the_insta
     verified_by_count = {row["study_uid"] for row in rows.values() if "verify" in row["seconds"]}
     assert any(rows[uid]["study_uid"] in verified_by_count for uid in miscounted), "none was moved with its study"
     for uid in miscounted:  # the PACS's instance list decides, and the recorded count is the true one
-        assert ImageQueriesCounted.image_finds[uid] == 1 and "verify" not in rows[uid]["seconds"]
+        assert image_finds[uid] == 1 and "verify" not in rows[uid]["seconds"]
         _assert_complete_with_true_counts(layout, rows[uid])
