@@ -4,10 +4,12 @@ Entry ``retrieve_small_series`` in ``bench/results.json``, unit studies/s: a coh
 6 small CT instances each (16x16 pixels, so the per-series work dominates, not the bytes), in one Orthanc.
 
 - pacsflow: the retrieval tasks of a run (``pipeline.retrieve_batch`` per batch of 50 studies, as the DAG maps
-  them, one after the other): series listing, C-MOVEs into the embedded receiver (one for the kept series of a
-  study, then per series for what is missing; C-GETs with ``--retrieve-method c-get``), verification of each
-  series (the listing's instance count for a series moved with its study, else an image-level C-FIND). The
-  cohort and its resolution are stored before the clock starts.
+  them): series listing, C-MOVEs (one for the kept series of a study, then per series for what is missing;
+  C-GETs with ``--retrieve-method c-get``), verification of each series (the listing's instance count for a
+  series moved with its study, else an image-level C-FIND). ``--tasks`` of them run at once, each a process of
+  its own as Airflow runs them, into one shared receiver (``receiver_mode: shared``): 4 by default, the ``pacs``
+  pool of the README's settings. With more than one, a single task into the embedded receiver is measured too
+  (``one_task``). The cohort and its resolution are stored before the clock starts.
 - reference: DCMTK ``movescu`` once per study (STUDY level) into one ``storescp`` (``+B``, ``-pdu 131072``).
 
 ``ratio`` = pacsflow's studies/s over DCMTK's (target >= 0.8: per-series verification must not dominate). Both
@@ -21,12 +23,15 @@ must end with every instance on disk, or the benchmark is void. Orthanc and the 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from functools import partial
 from itertools import repeat
@@ -36,9 +41,10 @@ from typing import Any
 import psutil
 from pacsflow.core.audit import AuditStore, SeriesStatus
 from pacsflow.core.dicom.client import PacsClient
-from pacsflow.core.dicom.config import PacsConfig, ReceiverBackend, ReceiverConfig
+from pacsflow.core.dicom.config import PacsConfig, ReceiverBackend, ReceiverConfig, ReceiverMode
 from pacsflow.core.dicom.dcmtk import dcmtk_program
 from pacsflow.core.dicom.receiver import open_receiver
+from pacsflow.core.dicom.sharing import receiver_running, shared_receiver
 from pacsflow.core.pipeline import RunContext, extract_cohort, resolve_cohort, retrieve_batch
 from pacsflow.core.privacy import Pseudonymizer
 from pacsflow.core.resolve import ResolutionSettings, Rule
@@ -102,33 +108,72 @@ def ensure_loaded(pacs: SandboxPacs, files: list[Path]) -> None:
 
 
 # -- contenders ---------------------------------------------------------------------------------------
-def run_pacsflow(config: PacsConfig, studies: int, port: int, out: Path, backend: ReceiverBackend) -> float:
-    """Seconds for the retrieval tasks of a run over the cohort (resolved before the clock starts)."""
+def run_pacsflow(
+    config: PacsConfig, studies: int, port: int, out: Path, backend: ReceiverBackend, *, tasks: int
+) -> float:
+    """Seconds for the retrieval tasks of a run over the cohort (resolved before the clock starts): ``tasks`` at
+    once, each a process of its own as Airflow runs them, sharing one receiver (``receiver_mode: shared``, the
+    default); a single task uses the embedded receiver."""
     layout = StorageLayout(out / "dicom")
-    receiver = ReceiverConfig(ae_title=PACSFLOW_AE, port=port, backend=backend)
-    connect = partial(PacsClient, config)
-    with AuditStore.connect(f"sqlite:///{out / 'audit.sqlite'}") as store:
-        ctx = RunContext(store, "bench/small-series", Pseudonymizer(b"bench-small-series-key"))
+    audit_url = f"sqlite:///{out / 'audit.sqlite'}"
+    mode: ReceiverMode = "embedded" if tasks == 1 else "shared"
+    receiver = ReceiverConfig(ae_title=PACSFLOW_AE, port=port, backend=backend, mode=mode)
+    with AuditStore.connect(audit_url) as store:
+        ctx = _context(store)
         extract_cohort(ctx, lambda: [RisExam(accession_number=accession(s)) for s in range(studies)], BATCH_SIZE)
-        batches = resolve_cohort(ctx, connect, ResolutionSettings(rules=(Rule.ACCESSION_NUMBER,)), BATCH_SIZE)
-        started = time.perf_counter()
+        batches = resolve_cohort(
+            ctx, partial(PacsClient, config), ResolutionSettings(rules=(Rule.ACCESSION_NUMBER,)), BATCH_SIZE
+        )
+    task = partial(_retrieval_task, config, receiver, layout, audit_url)
+    started = time.perf_counter()
+    if tasks == 1:
         for batch in batches:
-            retrieve_batch(
-                ctx,
-                batch,
-                connect,
-                rules=SeriesRules.parse({}),  # keep every series
-                layout=layout,
-                destination_ae=PACSFLOW_AE,
-                receiver=partial(open_receiver, receiver, layout),
-            )
-        seconds = time.perf_counter() - started
-        series = store.series_rows(ctx.run_key, kept=True)
+            task(batch)
+    else:
+        with ProcessPoolExecutor(max_workers=tasks, mp_context=multiprocessing.get_context("fork")) as pool:
+            list(pool.map(task, batches))
+    seconds = time.perf_counter() - started
+    _await_receiver_stop(layout.root)
+    with AuditStore.connect(audit_url) as store:
+        series = store.series_rows(_context(store).run_key, kept=True)
     incomplete = sum(row["status"] != SeriesStatus.COMPLETE for row in series)
     if len(series) != studies * SERIES_PER_STUDY or incomplete:
         raise SystemExit(f"pacsflow: {len(series)} series listed, {incomplete} not complete: the benchmark is void")
     _verify("pacsflow", layout.root, "*/*/*.dcm", studies)
     return seconds
+
+
+def _await_receiver_stop(root: Path, seconds: float = 60.0) -> None:
+    """The shared receiver stops by itself once no task holds a lease; wait for it before the round's files go."""
+    deadline = time.monotonic() + seconds
+    while receiver_running(root):
+        if time.monotonic() > deadline:
+            raise SystemExit("the shared receiver did not stop after the last task")
+        time.sleep(0.1)
+
+
+def _context(store: AuditStore) -> RunContext:
+    return RunContext(store, "bench/small-series", Pseudonymizer(b"bench-small-series-key"))
+
+
+def _retrieval_task(
+    config: PacsConfig, receiver: ReceiverConfig, layout: StorageLayout, audit_url: str, batch: int
+) -> None:
+    """What one mapped ``retrieve_batch`` task does, with its own audit connection."""
+    if receiver.mode == "shared":
+        incoming: Callable[[], AbstractContextManager[Any]] = partial(shared_receiver, receiver, layout.root)
+    else:
+        incoming = partial(open_receiver, receiver, layout)
+    with AuditStore.connect(audit_url) as store:
+        retrieve_batch(
+            _context(store),
+            batch,
+            partial(PacsClient, config),
+            rules=SeriesRules.parse({}),  # keep every series
+            layout=layout,
+            destination_ae=PACSFLOW_AE,
+            receiver=incoming,
+        )
 
 
 def run_dcmtk(config: PacsConfig, studies: int, port: int, out: Path) -> float:
@@ -160,22 +205,19 @@ def _verify(name: str, root: Path, pattern: str, studies: int) -> None:
 
 # -- orchestration ----------------------------------------------------------------------------------
 def compare(
-    config: PacsConfig, studies: int, ports: dict[str, int], work: Path, *, rounds: int, backend: ReceiverBackend
+    contenders: dict[str, Callable[[Path], float]], studies: int, work: Path, *, rounds: int
 ) -> dict[str, list[float]]:
-    """Interleaved rounds of both contenders, each into a fresh directory; studies/s per round."""
-    rates: dict[str, list[float]] = {"pacsflow": [], "dcmtk": []}
+    """Interleaved rounds of the contenders, each into a fresh directory; studies/s per round."""
+    rates: dict[str, list[float]] = {name: [] for name in contenders}
     for number in range(rounds):
-        for name in ("pacsflow", "dcmtk"):
+        for name, run in contenders.items():
             out = work / f"{name}-{number}"
             out.mkdir()
             os.sync()  # no contender pays for the write-back of the one before
-            if name == "pacsflow":
-                seconds = run_pacsflow(config, studies, ports[PACSFLOW_AE], out, backend)
-            else:
-                seconds = run_dcmtk(config, studies, ports[DCMTK_AE], out / "received")
+            seconds = run(out)
             shutil.rmtree(out)
             rates[name].append(studies / seconds)
-            print(f"  round {number + 1} {name:<9} {studies / seconds:8.1f} studies/s ({seconds:.1f} s)", flush=True)
+            print(f"  round {number + 1} {name:<18} {studies / seconds:8.1f} studies/s ({seconds:.1f} s)", flush=True)
     return rates
 
 
@@ -202,6 +244,13 @@ def main(argv: list[str] | None = None) -> int:
         default="c-move",
         help="pacsflow's retrieve method (c-get: the PACS stores back on pacsflow's own association)",
     )
+    parser.add_argument(
+        "--tasks",
+        type=int,
+        default=4,
+        help="retrieval tasks at once, as the pacs pool of the README's settings allows (default: %(default)s); "
+        "with more than one, a single task is measured too",
+    )
     parser.add_argument("--no-record", action="store_true", help="do not write bench/results.json")
     args = parser.parse_args(argv)
     for tool in ("storescp", "movescu"):
@@ -215,7 +264,12 @@ def main(argv: list[str] | None = None) -> int:
     ):
         ensure_loaded(pacs, files)
         config = replace(pacs.config, calling_ae="PACSFLOW", retrieve_method=args.retrieve_method)
-        rates = compare(config, args.studies, ports, Path(temp), rounds=args.repeat, backend=args.backend)
+        pacsflow = partial(run_pacsflow, config, args.studies, ports[PACSFLOW_AE], backend=args.backend)
+        contenders = {"pacsflow": lambda out: pacsflow(out, tasks=args.tasks)}
+        if args.tasks > 1:
+            contenders["pacsflow_one_task"] = lambda out: pacsflow(out, tasks=1)
+        contenders["dcmtk"] = lambda out: run_dcmtk(config, args.studies, ports[DCMTK_AE], out / "received")
+        rates = compare(contenders, args.studies, Path(temp), rounds=args.repeat)
     entry = _entry(rates, args)
     if not args.no_record:
         record("retrieve_small_series", **entry)
@@ -224,6 +278,15 @@ def main(argv: list[str] | None = None) -> int:
         f"ratio {entry['pacsflow'] / entry['reference']:.2f} (target >= {TARGET_RATIO})"
     )
     return 0
+
+
+def _one_task(rates: dict[str, list[float]]) -> dict[str, Any]:
+    if "pacsflow_one_task" not in rates:
+        return {}
+    return {
+        "one_task": round(_median(rates["pacsflow_one_task"]), 1),
+        "one_task_all_rounds": [round(rate, 1) for rate in rates["pacsflow_one_task"]],
+    }
 
 
 def _entry(rates: dict[str, list[float]], args: argparse.Namespace) -> dict[str, Any]:
@@ -236,10 +299,12 @@ def _entry(rates: dict[str, list[float]], args: argparse.Namespace) -> dict[str,
         "instances_per_series": INSTANCES_PER_SERIES,
         "pixels": PIXELS,
         "batch_size": BATCH_SIZE,
+        "tasks": args.tasks,
         "receiver_backend": args.backend,
         "retrieve_method": args.retrieve_method,
         "rounds": args.repeat,
         "all_rounds": [round(rate, 1) for rate in rates["pacsflow"]],
+        **_one_task(rates),
         "reference_all_rounds": [round(rate, 1) for rate in rates["dcmtk"]],
         "reference_tool": "DCMTK movescu per study + storescp (+B, -pdu 131072), TCP_NODELAY=1",
         "cores": os.cpu_count(),

@@ -67,6 +67,31 @@ def test_the_dcmtk_backend_receives_with_the_virtual_environment_first_on_path(f
     assert receiver.stats.stored == 1
 
 
+@pytest.mark.orthanc  # starts storescp
+def test_storescp_stores_every_element_with_the_lean_dictionary_it_is_given(files, tmp_path):
+    """storescp runs with a dictionary of the command and file meta groups only (``+B`` stores the data set
+    unparsed); what lands in the layout is the data set that was sent, element for element."""
+    instance = dcmread(files[0])
+    layout = StorageLayout(tmp_path / "root")
+    config = ReceiverConfig(ae_title=RECEIVER_AE, port=0, backend="dcmtk")
+    sender = AE(ae_title="SENDER")
+    sender.add_requested_context(instance.SOPClassUID, instance.file_meta.TransferSyntaxUID)
+    with DcmtkStoreReceiver(config, layout) as receiver:
+        dictionary = (receiver._profile.parent / "storescp.dic").read_text().splitlines()
+        assoc = sender.associate("127.0.0.1", receiver.port, ae_title=RECEIVER_AE)
+        try:
+            status = assoc.send_c_store(instance)
+        finally:
+            assoc.release()
+        receiver.settle()
+    assert {line[1:5] for line in dictionary} == {"0000", "0002"}
+    assert status is not None and status.Status == 0x0000
+    stored = dcmread(
+        layout.instance_path(instance.StudyInstanceUID, instance.SeriesInstanceUID, instance.SOPInstanceUID)
+    )
+    assert stored == instance and len(stored) == len(instance)
+
+
 def test_a_storescp_that_is_not_dcmtks_is_refused_naming_the_package_and_the_setting(tmp_path, monkeypatch):
     monkeypatch.setenv(DCMTK_BIN_ENV, str(VENV_BIN))
     config = ReceiverConfig(ae_title=RECEIVER_AE, port=0, backend="dcmtk")
