@@ -52,7 +52,9 @@ def test_every_pydicom_test_file_gives_pydicoms_uids(path, tmp_path):
             path.write_bytes((TEST_FILES / path.name).read_bytes())
             inflate_file(path, max_bytes=100 * 1024 * 1024)
         meta_sop_uid, uids = file_uids(path)
+        in_one_pass = header.complete_file_uids(path)
     assert (meta_sop_uid, uids) == (full.file_meta.get("MediaStorageSOPInstanceUID"), InstanceUids.of(full))
+    assert in_one_pass == (meta_sop_uid, uids, header.is_complete(path))
 
 
 @pytest.mark.parametrize(
@@ -67,8 +69,16 @@ def test_a_whole_image_is_complete_and_every_cut_of_it_is_not(name, tmp_path):
     for cut in cuts:
         path.write_bytes(data[:cut])
         assert not header.is_complete(path), f"cut at {cut} of {len(data)} taken for complete"
+        assert not _complete_in_one_pass(path), f"cut at {cut} of {len(data)} taken for complete in one pass"
     path.write_bytes(data + b"\x00\x00")
     assert not header.is_complete(path)
+
+
+def _complete_in_one_pass(path: Path) -> bool:
+    try:
+        return header.complete_file_uids(path)[2]
+    except Exception:  # pydicom could not read the UIDs of what is left: not filed either
+        return False
 
 
 def test_a_deflated_file_inflates_within_its_bound_only(tmp_path):

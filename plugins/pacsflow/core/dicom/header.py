@@ -58,6 +58,7 @@ _SHORT_VRS = frozenset(
     }
 )
 _MEDIA_SOP_CLASS_UID = 0x00020002
+_META_WANTED = {_MEDIA_SOP_CLASS_UID: "sop_class", _MEDIA_SOP_INSTANCE_UID: "sop", _TRANSFER_SYNTAX_UID: "syntax"}
 _ROWS = 0x00280010
 _PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # float, double float, pixel data
 _IMAGE_TAGS = _PIXEL_DATA_TAGS | {_ROWS}
@@ -114,6 +115,8 @@ class _Reader:
         self.whole = whole or len(data) < _HEAD_BYTES  # else the data may go on past what was read
         order = "<" if little_endian else ">"
         self._tag, self._u16, self._u32 = (struct.Struct(order + fmt) for fmt in ("HH", "H", "I"))
+        # an element's head at once: tag, then VR and 16-bit length (explicit VR) or 32-bit length (implicit)
+        self.explicit_head, self.implicit_head = struct.Struct(order + "HH2sH"), struct.Struct(order + "HHI")
 
     def take(self, size: int) -> bytes:
         end = self.position + size
@@ -137,6 +140,11 @@ class _Reader:
 
     def u32(self) -> int:
         return int(self._u32.unpack(self.take(4))[0])
+
+    def u32_at(self, position: int) -> int:
+        if position + 4 > len(self.data):
+            raise _CannotTell
+        return int(self._u32.unpack_from(self.data, position)[0])
 
 
 def _value_length(reader: _Reader, tag: int, implicit_vr: bool) -> int:
@@ -165,9 +173,12 @@ def _skip_undefined(reader: _Reader, implicit_vr: bool) -> None:
             reader.skip(length)
 
 
-def _walk(reader: _Reader, implicit_vr: bool, wanted: dict[int, str], last: int) -> dict[str, str]:
+def _walk(
+    reader: _Reader, implicit_vr: bool, wanted: dict[int, str], last: int, *, require: tuple[str, ...] | None = None
+) -> dict[str, str]:
     """Values of the ``wanted`` tags of a data set, up to the tag ``last``; the reader stops before the first
-    element after it. A wanted tag not seen may be one a damaged tag hid: only pydicom can tell then."""
+    element after it. A wanted tag not seen (of ``require``, if given) may be one a damaged tag hid: only pydicom
+    can tell then."""
     found: dict[str, str] = {}
     while reader.position < len(reader.data) or not reader.whole:
         tag = reader.tag()
@@ -183,7 +194,7 @@ def _walk(reader: _Reader, implicit_vr: bool, wanted: dict[int, str], last: int)
         value = reader.take(length)
         if tag in wanted:
             found[wanted[tag]] = value.decode("latin-1").rstrip("\x00 ")
-    if len(found) < len(wanted):
+    if not set(wanted.values() if require is None else require) <= found.keys():
         raise _CannotTell
     return found
 
@@ -257,31 +268,43 @@ def is_complete(path: Path) -> bool:
     whose lengths disagree fails, and so does an image (image SOP class, or Rows present) without its pixel
     data. A non-image object cut exactly between two elements cannot be told from a whole one. Tags and lengths
     are read through a memory map and values skipped: only the pages holding them are touched."""
+    return _read_whole(path, {}) is not None
+
+
+def complete_file_uids(path: Path) -> tuple[object, InstanceUids, bool]:
+    """``file_uids`` and ``is_complete`` of a file, in one pass over it when the fast path can read it."""
+    found: dict[str, str] = {}
+    meta_sop_uid = _read_whole(path, found)
+    if meta_sop_uid is not None and len(found) == len(_WANTED):
+        return meta_sop_uid or None, InstanceUids(**found), True
+    meta_sop, uids = file_uids(path)
+    return meta_sop, uids, is_complete(path)
+
+
+def _read_whole(path: Path, found: dict[str, str]) -> str | None:
+    """Walk a whole file (``is_complete``), filling ``found`` with the data set's UIDs. Returns its file meta's
+    MediaStorageSOPInstanceUID ("" when absent) if it is complete, else None."""
     with open(path, "rb") as handle:
         size = os.fstat(handle.fileno()).st_size
         if size < 132:
-            return False
+            return None
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            syntax = _syntax(bytes(data[:_HEAD_BYTES]))
-            if syntax is None or not syntax.is_transfer_syntax or syntax.is_deflated:
-                return False
+            if data[128:132] != b"DICM":
+                return None
             try:
-                sop_class = _walk(
-                    _Reader(data, 132, little_endian=True, whole=True),
-                    False,
-                    {_MEDIA_SOP_CLASS_UID: "sop_class"},
-                    0x0002FFFF,
-                )["sop_class"]
-                meta = _Reader(data, 132, little_endian=True, whole=True)
-                _walk_to_end(meta, False, last=0x0002FFFF)
-                data_set = _Reader(data, meta.position, syntax.is_little_endian, whole=True)
-                seen = _walk_to_end(data_set, syntax.is_implicit_VR, last=0xFFFFFFFF)
+                meta_reader = _Reader(data, 132, little_endian=True, whole=True)
+                meta = _walk(meta_reader, False, _META_WANTED, 0x0002FFFF, require=("syntax", "sop_class"))
+                syntax = UID(meta["syntax"])
+                if not syntax.is_transfer_syntax or syntax.is_deflated:
+                    return None
+                data_set = _Reader(data, meta_reader.position, syntax.is_little_endian, whole=True)
+                seen = _walk_to_end(data_set, syntax.is_implicit_VR, 0xFFFFFFFF, found)
             except (_CannotTell, struct.error, RecursionError):  # nesting deeper than any real data set
-                return False
-            # A file cut short exactly between two elements still ends at an element boundary: what is missing
-            # then is the end of the data set, the pixel data of an image.
-            has_pixels = bool(seen & _PIXEL_DATA_TAGS) or (_ROWS not in seen and not _is_image(sop_class))
-            return data_set.position == size and has_pixels
+                return None
+    # A file cut short exactly between two elements still ends at an element boundary: what is missing then
+    # is the end of the data set, the pixel data of an image.
+    has_pixels = bool(seen & _PIXEL_DATA_TAGS) or (_ROWS not in seen and not _is_image(meta["sop_class"]))
+    return meta.get("sop", "") if data_set.position == size and has_pixels else None
 
 
 def _is_image(sop_class_uid: str) -> bool:
@@ -289,22 +312,48 @@ def _is_image(sop_class_uid: str) -> bool:
     return "Image Storage" in UID(sop_class_uid).name
 
 
-def _walk_to_end(reader: _Reader, implicit_vr: bool, last: int) -> set[int]:
+def _walk_to_end(reader: _Reader, implicit_vr: bool, last: int, found: dict[str, str] | None = None) -> set[int]:
     """Skip every element up to the tag ``last`` (or the end), checking each length against the bytes there.
-    Returns which of the image tags (Rows, pixel data) it saw at the top level."""
+    Returns which of the image tags (Rows, pixel data) it saw at the top level; with ``found``, also fills it
+    with the values of the top-level UIDs of ``_WANTED``."""
     seen: set[int] = set()
-    while reader.position < len(reader.data):
-        tag = reader.tag()
+    data, end = reader.data, len(reader.data)
+    position = reader.position
+    while position < end:
+        tag, length, value = _element_head(reader, position, implicit_vr, last)
         if tag in _ITEM_TAGS:
             raise _CannotTell
         if tag > last:
-            reader.position -= 4
-            return seen
+            break
         if tag in _IMAGE_TAGS:
             seen.add(tag)
-        length = _value_length(reader, tag, implicit_vr)
         if length == _UNDEFINED:
+            reader.position = value
             _skip_undefined(reader, implicit_vr)
-        else:
-            reader.skip(length)
+            position = reader.position
+            continue
+        position = value + length
+        if position > end:
+            raise _CannotTell
+        if found is not None and tag in _WANTED:
+            found[_WANTED[tag]] = bytes(data[value:position]).decode("latin-1").rstrip("\x00 ")
+    reader.position = position
     return seen
+
+
+def _element_head(reader: _Reader, position: int, implicit_vr: bool, last: int) -> tuple[int, int, int]:
+    """(tag, value length, where the value starts) of the element at ``position``, read with one
+    ``unpack_from``: every element of a file passes here. Past ``last``, and for items and delimiters (which
+    have no VR, and which the caller refuses), only the tag is read."""
+    if position + 8 > len(reader.data):
+        raise _CannotTell
+    if implicit_vr:
+        group, element, length = reader.implicit_head.unpack_from(reader.data, position)
+        return group << 16 | element, length, position + 8
+    group, element, vr, length = reader.explicit_head.unpack_from(reader.data, position)
+    tag = group << 16 | element
+    if tag > last or tag in _ITEM_TAGS or vr in _SHORT_VRS:
+        return tag, length, position + 8
+    if vr in _LONG_VRS:
+        return tag, reader.u32_at(position + 8), position + 12
+    raise _CannotTell  # not a VR: damaged, or not explicit VR after all (a mislabelled transfer syntax)

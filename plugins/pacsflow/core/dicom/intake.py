@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pacsflow.core.dicom.config import ReceiverConfig
-from pacsflow.core.dicom.header import HeaderProblem, InstanceUids, file_uids, is_complete, is_deflated
+from pacsflow.core.dicom.header import HeaderProblem, InstanceUids, complete_file_uids, is_deflated
 from pacsflow.core.dicom.inflate import InflateError, inflate_file
 from pacsflow.core.dicom.status import (
     CANNOT_UNDERSTAND,
@@ -58,11 +58,11 @@ def examine(path: Path, expected_sop_uid: object, config: ReceiverConfig) -> Ver
         except InflateError as error:
             return Verdict.refuse(OUT_OF_RESOURCES if error.too_large else CANNOT_UNDERSTAND, error.reason)
     try:
-        meta_sop_uid, uids = file_uids(path)
+        meta_sop_uid, uids, complete = complete_file_uids(path)
     except Exception:  # an undecodable dataset from the peer
         return Verdict.refuse(CANNOT_UNDERSTAND, UNDECODABLE)
     problem = uids.problem(meta_sop_uid if expected_sop_uid is None else expected_sop_uid)
-    if problem is None and not is_complete(path):
+    if problem is None and not complete:
         problem = HeaderProblem.INCOMPLETE
     if problem is not None:
         return Verdict.refuse(_PROBLEM_STATUS[problem], problem.value)
