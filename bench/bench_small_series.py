@@ -230,7 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--studies", type=int, default=300, help="studies in the cohort (default: %(default)s)")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds (median; default: %(default)s)")
     parser.add_argument(
-        "--backend", choices=("pynetdicom", "dcmtk"), default="pynetdicom", help="pacsflow's receiver backend"
+        "--backend",
+        choices=("pynetdicom", "dcmtk"),
+        default="dcmtk",
+        help="pacsflow's receiver backend (default: %(default)s, the compose deployment's and the README's choice "
+        "for many small series)",
     )
     parser.add_argument(
         "--data",
