@@ -13,7 +13,7 @@ from pacsflow.core.dicom.config import ReceiverConfig
 from pacsflow.core.dicom.dcmtk import DCMTK_BIN_ENV, DcmtkNotFound, dcmtk_program
 from pacsflow.core.dicom.dcmtk_receiver import DcmtkStoreReceiver
 from pacsflow.core.storage import StorageLayout
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pynetdicom import AE
 
 from tests.core.dicom.conftest import RECEIVER_AE
@@ -42,6 +42,21 @@ def test_a_staged_file_storescp_removed_before_its_ingest_is_no_rejection(tmp_pa
 VENV_BIN = Path(sys.executable).parent  # where pynetdicom installed its own storescp console script
 
 
+def _store_one(receiver: DcmtkStoreReceiver, instance: Dataset) -> int:
+    """C-STORE ``instance`` to ``receiver`` and settle it; the status it was answered with."""
+    sender = AE(ae_title="SENDER")
+    sender.add_requested_context(instance.SOPClassUID, instance.file_meta.TransferSyntaxUID)
+    assoc = sender.associate("127.0.0.1", receiver.port, ae_title=RECEIVER_AE)
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(instance)
+    finally:
+        assoc.release()
+    receiver.settle()
+    assert status is not None
+    return int(status.Status)
+
+
 @pytest.mark.orthanc  # starts storescp
 def test_the_dcmtk_backend_receives_with_the_virtual_environment_first_on_path(files, tmp_path, monkeypatch):
     """An activated virtual environment puts pynetdicom's storescp first on PATH: DCMTK's must still be run."""
@@ -51,17 +66,8 @@ def test_the_dcmtk_backend_receives_with_the_virtual_environment_first_on_path(f
     instance = dcmread(files[0])
     layout = StorageLayout(tmp_path / "root")
     config = ReceiverConfig(ae_title=RECEIVER_AE, port=0, backend="dcmtk")
-    sender = AE(ae_title="SENDER")
-    sender.add_requested_context(instance.SOPClassUID, instance.file_meta.TransferSyntaxUID)
     with DcmtkStoreReceiver(config, layout) as receiver:
-        assoc = sender.associate("127.0.0.1", receiver.port, ae_title=RECEIVER_AE)
-        assert assoc.is_established
-        try:
-            status = assoc.send_c_store(instance)
-        finally:
-            assoc.release()
-        receiver.settle()
-        assert status is not None and status.Status == 0x0000
+        assert _store_one(receiver, instance) == 0x0000
         stored = layout.stored_sop_uids(instance.StudyInstanceUID, instance.SeriesInstanceUID)
         assert stored == {instance.SOPInstanceUID}
     assert receiver.stats.stored == 1
@@ -74,18 +80,11 @@ def test_storescp_stores_every_element_with_the_lean_dictionary_it_is_given(file
     instance = dcmread(files[0])
     layout = StorageLayout(tmp_path / "root")
     config = ReceiverConfig(ae_title=RECEIVER_AE, port=0, backend="dcmtk")
-    sender = AE(ae_title="SENDER")
-    sender.add_requested_context(instance.SOPClassUID, instance.file_meta.TransferSyntaxUID)
     with DcmtkStoreReceiver(config, layout) as receiver:
         dictionary = (receiver._profile.parent / "storescp.dic").read_text().splitlines()
-        assoc = sender.associate("127.0.0.1", receiver.port, ae_title=RECEIVER_AE)
-        try:
-            status = assoc.send_c_store(instance)
-        finally:
-            assoc.release()
-        receiver.settle()
+        status = _store_one(receiver, instance)
     assert {line[1:5] for line in dictionary} == {"0000", "0002"}
-    assert status is not None and status.Status == 0x0000
+    assert status == 0x0000
     stored = dcmread(
         layout.instance_path(instance.StudyInstanceUID, instance.SeriesInstanceUID, instance.SOPInstanceUID)
     )
