@@ -30,6 +30,7 @@ _KEYWORDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 _MEDIA_SOP_INSTANCE_UID, _TRANSFER_SYNTAX_UID = 0x00020003, 0x00020010
 _ITEM_TAGS = (0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD)  # item, item delimiter, sequence delimiter
 _DELIMITERS = (0xFFFEE00D, 0xFFFEE0DD)
+_LAST_TAG = 0xFFFFFFFF
 _UNDEFINED = 0xFFFFFFFF
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
 _SHORT_VRS = frozenset(
@@ -110,13 +111,15 @@ class _CannotTell(Exception):
 
 
 class _Reader:
+    """Bytes (or a memory map) of one byte order, and a position in them."""
+
     def __init__(self, data: bytes | mmap.mmap, position: int, little_endian: bool, *, whole: bool = False) -> None:
         self.data, self.position = data, position
         self.whole = whole or len(data) < _HEAD_BYTES  # else the data may go on past what was read
         order = "<" if little_endian else ">"
-        self._tag, self._u16, self._u32 = (struct.Struct(order + fmt) for fmt in ("HH", "H", "I"))
-        # an element's head at once: tag, then VR and 16-bit length (explicit VR) or 32-bit length (implicit)
+        # an element's head at once: tag, then VR and 16-bit length (explicit VR) or a 32-bit length (implicit VR)
         self.explicit_head, self.implicit_head = struct.Struct(order + "HH2sH"), struct.Struct(order + "HHI")
+        self._u32 = struct.Struct(order + "I")
 
     def take(self, size: int) -> bytes:
         end = self.position + size
@@ -131,40 +134,36 @@ class _Reader:
             raise _CannotTell
         self.position += size
 
-    def tag(self) -> int:
-        group, element = self._tag.unpack(self.take(4))
-        return int(group) << 16 | int(element)
-
-    def u16(self) -> int:
-        return int(self._u16.unpack(self.take(2))[0])
-
-    def u32(self) -> int:
-        return int(self._u32.unpack(self.take(4))[0])
-
     def u32_at(self, position: int) -> int:
         if position + 4 > len(self.data):
             raise _CannotTell
         return int(self._u32.unpack_from(self.data, position)[0])
 
 
-def _value_length(reader: _Reader, tag: int, implicit_vr: bool) -> int:
-    """The value length of the element whose tag was just read; the reader then stands at its value."""
-    if implicit_vr or tag in _ITEM_TAGS:  # items and delimiters have no VR in any syntax
-        return reader.u32()
-    vr = reader.take(2)
-    if vr in _SHORT_VRS:
-        return reader.u16()
+def _element_head(reader: _Reader, position: int, implicit_vr: bool, last: int = _LAST_TAG) -> tuple[int, int, int]:
+    """(tag, value length, where the value starts) of the element at ``position``, its head read with one
+    ``unpack_from``: every element of a file passes here. Past ``last`` only the tag is read (what follows may be
+    encoded otherwise)."""
+    if position + 8 > len(reader.data):
+        raise _CannotTell
+    if implicit_vr:
+        group, element, length = reader.implicit_head.unpack_from(reader.data, position)
+        return group << 16 | element, length, position + 8
+    group, element, vr, length = reader.explicit_head.unpack_from(reader.data, position)
+    tag = group << 16 | element
+    if tag in _ITEM_TAGS:  # items and delimiters have no VR in any syntax
+        return tag, reader.u32_at(position + 4), position + 8
+    if tag > last or vr in _SHORT_VRS:
+        return tag, length, position + 8
     if vr in _LONG_VRS:
-        reader.take(2)
-        return reader.u32()
+        return tag, reader.u32_at(position + 8), position + 12
     raise _CannotTell  # not a VR: damaged, or not explicit VR after all (a mislabelled transfer syntax)
 
 
 def _skip_undefined(reader: _Reader, implicit_vr: bool) -> None:
     """Skip a sequence or item of undefined length, nested ones included, up to its delimiter."""
     while True:
-        tag = reader.tag()
-        length = _value_length(reader, tag, implicit_vr)
+        tag, length, reader.position = _element_head(reader, reader.position, implicit_vr)
         if tag in _DELIMITERS:
             return
         if length == _UNDEFINED:
@@ -181,13 +180,12 @@ def _walk(
     can tell then."""
     found: dict[str, str] = {}
     while reader.position < len(reader.data) or not reader.whole:
-        tag = reader.tag()
+        tag, length, start = _element_head(reader, reader.position, implicit_vr, last)
         if tag in _ITEM_TAGS:  # an item where a data element belongs
             raise _CannotTell
         if tag > last:  # stop before it: after the file meta, the data set may be encoded otherwise
-            reader.position -= 4
             break
-        length = _value_length(reader, tag, implicit_vr)
+        reader.position = start
         if length == _UNDEFINED:
             _skip_undefined(reader, implicit_vr)
             continue
@@ -230,7 +228,8 @@ def file_uids(path: Path) -> tuple[object, InstanceUids]:
         dataset = dcmread(
             path, stop_before_pixels=True, specific_tags=[_SOP_INSTANCE_UID, _STUDY_INSTANCE_UID, _SERIES_INSTANCE_UID]
         )
-    return dataset.file_meta.get("MediaStorageSOPInstanceUID"), InstanceUids.of(dataset)
+        # values are converted (and validated, warning) when first read
+        return dataset.file_meta.get("MediaStorageSOPInstanceUID"), InstanceUids.of(dataset)
 
 
 def _syntax(head: bytes) -> UID | None:
@@ -298,7 +297,7 @@ def _read_whole(path: Path, found: dict[str, str]) -> str | None:
                 if not syntax.is_transfer_syntax or syntax.is_deflated:
                     return None
                 data_set = _Reader(data, meta_reader.position, syntax.is_little_endian, whole=True)
-                seen = _walk_to_end(data_set, syntax.is_implicit_VR, 0xFFFFFFFF, found)
+                seen = _walk_to_end(data_set, syntax.is_implicit_VR, _LAST_TAG, found)
             except (_CannotTell, struct.error, RecursionError):  # nesting deeper than any real data set
                 return None
     # A file cut short exactly between two elements still ends at an element boundary: what is missing then
@@ -339,21 +338,3 @@ def _walk_to_end(reader: _Reader, implicit_vr: bool, last: int, found: dict[str,
             found[_WANTED[tag]] = bytes(data[value:position]).decode("latin-1").rstrip("\x00 ")
     reader.position = position
     return seen
-
-
-def _element_head(reader: _Reader, position: int, implicit_vr: bool, last: int) -> tuple[int, int, int]:
-    """(tag, value length, where the value starts) of the element at ``position``, read with one
-    ``unpack_from``: every element of a file passes here. Past ``last``, and for items and delimiters (which
-    have no VR, and which the caller refuses), only the tag is read."""
-    if position + 8 > len(reader.data):
-        raise _CannotTell
-    if implicit_vr:
-        group, element, length = reader.implicit_head.unpack_from(reader.data, position)
-        return group << 16 | element, length, position + 8
-    group, element, vr, length = reader.explicit_head.unpack_from(reader.data, position)
-    tag = group << 16 | element
-    if tag > last or tag in _ITEM_TAGS or vr in _SHORT_VRS:
-        return tag, length, position + 8
-    if vr in _LONG_VRS:
-        return tag, reader.u32_at(position + 8), position + 12
-    raise _CannotTell  # not a VR: damaged, or not explicit VR after all (a mislabelled transfer syntax)
