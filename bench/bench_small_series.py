@@ -31,7 +31,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import AbstractContextManager
 from dataclasses import replace
 from functools import partial
 from itertools import repeat
@@ -43,8 +42,8 @@ from pacsflow.core.audit import AuditStore, SeriesStatus
 from pacsflow.core.dicom.client import PacsClient
 from pacsflow.core.dicom.config import PacsConfig, ReceiverBackend, ReceiverConfig, ReceiverMode
 from pacsflow.core.dicom.dcmtk import dcmtk_program
-from pacsflow.core.dicom.receiver import open_receiver
-from pacsflow.core.dicom.sharing import receiver_running, shared_receiver
+from pacsflow.core.dicom.receiver import receiver_for
+from pacsflow.core.dicom.sharing import receiver_running
 from pacsflow.core.pipeline import RunContext, extract_cohort, resolve_cohort, retrieve_batch
 from pacsflow.core.privacy import Pseudonymizer
 from pacsflow.core.resolve import ResolutionSettings, Rule
@@ -160,10 +159,6 @@ def _retrieval_task(
     config: PacsConfig, receiver: ReceiverConfig, layout: StorageLayout, audit_url: str, batch: int
 ) -> None:
     """What one mapped ``retrieve_batch`` task does, with its own audit connection."""
-    if receiver.mode == "shared":
-        incoming: Callable[[], AbstractContextManager[Any]] = partial(shared_receiver, receiver, layout.root)
-    else:
-        incoming = partial(open_receiver, receiver, layout)
     with AuditStore.connect(audit_url) as store:
         retrieve_batch(
             _context(store),
@@ -172,7 +167,7 @@ def _retrieval_task(
             rules=SeriesRules.parse({}),  # keep every series
             layout=layout,
             destination_ae=PACSFLOW_AE,
-            receiver=incoming,
+            receiver=receiver_for(receiver, layout),
         )
 
 

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
-from functools import partial
 from typing import Any
 
 from airflow.sdk import Context
 
-from pacsflow.core.dicom.config import ReceiverConfig
-from pacsflow.core.dicom.receiver import open_receiver
-from pacsflow.core.dicom.sharing import shared_receiver
+from pacsflow.core.dicom.receiver import receiver_for
 from pacsflow.core.pipeline import retrieve_batch
 from pacsflow.core.series_rules import SeriesRules
-from pacsflow.core.storage import StorageLayout
 from pacsflow.hooks.dicom import DicomHook
 from pacsflow.operators.base import PacsflowOperator
 
@@ -51,17 +45,3 @@ class RetrieveStudiesOperator(PacsflowOperator):
                 destination_ae=config.ae_title,
                 receiver=receiver_for(config, layout),
             )
-
-
-def receiver_for(config: ReceiverConfig, layout: StorageLayout) -> Callable[[], AbstractContextManager[Any]]:
-    """How a retrieval task gets a move destination, by ``receiver_mode``."""
-    if config.mode == "embedded":
-        return partial(open_receiver, config, layout)
-    if config.mode == "shared":
-        return lambda: _shared(config, layout)
-    return nullcontext
-
-
-def _shared(config: ReceiverConfig, layout: StorageLayout) -> AbstractContextManager[None]:
-    layout.root.mkdir(parents=True, exist_ok=True)
-    return shared_receiver(config, layout.root)

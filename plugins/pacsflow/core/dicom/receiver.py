@@ -19,8 +19,10 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack, nullcontext
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
@@ -34,7 +36,7 @@ from pacsflow.core.dicom.dcmtk_receiver import DcmtkStoreReceiver
 from pacsflow.core.dicom.header import withhold_values_from_pydicom_log
 from pacsflow.core.dicom.intake import examine, placement_status
 from pacsflow.core.dicom.results import ReceiverStats
-from pacsflow.core.dicom.sharing import port_unavailable, receiver_lock
+from pacsflow.core.dicom.sharing import port_unavailable, receiver_lock, shared_receiver
 from pacsflow.core.dicom.status import OUT_OF_RESOURCES, SUCCESS
 from pacsflow.core.dicom.transport import (
     MAX_ASSOCIATE_RQ,
@@ -108,6 +110,16 @@ def open_receiver(config: ReceiverConfig, layout: StorageLayout) -> StoreReceive
     if config.backend == "dcmtk":
         return DcmtkStoreReceiver(config, layout)
     return StoreReceiver(config, layout)
+
+
+def receiver_for(config: ReceiverConfig, layout: StorageLayout) -> Callable[[], AbstractContextManager[Any]]:
+    """How a retrieval task gets a move destination, by ``config.mode``: a receiver of its own (``embedded``),
+    the host's shared one (``shared``), or one run as a service (nothing to open)."""
+    if config.mode == "embedded":
+        return partial(open_receiver, config, layout)
+    if config.mode == "shared":
+        return partial(shared_receiver, config, layout.root)
+    return nullcontext
 
 
 class _GatedServer(ThreadedAssociationServer):
