@@ -209,6 +209,27 @@ def test_a_reused_association_the_peer_dropped_is_reopened_once():
     assert len(seen) == 3 and seen[2] is not seen[0]
 
 
+def test_an_association_the_pacs_aborts_between_requests_is_reopened():
+    """Between requests the reactor of pacsflow's association sleeps (``park_reactor``): an abort that arrives
+    meanwhile (a PACS's idle timeout) reaches the next request, which opens a new association and is answered."""
+    seen = []
+
+    def answers(event):
+        seen.append(event.assoc)
+        yield from answering(0xFF00, 0x0000)(event)
+
+    with scripted_pacs(find=answers) as config, PacsClient(config) as client:
+        client.find("STUDY", {"StudyInstanceUID": ""})
+        ours = client._association()
+        seen[0].abort()
+        deadline = time.monotonic() + 5
+        while ours.dul.is_alive() and time.monotonic() < deadline:  # our DUL has taken the abort
+            time.sleep(0.01)
+        assert not ours.dul.is_alive()
+        assert len(client.find("STUDY", {"StudyInstanceUID": ""}).matches) == 1
+    assert len(seen) == 2 and seen[1] is not seen[0]
+
+
 def test_a_fresh_association_aborted_by_the_peer_is_not_retried():
     seen = []
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from copy import deepcopy
+from dataclasses import replace
 
 import pynetdicom
 import pytest
+from pacsflow.core.dicom import transport
 from pacsflow.core.dicom.client import PacsClient
 from pacsflow.core.dicom.config import PacsConfig, ReceiverConfig
 from pacsflow.core.dicom.receiver import StoreReceiver
@@ -86,3 +89,33 @@ def test_associations_bind_none_of_pynetdicoms_logging_handlers():
     assoc = Association(application_entity("PACSFLOW"), "requestor")
     logged = (evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT)
     assert [assoc.get_handlers(event) for event in logged] == [[], [], [], []]
+
+
+def test_an_idle_association_waits_instead_of_polling(pacs, monkeypatch):
+    """pynetdicom's DUL thread looked at its socket every 0.5 ms and the reactor every 1 ms: 10% of a core per
+    association, idle or not. Adopted, the DUL waits on its socket and its bell (at most
+    ``DUL_MAX_WAIT_SECONDS`` between looks), and the reactor of an association we requested sleeps between
+    requests."""
+    looks = []
+    await_work = transport._WaitingDul._await_work
+    monkeypatch.setattr(transport._WaitingDul, "_await_work", lambda dul: (looks.append(1), await_work(dul))[1])
+    with PacsClient(pacs.config) as client:
+        client.echo()
+        assoc = client._association()
+        time.sleep(0.05)
+        looks.clear()
+        time.sleep(0.5)
+        assert 0 < len(looks) <= 0.5 / transport.DUL_MAX_WAIT_SECONDS + 2  # polling: about 1,000
+        assert assoc._is_paused and not assoc._reactor_checkpoint.is_set()
+        client.echo()  # and the association still serves
+
+
+def test_a_request_wakes_the_waiting_dul_at_once(pacs, monkeypatch):
+    """What another thread hands the DUL (a request, a release) rings its bell: with looks a minute apart, a
+    request after an idle moment is still sent at once (not answered within the DIMSE timeout otherwise)."""
+    monkeypatch.setattr(transport, "DUL_MAX_WAIT_SECONDS", 60.0)
+    with PacsClient(replace(pacs.config, dimse_timeout=5)) as client:
+        client.echo()
+        time.sleep(0.2)  # the DUL waits now
+        for _ in range(3):
+            client.echo()

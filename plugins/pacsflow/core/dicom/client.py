@@ -37,6 +37,7 @@ from pacsflow.core.dicom.transport import (
     application_entity,
     client_tls,
     discard_unfinished_stream,
+    park_reactor,
     stream_to,
 )
 from pacsflow.core.storage import StorageLayout
@@ -173,22 +174,25 @@ class PacsClient:
             reused = self._assoc is not None and self._assoc.is_established
             assoc = self._association(stores=stores)
             answered = False
-            for status, identifier in send(assoc):
-                if status is None or "Status" not in status:
-                    peer_aborted = assoc.acse.is_aborted()
-                    self._drop_association()
-                    if peer_aborted and reused and not answered and attempt == 1:
-                        break  # the association was stale: open a new one and send again
-                    raise dimse.association_lost(
-                        operation,
-                        peer_aborted=peer_aborted,
-                        dimse_timeout=self.config.dimse_timeout,
-                        network_timeout=self.config.network_timeout,
-                    )
-                answered = True
-                yield int(status.Status), status, identifier
-            else:
-                return
+            try:
+                for status, identifier in send(assoc):
+                    if status is None or "Status" not in status:
+                        peer_aborted = assoc.acse.is_aborted()
+                        self._drop_association()
+                        if peer_aborted and reused and not answered and attempt == 1:
+                            break  # the association was stale: open a new one and send again
+                        raise dimse.association_lost(
+                            operation,
+                            peer_aborted=peer_aborted,
+                            dimse_timeout=self.config.dimse_timeout,
+                            network_timeout=self.config.network_timeout,
+                        )
+                    answered = True
+                    yield int(status.Status), status, identifier
+                else:
+                    return
+            finally:
+                park_reactor(assoc)
 
     def _association(self, *, stores: bool = False) -> Association:
         if self._assoc is not None and self._assoc.is_established and (self._assoc_stores or not stores):

@@ -18,6 +18,7 @@ import tempfile
 import time
 import weakref
 from collections.abc import Callable
+from contextlib import suppress
 from copy import copy
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +31,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dsutils import create_file_meta
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationServer
@@ -40,6 +42,7 @@ from pacsflow.core.storage import SUFFIX, TEMP_PREFIX
 
 if TYPE_CHECKING:
     from pynetdicom.dimse import _QueueItem
+    from pynetdicom.dul import _PDUPrimitiveType
 
 VERIFIED_PYNETDICOM = "3.0.4"
 
@@ -86,13 +89,16 @@ def withhold_identifiers_from_logs() -> None:
 # Upstream: pynetdicom#139 (open) / #120 propose a shorter loop delay; the ask is a documented per-AE setting
 # (or an event-driven DUL), https://github.com/pydicom/pynetdicom/pull/139
 DUL_IDLE_SLEEP_SECONDS = 0.0005
+DUL_MAX_WAIT_SECONDS = 0.05  # how late the DUL thread may notice its timers (ARTIM) while it waits
 
 
 def adjust_association(assoc: Association) -> None:
     """pacsflow's adjustments of one association, as its connection opens (bind it to ``EVT_CONN_OPEN``: it
     runs before any PDU): its DIMSE provider becomes ``_PacsflowDimse`` (responses stay with the waiting
-    request; C-STORE data sets stream to a file once ``stream_to`` names a directory), and latency is cut."""
+    request; C-STORE data sets stream to a file once ``stream_to`` names a directory), its DUL thread waits for
+    work instead of polling (``_WaitingDul``), and latency is cut."""
     assoc.dimse = _PacsflowDimse(assoc)
+    _WaitingDul.adopt(assoc.dul)
     _cut_latency(assoc)
 
 
@@ -110,6 +116,76 @@ def _cut_latency(assoc: Association) -> None:
     sock = wrapper.socket if wrapper is not None else None
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _WaitingDul(DULServiceProvider):
+    """pynetdicom 3.0.4's DUL thread, waiting on its socket instead of polling it.
+
+    pynetdicom's DUL loop looks at its socket and queues every ``_run_loop_delay`` (0.5 ms here, for latency):
+    about 7% of a core per open association, idle or not, and a task holds one for its whole batch. Here the
+    look at the socket (``_is_transport_event``) first waits, up to ``DUL_MAX_WAIT_SECONDS``, until the socket
+    has data or another thread hands the DUL work (``send_pdu``, ``kill_dul``, which ring a bell). With nothing to
+    wait for (no connection yet, or closing) it looks at once, as pynetdicom does. Adopted by an association's
+    running DUL: its class changes, the loop it runs stays pynetdicom's."""
+
+    _bell: socket.socket
+    _ringer: socket.socket
+
+    @classmethod
+    def adopt(cls, dul: DULServiceProvider) -> None:
+        dul._bell, dul._ringer = socket.socketpair()  # type: ignore[attr-defined]  # set before the class change
+        for end in (dul._bell, dul._ringer):  # type: ignore[attr-defined]
+            end.setblocking(False)
+            weakref.finalize(dul, end.close)  # a DUL that ends without closing its connection (an error)
+        dul.__class__ = cls
+
+    def send_pdu(self, primitive: _PDUPrimitiveType) -> None:
+        super().send_pdu(primitive)
+        self._ring()
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        self._ring()
+
+    def _is_transport_event(self) -> bool:
+        self._await_work()
+        return super()._is_transport_event()
+
+    def _ring(self) -> None:
+        with suppress(OSError):  # a full bell has rung already; a closed one has no listener
+            self._ringer.send(b"\0")
+
+    def _await_work(self) -> None:
+        wrapper = self.socket
+        sock = wrapper.socket if wrapper is not None else None
+        if sock is None:  # the connection has closed: nothing more to wait for
+            self._bell.close()
+            self._ringer.close()
+            return
+        if (
+            self.state_machine.current_state == "Sta13"
+            or not self.to_provider_queue.empty()
+            or not self.event_queue.empty()
+            or (isinstance(sock, ssl.SSLSocket) and sock.pending())
+        ):
+            return
+        with suppress(OSError, ValueError):  # a closed socket: pynetdicom's own look reports it
+            select.select([sock, self._bell], [], [], DUL_MAX_WAIT_SECONDS)
+        with suppress(OSError):
+            while self._bell.recv(4096):
+                pass
+
+
+def park_reactor(assoc: Association) -> None:
+    """Let the reactor thread of an association we requested sleep until our next request.
+
+    Between requests pynetdicom's reactor wakes every millisecond (about 4% of a core per association) to serve
+    what the peer sends unasked: a request, which a PACS does not send on an association pacsflow requested, or
+    a release or an abort. pynetdicom hands the end of an association to the next request too (``send_*``
+    returns no status), and ``PacsClient`` then opens a new one. Given up: pynetdicom's ``network_timeout`` on
+    an association left idle between requests (the PACS's own idle timeout still ends it); a task closes its
+    association when its batch is done. pynetdicom's ``send_*`` calls wake the reactor when they finish."""
+    assoc._reactor_checkpoint.clear()
 
 
 def copy_contexts_cheaply(server: AssociationServer) -> None:
